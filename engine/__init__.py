@@ -1,0 +1,1 @@
+"""engine: the control plane. Specs, keys, planner, scheduler, client SDK and CLI."""

@@ -1,0 +1,298 @@
+"""`flowmesh`: run the fabric on one machine, submit workflows, look at them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine.client import FlowMesh, WorkflowFailed
+from engine.local import LocalFabric, free_port
+from engine.spec import SpecError, load_spec
+from topics import codec, logs
+from topics.cas import records_to_arrow
+from topics.messages import WorkflowStatus
+
+T = TypeVar("T")
+console = Console(stderr=True)
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "configs" / "workflows" / "demo.yaml"
+
+
+def _env(name: str, default: str) -> Callable[[], str]:
+    return lambda: os.environ.get(name, default)
+
+
+nats_option = click.option(
+    "--nats", "nats_url", default=_env("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
+    show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222", help="NATS server URL",
+)
+data_option = click.option(
+    "--data-dir", default=_env("FLOWMESH_DATA", ".flowmesh"), type=click.Path(path_type=Path),
+    show_default="$FLOWMESH_DATA or .flowmesh", help="local data directory",
+)
+cas_option = click.option(
+    "--cas", "cas_url", default=None,
+    help="CAS URL: file:///path or nats: (default $FLOWMESH_CAS or file://DATA_DIR/cas)",
+)
+
+
+def _cas(cas_url: str | None, data_dir: Path) -> str:
+    return cas_url or os.environ.get("FLOWMESH_CAS") or f"file://{data_dir.resolve() / 'cas'}"
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    async def runner() -> T:
+        return await coro_fn()
+
+    try:
+        return asyncio.run(runner())
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(2)
+    except WorkflowFailed as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(1)
+    except (KeyError, RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+@click.group()
+@click.option("--log-level", default=None, help="debug, info, warning (default $FLOWMESH_LOG_LEVEL or info)")
+def main(log_level: str | None) -> None:
+    """FlowMesh: a multi-tenant service fabric for composable LLM workflows."""
+    logs.configure(level=log_level)
+
+
+# --- running the fabric ---------------------------------------------------------------
+
+
+@main.command()
+@nats_option
+@data_option
+@cas_option
+@click.option("--dead-after", default=5.0, show_default=True, help="seconds without a heartbeat before a worker's work is reclaimed")
+def engine(nats_url: str, data_dir: Path, cas_url: str | None, dead_after: float) -> None:
+    """Run the engine (planner + scheduler) in the foreground."""
+    from engine.service import serve
+
+    asyncio.run(serve(nats_url, _cas(cas_url, data_dir), dead_after_s=dead_after))
+
+
+@main.command()
+@nats_option
+@data_option
+@cas_option
+@click.option("--workers", "n_workers", default=2, show_default=True, help="local worker processes")
+def up(nats_url: str, data_dir: Path, cas_url: str | None, n_workers: int) -> None:
+    """Run engine + N local workers (and a nats-server if none is reachable) until Ctrl-C."""
+    fabric = LocalFabric(data_dir=data_dir, nats_url=nats_url, cas_url=_cas(cas_url, data_dir),
+                         workers=n_workers)
+    with fabric:
+        console.print(
+            f"FlowMesh up: nats {nats_url}, CAS {fabric.cas_url}, {n_workers} workers; "
+            f"logs in {fabric.log_dir}. Ctrl-C to stop."
+        )
+        try:
+            while True:
+                time.sleep(1)
+                dead = [name for name, ok in fabric.alive().items() if not ok]
+                if "engine" in dead:
+                    console.print("[red]engine exited; see its log[/red]")
+                    break
+        except KeyboardInterrupt:
+            console.print("stopping...")
+
+
+@main.command()
+@click.option("--workers", "n_workers", default=2, show_default=True)
+@click.option("--nats", "nats_url", default=None, help="use this NATS server (default: start a private one)")
+@data_option
+@click.argument("workflow", required=False, type=click.Path(exists=True, path_type=Path))
+def demo(n_workers: int, nats_url: str | None, data_dir: Path, workflow: Path | None) -> None:
+    """Start a private fabric, run a demo workflow end to end, print its results, stop."""
+    workflow = workflow or DEMO
+    started = time.monotonic()
+    if nats_url is None:
+        nats_url = f"nats://127.0.0.1:{free_port()}"
+        data_dir = data_dir / f"demo-{int(time.time())}"
+    fabric = LocalFabric(data_dir=data_dir, nats_url=nats_url, cas_url=_cas(None, data_dir),
+                         workers=n_workers)
+    spec = load_spec(workflow)
+    with fabric:
+        console.print(f"fabric up in {time.monotonic() - started:.1f}s "
+                      f"(nats {nats_url}, {n_workers} workers, data {data_dir})")
+
+        async def go() -> tuple[str, WorkflowStatus, dict[str, list[dict[str, Any]]]]:
+            async with await FlowMesh.connect(nats_url, fabric.cas_url) as fm:
+                await _wait_for_workers(fm, n_workers)
+                wf = await fm.submit(spec)
+                status = await _wait_with_progress(fm, wf)
+                results = {n: await fm.result(wf, n) for n in status.nodes}
+                return wf, status, results
+
+        t0 = time.monotonic()
+        wf, status, results = _run(go)
+        wall = time.monotonic() - t0
+    _print_status(status)
+    names = [n.name for n in spec.nodes]
+    for node in names[-2:]:
+        # the sink in full, the node before it as a sample
+        shown = results[node] if node == names[-1] else results[node][:5]
+        console.print(f"[bold]{node}[/bold] ({len(results[node])} records, {len(shown)} shown):")
+        for row in shown:
+            click.echo(json.dumps(row, ensure_ascii=False))
+    n_ops = sum(ns.total for ns in status.nodes.values())
+    console.print(
+        f"[green]workflow {wf} completed:[/green] {n_ops} operators in {wall:.2f}s "
+        f"(total with start-up and shutdown {time.monotonic() - started:.1f}s)"
+    )
+
+
+async def _wait_for_workers(fm: FlowMesh, n: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(await fm.workers()) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {n} workers registered after {timeout:.0f}s")
+        await asyncio.sleep(0.2)
+
+
+async def _wait_with_progress(fm: FlowMesh, wf: str, timeout: float | None = None) -> WorkflowStatus:
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("ops"), TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        task = progress.add_task(wf, total=None)
+
+        def update(st: WorkflowStatus) -> None:
+            total = sum(n.total for n in st.nodes.values())
+            done = sum(n.done for n in st.nodes.values())
+            progress.update(task, total=max(total, 1), completed=done,
+                            description=f"{st.name} [{st.state}]")
+
+        return await fm.wait(wf, timeout=timeout, on_update=update)
+
+
+# --- client verbs ---------------------------------------------------------------------
+
+
+@main.command()
+@nats_option
+@data_option
+@cas_option
+@click.argument("workflow", type=click.Path(exists=True, path_type=Path))
+@click.option("--tenant", default=None, help="override the spec's tenant")
+@click.option("--id", "workflow_id", default=None, help="workflow id (resubmitting an id is a no-op)")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait with a progress bar")
+@click.option("--timeout", default=None, type=float)
+def submit(nats_url: str, data_dir: Path, cas_url: str | None, workflow: Path,
+           tenant: str | None, workflow_id: str | None, wait: bool, timeout: float | None) -> None:
+    """Submit a workflow spec (YAML); print its id."""
+    spec = load_spec(workflow)
+
+    async def go() -> None:
+        async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
+            wf = await fm.submit(spec, workflow_id, tenant=tenant)
+            click.echo(wf)
+            if wait:
+                _print_status(await _wait_with_progress(fm, wf, timeout))
+
+    _run(go)
+
+
+@main.command()
+@nats_option
+@data_option
+@cas_option
+@click.argument("workflow_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(nats_url: str, data_dir: Path, cas_url: str | None, workflow_id: str | None, as_json: bool) -> None:
+    """Show all workflows, or one workflow's nodes."""
+
+    async def go() -> None:
+        async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
+            if workflow_id:
+                st = await fm.status(workflow_id)
+                if st is None:
+                    raise KeyError(f"no workflow {workflow_id!r}")
+                if as_json:
+                    click.echo(codec.encode(st).decode())
+                else:
+                    _print_status(st)
+                return
+            sts = await fm.workflows()
+            workers = await fm.workers()
+            if as_json:
+                click.echo(json.dumps([codec.to_builtins(s) for s in sts]))
+                return
+            table = Table("workflow", "name", "tenant", "state", "ops done", "seconds")
+            for s in sts:
+                total = sum(n.total for n in s.nodes.values())
+                done = sum(n.done for n in s.nodes.values())
+                secs = (s.ended_at or time.time()) - s.submitted_at
+                table.add_row(s.workflow_id, s.name, s.tenant, s.state, f"{done}/{total}", f"{secs:.1f}")
+            Console().print(table)
+            Console().print(f"{len(workers)} workers registered: "
+                            + ", ".join(f"{w.worker} ({w.device_class})" for w in workers))
+
+    _run(go)
+
+
+@main.command()
+@nats_option
+@data_option
+@cas_option
+@click.argument("workflow_id")
+@click.argument("node")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "arrow"]), default="jsonl", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="write to a file")
+def result(nats_url: str, data_dir: Path, cas_url: str | None, workflow_id: str, node: str,
+           fmt: str, output: Path | None) -> None:
+    """Print (or save) the records a node produced, in order."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
+            return await fm.result(workflow_id, node)
+
+    rows = _run(go)
+    if fmt == "arrow":
+        data = records_to_arrow(rows)
+        if output is None:
+            raise click.UsageError("--format arrow needs -o FILE")
+        output.write_bytes(data)
+        return
+    text = (
+        json.dumps(rows, ensure_ascii=False, indent=2)
+        if fmt == "json"
+        else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
+    if output:
+        output.write_text(text)
+    else:
+        click.echo(text, nl=False)
+
+
+def _print_status(st: WorkflowStatus) -> None:
+    table = Table(title=f"{st.workflow_id}  {st.name}  tenant={st.tenant}  [{st.state}]")
+    for col in ("node", "ops", "done", "failed", "reused", "outputs", "complete"):
+        table.add_column(col)
+    for name, ns in st.nodes.items():
+        table.add_row(name, str(ns.total), str(ns.done), str(ns.failed), str(ns.reused),
+                      str(ns.n_outputs), "yes" if ns.complete else "no")
+    Console(stderr=True).print(table)
+    if st.error:
+        Console(stderr=True).print(f"[red]error:[/red] {st.error}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The client SDK: submit workflows, watch them, read results.
+
+    async with await FlowMesh.connect("nats://127.0.0.1:4222", "file://.flowmesh/cas") as fm:
+        wf = await fm.submit(load_spec("configs/workflows/demo.yaml"))
+        status = await fm.wait(wf)
+        rows = await fm.result(wf, "answers")
+
+A submission is validated here first (nothing is published for an invalid spec), its
+datasets are uploaded to the CAS as Arrow IPC, and only their digests go on the bus. It is
+idempotent by workflow id: submitting the same id twice runs the workflow once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow.parquet as pq
+from nats.js.errors import KeyNotFoundError, NoKeysError
+
+from engine.spec import SpecError, validate
+from topics import Bus, codec, streams, subjects
+from topics.cas import CAS, Record, open_cas
+from topics.messages import (
+    DatasetSpec,
+    SubmitWorkflow,
+    WorkerInfo,
+    WorkflowSpec,
+    WorkflowStatus,
+)
+from topics.operators import KINDS, executor_id
+
+
+class WorkflowFailed(RuntimeError):
+    def __init__(self, status: WorkflowStatus) -> None:
+        self.status = status
+        super().__init__(f"workflow {status.workflow_id} failed: {status.error}")
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Records from .jsonl, .json (a list), .csv or .parquet."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with path.open() as fh:
+                return [json.loads(line) for line in fh if line.strip()]
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, list):
+                raise SpecError([f"{path}: a .json dataset must be a list of records"])
+            return data
+        if suffix == ".csv":
+            with path.open(newline="") as fh:
+                return list(csv.DictReader(fh))
+        if suffix == ".parquet":
+            rows: list[Record] = pq.read_table(path).to_pylist()
+            return rows
+    except (OSError, ValueError) as exc:
+        raise SpecError([f"cannot read dataset {path}: {exc}"]) from exc
+    raise SpecError([f"dataset {path}: unsupported format {suffix!r} (jsonl, json, csv, parquet)"])
+
+
+class FlowMesh:
+    def __init__(self, bus: Bus, cas: CAS) -> None:
+        self.bus = bus
+        self.cas = cas
+
+    @classmethod
+    async def connect(cls, nats_url: str, cas_url: str) -> FlowMesh:
+        bus = await Bus.connect(nats_url, name="flowmesh-client")
+        return cls(bus, await open_cas(cas_url, bus.js))
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    async def __aenter__(self) -> FlowMesh:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- submit ---------------------------------------------------------------------
+
+    async def submit(
+        self,
+        spec: WorkflowSpec,
+        workflow_id: str | None = None,
+        *,
+        tenant: str | None = None,
+        check_executors: bool = True,
+    ) -> str:
+        if tenant is not None:
+            spec = WorkflowSpec(
+                name=spec.name,
+                nodes=spec.nodes,
+                datasets=spec.datasets,
+                tenant=tenant,
+                dedup_scope=spec.dedup_scope,
+            )
+        validate(spec)
+        wf_id = workflow_id or f"wf-{uuid.uuid4().hex[:16]}"
+        if not subjects.is_token(wf_id):
+            raise SpecError([f"workflow id {wf_id!r} must match [A-Za-z0-9_-]{{1,64}}"])
+        if check_executors:
+            await self._check_executors(spec)
+        datasets = {}
+        for name, ds in spec.datasets.items():
+            if ds.digest is not None:
+                if not await self.cas.exists(ds.digest):
+                    raise SpecError([f"dataset {name!r}: digest {ds.digest[:12]} not in the CAS"])
+                datasets[name] = ds
+                continue
+            records = ds.records if ds.records is not None else read_records(ds.path or "")
+            if not all(isinstance(r, dict) for r in records):
+                raise SpecError([f"dataset {name!r}: every record must be a mapping"])
+            datasets[name] = DatasetSpec(digest=await self.cas.put_table(records))
+        resolved = WorkflowSpec(
+            name=spec.name,
+            nodes=spec.nodes,
+            datasets=datasets,
+            tenant=spec.tenant,
+            dedup_scope=spec.dedup_scope,
+        )
+        msg = SubmitWorkflow(workflow_id=wf_id, spec=resolved, submitted_at=time.time())
+        if len(codec.encode(msg)) > streams.MAX_MESSAGE_BYTES:
+            raise SpecError(["the workflow spec is too large to submit; move data into datasets"])
+        await self.bus.publish(subjects.SUBMIT, msg, msg_id=wf_id)
+        return wf_id
+
+    async def _check_executors(self, spec: WorkflowSpec) -> None:
+        """Reject unknown transforms and models up front when workers have advertised
+        what they run; with no worker registered yet the planner waits for one."""
+        kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
+        try:
+            known = set(await kv_exec.keys())
+        except NoKeysError:
+            return
+        kv_models = await self.bus.kv(streams.KV_MODELS)
+        try:
+            models = set(await kv_models.keys())
+        except NoKeysError:
+            models = set()
+        problems = []
+        for node in spec.nodes:
+            ex = executor_id(KINDS[node.op].name, node.fn)
+            if ex not in known:
+                fns = sorted(k.split(".", 1)[1] for k in known if k.startswith(node.op + "."))
+                hint = f" (registered: {', '.join(fns)})" if fns else ""
+                problems.append(f"node {node.name!r}: no worker runs {ex}{hint}")
+            if node.model and node.model not in models:
+                problems.append(
+                    f"node {node.name!r}: unknown model {node.model!r} "
+                    f"(known: {', '.join(sorted(models)) or 'none'})"
+                )
+        if problems:
+            raise SpecError(problems)
+
+    # --- observe --------------------------------------------------------------------
+
+    async def status(self, workflow_id: str) -> WorkflowStatus | None:
+        kv = await self.bus.kv(streams.KV_WF)
+        try:
+            entry = await kv.get(workflow_id)
+        except KeyNotFoundError:
+            return None
+        return codec.decode(entry.value, WorkflowStatus) if entry.value else None
+
+    async def workflows(self) -> list[WorkflowStatus]:
+        kv = await self.bus.kv(streams.KV_WF)
+        try:
+            names = await kv.keys()
+        except NoKeysError:
+            return []
+        out = [await self.status(n) for n in names]
+        return sorted((s for s in out if s), key=lambda s: s.submitted_at)
+
+    async def workers(self) -> list[WorkerInfo]:
+        kv = await self.bus.kv(streams.KV_WORKERS)
+        try:
+            names = await kv.keys()
+        except NoKeysError:
+            return []
+        infos = []
+        for n in names:
+            try:
+                entry = await kv.get(n)
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                infos.append(codec.decode(entry.value, WorkerInfo))
+        return infos
+
+    async def wait(
+        self,
+        workflow_id: str,
+        timeout: float | None = None,
+        on_update: Callable[[WorkflowStatus], Any] | None = None,
+        raise_on_failure: bool = True,
+    ) -> WorkflowStatus:
+        """Wait until the workflow completes or fails, calling on_update on progress."""
+        kv = await self.bus.kv(streams.KV_WF)
+        watcher = await kv.watch(workflow_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"workflow {workflow_id} still running after {timeout}s")
+                try:
+                    entry = await watcher.updates(timeout=min(left or 1.0, 1.0))
+                except (TimeoutError, asyncio.TimeoutError):
+                    continue
+                if entry is None or not entry.value:
+                    continue
+                status = codec.decode(entry.value, WorkflowStatus)
+                if on_update is not None:
+                    on_update(status)
+                if status.state == "failed" and raise_on_failure:
+                    raise WorkflowFailed(status)
+                if status.state != "running":
+                    return status
+        finally:
+            await watcher.stop()
+
+    async def result(self, workflow_id: str, node: str) -> list[Record]:
+        status = await self.status(workflow_id)
+        if status is None:
+            raise KeyError(f"no workflow {workflow_id!r}")
+        ns = status.nodes.get(node)
+        if ns is None:
+            raise KeyError(f"workflow {workflow_id} has no node {node!r} (nodes: {', '.join(status.nodes)})")
+        if not ns.complete or ns.output is None:
+            raise RuntimeError(f"node {node!r} of {workflow_id} is not complete ({ns.done}/{ns.total})")
+        return await self.cas.get_records(await self.cas.get_manifest(ns.output))

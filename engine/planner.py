@@ -1,0 +1,522 @@
+"""The planner: workflows in, ready operators out, completion recorded.
+
+It consumes submissions, expands each node into record-level operators, keys them by
+content, and publishes an operator the moment its inputs exist (data-flow triggering: a
+record can be three nodes deep while its neighbours are still in the first). Completions
+(`fm.op.done`) advance every workflow waiting on that key.
+
+State is rebuilt, never persisted: on start the planner replays the submission stream;
+each workflow that is not finished is expanded again, and every operator whose KV entry
+already says `done` completes at once from the KV (the same path that serves completed
+dedup). So a SIGKILL of the engine loses nothing: the KV and the streams are the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.js.api import DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from engine import keys
+from engine.spec import SpecError, topo_order, validate
+from topics import Bus, codec, streams, subjects
+from topics.cas import CAS, CASError
+from topics.messages import (
+    NodeSpec,
+    NodeStatus,
+    OpDone,
+    OpSpec,
+    OpState,
+    ReadyOp,
+    SubmitWorkflow,
+    WorkflowStatus,
+)
+from topics.operators import KINDS, OperatorKind, executor_id, parse_params
+
+log = structlog.get_logger("flowmesh.planner")
+
+Pos = tuple[int, ...]
+
+
+class Unresolved(Exception):
+    """No live worker has advertised the executor or model an operator needs (yet)."""
+
+
+@dataclass
+class NodeRun:
+    name: str
+    spec: NodeSpec | None  # None for a source dataset
+    kind: OperatorKind | None
+    inputs: list[str]
+    downstream: list[str] = field(default_factory=list)
+    outputs: dict[Pos, list[str] | None] = field(default_factory=dict)  # slot -> records
+    pending: int = 0
+    upstream_complete: bool = False
+    complete: bool = False
+    manifest: str | None = None
+    ordered: list[str] = field(default_factory=list)
+    status: NodeStatus = field(default_factory=NodeStatus)
+
+
+@dataclass
+class WorkflowRun:
+    wf_id: str
+    spec: Any  # WorkflowSpec
+    salt: str
+    submitted_at: float
+    nodes: dict[str, NodeRun]
+    state: str = "running"
+    error: str | None = None
+    ended_at: float | None = None
+
+    def to_status(self) -> WorkflowStatus:
+        return WorkflowStatus(
+            workflow_id=self.wf_id,
+            name=self.spec.name,
+            tenant=self.spec.tenant,
+            state=self.state,  # type: ignore[arg-type]
+            submitted_at=self.submitted_at,
+            updated_at=time.time(),
+            nodes={n.name: n.status for n in self.nodes.values() if n.spec is not None},
+            error=self.error,
+            ended_at=self.ended_at,
+        )
+
+
+@dataclass
+class Waiter:
+    run: WorkflowRun
+    node: str
+    pos: Pos
+
+
+@dataclass
+class Parked:
+    run: WorkflowRun
+    node: str
+    pos: Pos
+    inputs: list[str]
+    since: float
+
+
+class Planner:
+    def __init__(
+        self,
+        bus: Bus,
+        cas: CAS,
+        *,
+        resolve_wait_s: float = 60.0,
+        status_interval_s: float = 0.25,
+    ) -> None:
+        self.bus = bus
+        self.cas = cas
+        self.resolve_wait_s = resolve_wait_s
+        self.status_interval_s = status_interval_s
+        self.runs: dict[str, WorkflowRun] = {}
+        self.waiters: dict[str, list[Waiter]] = {}
+        self.parked: list[Parked] = []
+        self._dirty: set[str] = set()
+        self._resolved: dict[tuple[str, str], tuple[str | None, float]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.kv_ops = await self.bus.kv(streams.KV_OPS)
+        self.kv_wf = await self.bus.kv(streams.KV_WF)
+        self.kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
+        self.kv_models = await self.bus.kv(streams.KV_MODELS)
+        self._tasks = [
+            asyncio.create_task(self._guard("submissions", self._submissions_loop)),
+            asyncio.create_task(self._guard("completions", self._done_loop)),
+            asyncio.create_task(self._guard("status", self._status_loop)),
+            asyncio.create_task(self._guard("parked", self._parked_loop)),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush_status()
+
+    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        # A shared component never dies of one bad event: log, back off, go on.
+        while not self._stopping.is_set():
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("planner loop failed; restarting it", loop=name)
+                await asyncio.sleep(0.5)
+
+    # --- submissions ----------------------------------------------------------------
+
+    async def _submissions_loop(self) -> None:
+        # An ordered consumer from the first message: replaying every submission is how
+        # a restarted planner finds the workflows still running.
+        sub = await self.bus.js.subscribe(
+            subjects.SUBMIT, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            async for msg in sub.messages:
+                await self.handle_submission(msg.subject, msg.data)
+        finally:
+            await sub.unsubscribe()
+
+    async def handle_submission(self, subject: str, data: bytes) -> None:
+        if len(data) > streams.MAX_MESSAGE_BYTES:
+            await self.bus.dead_letter("planner", subject, "submission too large", data)
+            return
+        try:
+            sub = codec.decode(data, SubmitWorkflow)
+        except codec.DecodeError as exc:
+            await self.bus.dead_letter("planner", subject, str(exc), data)
+            return
+        wf_id = sub.workflow_id
+        if wf_id in self.runs or not subjects.is_token(wf_id):
+            if wf_id not in self.runs:
+                await self.bus.dead_letter("planner", subject, f"bad workflow id {wf_id!r}", data)
+            return
+        try:
+            entry = await self.kv_wf.get(wf_id)
+            if entry.value and codec.decode(entry.value, WorkflowStatus).state != "running":
+                return  # finished before this planner started
+        except KeyNotFoundError:
+            pass
+        try:
+            validate(sub.spec)
+            order = topo_order(sub.spec)
+        except SpecError as exc:
+            await self._reject(sub, str(exc))
+            return
+        run = self._new_run(sub, order)
+        self.runs[wf_id] = run
+        self._dirty.add(wf_id)
+        log.info("workflow accepted", workflow=wf_id, tenant=sub.spec.tenant, nodes=len(order))
+        for name, ds in sub.spec.datasets.items():
+            try:
+                if ds.digest is None:
+                    raise CASError("dataset was not uploaded (no digest)")
+                records = await self.cas.get_table(ds.digest)
+                digests = list(await asyncio.gather(*(self.cas.put_record(r) for r in records)))
+            except CASError as exc:
+                await self._fail(run, f"dataset {name!r}: {exc}")
+                return
+            node = run.nodes[name]
+            for i, d in enumerate(digests):
+                node.outputs[(i,)] = [d]
+            node.upstream_complete = True
+            await self._fan_out(run, name, [((i,), [d]) for i, d in enumerate(digests)])
+            await self._maybe_complete(run, name)
+
+    def _new_run(self, sub: SubmitWorkflow, order: list[str]) -> WorkflowRun:
+        spec = sub.spec
+        nodes: dict[str, NodeRun] = {
+            name: NodeRun(name=name, spec=None, kind=None, inputs=[]) for name in spec.datasets
+        }
+        by_name = {n.name: n for n in spec.nodes}
+        for name in order:
+            n = by_name[name]
+            nodes[name] = NodeRun(name=name, spec=n, kind=KINDS[n.op], inputs=list(n.inputs))
+        for name in order:
+            for inp in by_name[name].inputs:
+                nodes[inp].downstream.append(name)
+        return WorkflowRun(
+            wf_id=sub.workflow_id,
+            spec=spec,
+            salt=keys.scope_salt(spec.dedup_scope, spec.tenant, sub.workflow_id),
+            submitted_at=sub.submitted_at,
+            nodes=nodes,
+        )
+
+    async def _reject(self, sub: SubmitWorkflow, error: str) -> None:
+        status = WorkflowStatus(
+            workflow_id=sub.workflow_id,
+            name=sub.spec.name,
+            tenant=sub.spec.tenant,
+            state="failed",
+            submitted_at=sub.submitted_at,
+            updated_at=time.time(),
+            nodes={},
+            error=error,
+            ended_at=time.time(),
+        )
+        await self.kv_wf.put(sub.workflow_id, codec.encode(status))
+        log.warning("workflow rejected", workflow=sub.workflow_id, error=error)
+
+    # --- expansion ------------------------------------------------------------------
+
+    async def _fan_out(self, run: WorkflowRun, name: str, slots: list[tuple[Pos, list[str]]]) -> None:
+        """New output records at `name`: start the record-level operators they feed."""
+        for child_name in run.nodes[name].downstream:
+            child = run.nodes[child_name]
+            if child.kind is None or child.kind.fanout != "record":
+                continue
+            starts = []
+            for pos, records in slots:
+                for j, rec in enumerate(records):
+                    cpos = (*pos, j)
+                    child.outputs[cpos] = None
+                    child.pending += 1
+                    child.status.total += 1
+                    starts.append(self._start_op(run, child_name, cpos, [rec]))
+            if starts:
+                await asyncio.gather(*starts)
+
+    async def _start_op(self, run: WorkflowRun, name: str, pos: Pos, inputs: list[str]) -> None:
+        if run.state != "running":
+            return
+        node = run.nodes[name]
+        assert node.spec is not None and node.kind is not None
+        try:
+            op = await self._op_spec(node.spec, node.kind, inputs)
+        except Unresolved:
+            self.parked.append(Parked(run, name, pos, inputs, time.monotonic()))
+            return
+        except ValueError as exc:
+            await self._fail(run, f"node {name!r}: {exc}")
+            return
+        key = keys.op_key(op, run.salt)
+        in_flight_here = bool(self.waiters.get(key))
+        self.waiters.setdefault(key, []).append(Waiter(run, name, pos))
+        state = OpState(
+            key=key,
+            state="pending",
+            spec=op,
+            workflow_id=run.wf_id,
+            tenant=run.spec.tenant,
+            created_at=time.time(),
+        )
+        try:
+            await self.kv_ops.create(key, codec.encode(state))
+            created = True
+        except KeyWrongLastSequenceError:
+            created = False
+        if not created:
+            existing = await self._op_state(key)
+            if existing is not None and existing.state != "pending":
+                if existing.workflow_id != run.wf_id:
+                    node.status.reused += 1
+                await self.complete_key(self._done_from_state(existing))
+                return
+            if in_flight_here:
+                return  # in flight for another waiter here: its completion completes us
+        ready = ReadyOp(
+            key=key,
+            spec=op,
+            batch_key=keys.batch_key(op),
+            workflow_id=run.wf_id,
+            tenant=run.spec.tenant,
+        )
+        await self.bus.publish(subjects.ready(node.kind.pool), ready, msg_id=f"ready-{key}")
+
+    async def _op_spec(self, node: NodeSpec, kind: OperatorKind, inputs: list[str]) -> OpSpec:
+        ex_id = executor_id(kind.name, node.fn)
+        version = await self._resolve(streams.KV_EXECUTORS, ex_id)
+        model = await self._resolve(streams.KV_MODELS, node.model) if node.model else None
+        parsed = parse_params(kind, node.params)
+        # built-in kinds: canonical params include defaults, so `{}` and the explicit
+        # defaults are the same work
+        params = parsed if isinstance(parsed, dict) else codec.to_builtins(parsed)
+        return OpSpec(
+            kind=kind.name,
+            executor=ex_id,
+            version=version,
+            fanout=kind.fanout,
+            params=params,
+            model=model,
+            inputs=inputs,
+        )
+
+    async def _resolve(self, bucket: str, name: str) -> str:
+        """What workers advertised for `name` in `bucket` (a version or a model digest)."""
+        kv = self.kv_exec if bucket == streams.KV_EXECUTORS else self.kv_models
+        cache_key = (bucket, name)
+        hit = self._resolved.get(cache_key)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < 5.0 and hit[0] is not None:
+            return hit[0]
+        try:
+            entry = await kv.get(name)
+            value: str | None = entry.value.decode() if entry.value else None
+        except (KeyNotFoundError, ValueError):
+            value = None
+        if value is None:
+            raise Unresolved(name)
+        self._resolved[cache_key] = (value, now)
+        return value
+
+    async def _op_state(self, key: str) -> OpState | None:
+        try:
+            entry = await self.kv_ops.get(key)
+        except KeyNotFoundError:
+            return None
+        return codec.decode(entry.value, OpState) if entry.value else None
+
+    @staticmethod
+    def _done_from_state(st: OpState) -> OpDone:
+        return OpDone(
+            key=st.key,
+            status="failed" if st.state == "failed" else "done",
+            output=st.output,
+            outputs=st.outputs,
+            n_outputs=st.n_outputs,
+            error=st.error,
+            worker=st.worker,
+            device_class=st.device_class,
+            started_at=st.started_at,
+            ended_at=st.ended_at,
+        )
+
+    # --- completions ----------------------------------------------------------------
+
+    async def _done_loop(self) -> None:
+        psub = await self.bus.js.pull_subscribe(
+            subjects.DONE,
+            durable=streams.PLANNER_DONE,
+            stream=streams.STREAM_DONE,
+            config=streams.planner_done_consumer(),
+        )
+        while not self._stopping.is_set():
+            try:
+                msgs = await psub.fetch(256, timeout=1.0)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                try:
+                    done = codec.decode(msg.data, OpDone)
+                except codec.DecodeError as exc:
+                    await self.bus.dead_letter("planner", msg.subject, str(exc), msg.data)
+                    await msg.term()
+                    continue
+                await self.complete_key(done)
+                await msg.ack()
+
+    async def complete_key(self, done: OpDone) -> None:
+        waiters = self.waiters.pop(done.key, [])
+        if not waiters:
+            return
+        outputs = done.outputs
+        if done.status == "done" and outputs is None and done.output:
+            try:
+                outputs = await self.cas.get_manifest(done.output)
+            except CASError as exc:
+                done = OpDone(key=done.key, status="failed", error=f"result unreadable: {exc}")
+        for w in waiters:
+            if w.run.state != "running":
+                continue
+            node = w.run.nodes[w.node]
+            if done.status == "failed":
+                node.status.failed += 1
+                await self._fail(w.run, f"node {w.node!r} operator {done.key[:12]}: {done.error}")
+                continue
+            await self._slot_done(w.run, w.node, w.pos, outputs or [])
+
+    async def _slot_done(self, run: WorkflowRun, name: str, pos: Pos, outputs: list[str]) -> None:
+        node = run.nodes[name]
+        if node.outputs.get(pos) is not None:
+            return  # already counted (a duplicate completion)
+        node.outputs[pos] = outputs
+        node.pending -= 1
+        node.status.done += 1
+        self._dirty.add(run.wf_id)
+        await self._fan_out(run, name, [(pos, outputs)])
+        await self._maybe_complete(run, name)
+
+    async def _maybe_complete(self, run: WorkflowRun, name: str) -> None:
+        node = run.nodes[name]
+        if node.complete or not node.upstream_complete or node.pending > 0:
+            return
+        node.complete = True
+        node.ordered = [d for pos in sorted(node.outputs) for d in (node.outputs[pos] or [])]
+        node.manifest = await self.cas.put_manifest(node.ordered)
+        node.status.complete = True
+        node.status.output = node.manifest
+        node.status.n_outputs = len(node.ordered)
+        self._dirty.add(run.wf_id)
+        for child_name in node.downstream:
+            child = run.nodes[child_name]
+            assert child.kind is not None
+            if child.kind.fanout == "record":
+                child.upstream_complete = True
+                await self._maybe_complete(run, child_name)
+            elif all(run.nodes[i].complete for i in child.inputs):
+                child.upstream_complete = True
+                child.outputs[(0,)] = None
+                child.pending += 1
+                child.status.total += 1
+                inputs = [run.nodes[i].manifest or "" for i in child.inputs]
+                await self._start_op(run, child_name, (0,), inputs)
+        if all(n.complete for n in run.nodes.values()) and run.state == "running":
+            run.state = "completed"
+            run.ended_at = time.time()
+            await self._write_status(run)
+            log.info(
+                "workflow completed",
+                workflow=run.wf_id,
+                seconds=round(run.ended_at - run.submitted_at, 3),
+            )
+
+    async def _fail(self, run: WorkflowRun, error: str) -> None:
+        if run.state != "running":
+            return
+        run.state = "failed"
+        run.error = error
+        run.ended_at = time.time()
+        await self._write_status(run)
+        log.warning("workflow failed", workflow=run.wf_id, error=error)
+
+    # --- background -----------------------------------------------------------------
+
+    async def _parked_loop(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(0.5)
+            parked, self.parked = self.parked, []
+            for p in parked:
+                if p.run.state != "running":
+                    continue
+                if time.monotonic() - p.since > self.resolve_wait_s:
+                    node = p.run.nodes[p.node]
+                    assert node.spec is not None and node.kind is not None
+                    what = executor_id(node.kind.name, node.spec.fn)
+                    if node.spec.model:
+                        what += f" with model {node.spec.model!r}"
+                    await self._fail(
+                        p.run,
+                        f"node {p.node!r}: no worker advertises {what} "
+                        f"(waited {self.resolve_wait_s:.0f}s; is the transform registered?)",
+                    )
+                    continue
+                before = len(self.parked)
+                await self._start_op(p.run, p.node, p.pos, p.inputs)
+                if len(self.parked) > before:
+                    # still unresolved: keep the original arrival time
+                    self.parked[-1].since = p.since
+
+    async def _status_loop(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.status_interval_s)
+            await self._flush_status()
+
+    async def _flush_status(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for wf_id in dirty:
+            run = self.runs.get(wf_id)
+            if run is not None:
+                await self._write_status(run)
+
+    async def _write_status(self, run: WorkflowRun) -> None:
+        await self.kv_wf.put(run.wf_id, codec.encode(run.to_status()))
+        if run.state != "running":
+            # finished: its status lives in the KV; a replayed submission is skipped there
+            self.runs.pop(run.wf_id, None)

@@ -1,0 +1,357 @@
+"""The scheduler (first version): ready operators in, batch assignments out.
+
+It holds a pool of ready operators (fetched from `fm.op.ready.>`, acked only once their
+assignment is stored), groups compatible ones (same batch key) across workflows, and
+gives each live worker with a free slot the oldest group it can run, up to the worker's
+batch limit. Issue 4 replaces the choice with the utility function; the mechanics here
+(pool, capacity, reclaim) stay.
+
+Capacity is read from the stream itself: the number of messages on `fm.assign.<worker>`
+is exactly the number of batches a worker holds (work-queue retention drops a message
+when the worker acks it), so a restarted scheduler knows every worker's load at once.
+
+A worker whose heartbeat stops (SIGKILL, lost host) is reclaimed: its consumer is
+deleted, its unacked assignments are read back and their operators republished as ready.
+Replay is safe because workers commit results by compare-and-set on the operator key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.js.errors import NotFoundError
+
+from topics import Bus, codec, streams, subjects
+from topics.messages import Assignment, ReadyOp, WorkerInfo
+
+log = structlog.get_logger("flowmesh.scheduler")
+
+
+@dataclass
+class WorkerView:
+    info: WorkerInfo
+    last_seen: float  # monotonic
+
+
+@dataclass
+class Held:
+    op: ReadyOp
+    msg: Any  # nats Msg, acked once the op is assigned
+    since: float
+    touched: float
+
+
+@dataclass
+class Group:
+    ops: OrderedDict[str, Held] = field(default_factory=OrderedDict)  # key -> held
+
+
+class Scheduler:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        dead_after_s: float = 5.0,
+        pool_limit: int = 20_000,
+        tick_s: float = 0.02,
+    ) -> None:
+        self.bus = bus
+        self.dead_after_s = dead_after_s
+        self.pool_limit = pool_limit
+        self.tick_s = tick_s
+        self.workers: dict[str, WorkerView] = {}
+        self.groups: dict[str, Group] = {}  # batch key -> ready ops
+        self.held = 0
+        self.started = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.assigned_batches = 0
+        self.reclaimed_ops = 0
+
+    async def start(self) -> None:
+        self.kv_workers = await self.bus.kv(streams.KV_WORKERS)
+        self.psub = await self.bus.js.pull_subscribe(
+            subjects.READY_ALL,
+            durable=streams.SCHEDULER,
+            stream=streams.STREAM_READY,
+            config=streams.scheduler_consumer(),
+        )
+        self._tasks = [
+            asyncio.create_task(self._guard("workers", self._watch_workers)),
+            asyncio.create_task(self._guard("schedule", self._schedule_loop)),
+            asyncio.create_task(self._guard("liveness", self._liveness_loop)),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _guard(self, name: str, loop: Any) -> None:
+        while not self._stopping.is_set():
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler loop failed; restarting it", loop=name)
+                await asyncio.sleep(0.5)
+
+    # --- workers --------------------------------------------------------------------
+
+    async def _watch_workers(self) -> None:
+        watcher = await self.kv_workers.watchall()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)
+                except TimeoutError:
+                    continue
+                if entry is None:
+                    continue  # end of the initial values
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    if entry.key in self.workers:
+                        await self._reclaim(entry.key, reason="worker left")
+                    continue
+                try:
+                    info = codec.decode(entry.value, WorkerInfo)
+                except codec.DecodeError as exc:
+                    await self.bus.dead_letter("scheduler", entry.key, str(exc), entry.value)
+                    continue
+                # age by the sender's clock so a restarted scheduler does not take a
+                # long-dead worker's last heartbeat for a fresh one
+                age = max(0.0, time.time() - info.sent_at)
+                self.workers[info.worker] = WorkerView(info, time.monotonic() - age)
+                self._wake.set()
+        finally:
+            await watcher.stop()
+
+    def live_workers(self) -> list[WorkerView]:
+        now = time.monotonic()
+        return [
+            w
+            for w in self.workers.values()
+            if now - w.last_seen < self.dead_after_s and not w.info.stopping
+        ]
+
+    async def _liveness_loop(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(min(1.0, self.dead_after_s / 2))
+            now = time.monotonic()
+            for wid, w in list(self.workers.items()):
+                if now - w.last_seen > self.dead_after_s:
+                    await self._reclaim(wid, reason="heartbeat lost")
+            # assignments held for workers this scheduler has never heard of (it
+            # restarted after they died)
+            if now - self.started > self.dead_after_s:
+                for subject, count in (await self._assigned_counts()).items():
+                    wid = subjects.worker_of_assign_subject(subject)
+                    if count and wid not in self.workers:
+                        await self._reclaim(wid, reason="unknown worker")
+
+    async def _reclaim(self, wid: str, reason: str) -> None:
+        """Take back every batch a dead worker holds and make its operators ready again."""
+        self.workers.pop(wid, None)
+        js = self.bus.js
+        try:
+            await js.delete_consumer(streams.STREAM_ASSIGN, streams.worker_consumer_name(wid))
+        except NotFoundError:
+            pass
+        except ValueError:
+            return  # not a worker id we could have assigned to
+        sub = await js.pull_subscribe(subjects.assign(wid), stream=streams.STREAM_ASSIGN)
+        n_ops = 0
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(64, timeout=0.5)
+                except TimeoutError:
+                    break
+                for msg in msgs:
+                    try:
+                        batch = codec.decode(msg.data, Assignment)
+                    except codec.DecodeError as exc:
+                        await self.bus.dead_letter("scheduler", msg.subject, str(exc), msg.data)
+                        await msg.ack()
+                        continue
+                    await self.bus.publish_many(
+                        [
+                            (
+                                subjects.ready(_pool_of(op)),
+                                ReadyOp(
+                                    key=op.key,
+                                    spec=op.spec,
+                                    batch_key=op.batch_key,
+                                    workflow_id=op.workflow_id,
+                                    tenant=op.tenant,
+                                    attempt=op.attempt + 1,
+                                ),
+                                f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
+                            )
+                            for op in batch.ops
+                        ]
+                    )
+                    n_ops += len(batch.ops)
+                    await msg.ack()
+        finally:
+            await sub.unsubscribe()
+        try:
+            await self.kv_workers.delete(wid)
+        except Exception:
+            pass
+        self.reclaimed_ops += n_ops
+        log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
+
+    # --- scheduling -----------------------------------------------------------------
+
+    async def _assigned_counts(self) -> dict[str, int]:
+        info = await self.bus.js.stream_info(
+            streams.STREAM_ASSIGN, subjects_filter=subjects.ASSIGN_ALL
+        )
+        return dict(info.state.subjects or {})
+
+    async def _fill_pool(self) -> int:
+        if self.held >= self.pool_limit:
+            return 0
+        try:
+            msgs = await self.psub.fetch(min(1000, self.pool_limit - self.held), timeout=0.05)
+        except TimeoutError:
+            return 0
+        now = time.monotonic()
+        for msg in msgs:
+            if len(msg.data) > streams.MAX_MESSAGE_BYTES:
+                await self.bus.dead_letter("scheduler", msg.subject, "message too large", msg.data)
+                await msg.term()
+                continue
+            try:
+                op = codec.decode(msg.data, ReadyOp)
+            except codec.DecodeError as exc:
+                await self.bus.dead_letter("scheduler", msg.subject, str(exc), msg.data)
+                await msg.term()
+                continue
+            group = self.groups.setdefault(op.batch_key, Group())
+            if op.key in group.ops:
+                await msg.ack()  # the same operator twice (a replay): run it once
+                continue
+            group.ops[op.key] = Held(op, msg, now, now)
+            self.held += 1
+        return len(msgs)
+
+    async def _schedule_loop(self) -> None:
+        while not self._stopping.is_set():
+            fetched = await self._fill_pool()
+            assigned = await self.assign_once() if self.held else 0
+            await self._keep_alive()
+            if not fetched and not assigned:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s * 5)
+                except TimeoutError:
+                    pass
+
+    async def assign_once(self) -> int:
+        workers = self.live_workers()
+        if not workers:
+            return 0
+        counts = await self._assigned_counts()
+        assigned = 0
+        # least-loaded first, so two idle workers share a burst
+        workers.sort(key=lambda w: counts.get(subjects.assign(w.info.worker), 0))
+        free_of = {
+            w.info.worker: w.info.slots - counts.get(subjects.assign(w.info.worker), 0)
+            for w in workers
+        }
+        idle = [w.info for w in workers if free_of[w.info.worker] > 0]
+        for w in workers:
+            free = free_of[w.info.worker]
+            while free > 0 and self.held:
+                batch = self._pick(w.info, idle)
+                if not batch:
+                    break
+                await self._send(w.info, batch)
+                free -= 1
+                assigned += 1
+                counts[subjects.assign(w.info.worker)] = counts.get(
+                    subjects.assign(w.info.worker), 0
+                ) + 1
+        return assigned
+
+    def _pick(self, worker: WorkerInfo, idle: list[WorkerInfo]) -> list[Held]:
+        """The oldest group this worker can run, up to its batch limit for that executor,
+        split evenly among the idle workers that could run it too (a burst of 40 ops
+        goes to two idle workers as 20 + 20, not 40 + 0)."""
+        best: tuple[float, str] | None = None
+        for bkey, group in self.groups.items():
+            if not group.ops:
+                continue
+            first = next(iter(group.ops.values()))
+            if not _can_run(worker, first.op):
+                continue
+            if best is None or first.since < best[0]:
+                best = (first.since, bkey)
+        if best is None:
+            return []
+        group = self.groups[best[1]]
+        first = next(iter(group.ops.values()))
+        sharers = max(1, sum(1 for w in idle if _can_run(w, first.op)))
+        fair = -(-len(group.ops) // sharers)
+        limit = max(1, min(worker.max_batch.get(first.op.spec.executor, 1), fair))
+        batch = []
+        while group.ops and len(batch) < limit:
+            _, held = group.ops.popitem(last=False)
+            batch.append(held)
+        if not group.ops:
+            del self.groups[best[1]]
+        self.held -= len(batch)
+        return batch
+
+    async def _send(self, worker: WorkerInfo, batch: list[Held]) -> None:
+        assignment = Assignment(
+            batch_id=uuid.uuid4().hex,
+            worker=worker.worker,
+            ops=[h.op for h in batch],
+            assigned_at=time.time(),
+        )
+        await self.bus.publish(subjects.assign(worker.worker), assignment, msg_id=assignment.batch_id)
+        for h in batch:
+            await h.msg.ack()
+        self.assigned_batches += 1
+        log.debug(
+            "batch assigned",
+            worker=worker.worker,
+            executor=batch[0].op.spec.executor,
+            size=len(batch),
+            workflows=len({h.op.workflow_id for h in batch}),
+        )
+
+    async def _keep_alive(self) -> None:
+        """Operators waiting for a worker keep their ready message claimed."""
+        now = time.monotonic()
+        limit = streams.READY_ACK_WAIT_S / 3
+        for group in self.groups.values():
+            for held in group.ops.values():
+                if now - held.touched > limit:
+                    held.touched = now
+                    await held.msg.in_progress()
+
+
+def _can_run(worker: WorkerInfo, op: ReadyOp) -> bool:
+    if worker.executors.get(op.spec.executor) != op.spec.version:
+        return False
+    return op.spec.model is None or op.spec.model in worker.models.values()
+
+
+def _pool_of(op: ReadyOp) -> str:
+    from topics.operators import KINDS
+
+    kind = KINDS.get(op.spec.kind)
+    return kind.pool if kind else "cpu"

@@ -1,0 +1,50 @@
+"""The engine process: planner and scheduler side by side on one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+
+from engine.planner import Planner
+from engine.scheduler import Scheduler
+from topics import Bus
+from topics.cas import open_cas
+
+log = structlog.get_logger("flowmesh.engine")
+
+
+class Engine:
+    def __init__(self, planner: Planner, scheduler: Scheduler, bus: Bus) -> None:
+        self.planner = planner
+        self.scheduler = scheduler
+        self.bus = bus
+
+    @classmethod
+    async def start(cls, nats_url: str, cas_url: str, dead_after_s: float = 5.0) -> Engine:
+        bus = await Bus.connect(nats_url, name="flowmesh-engine")
+        cas = await open_cas(cas_url, bus.js)
+        planner = Planner(bus, cas)
+        scheduler = Scheduler(bus, dead_after_s=dead_after_s)
+        await planner.start()
+        await scheduler.start()
+        log.info("engine started", nats=nats_url, cas=cas_url)
+        return cls(planner, scheduler, bus)
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+        await self.planner.stop()
+        await self.bus.close()
+
+
+async def serve(nats_url: str, cas_url: str, dead_after_s: float = 5.0) -> None:
+    engine = await Engine.start(nats_url, cas_url, dead_after_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await engine.stop()

@@ -1,0 +1,1 @@
+"""loadgen: workload generation and benchmarks (issue 7 builds it out)."""

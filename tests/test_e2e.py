@@ -1,0 +1,232 @@
+"""End to end on a real nats-server with real engine and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.client import FlowMesh
+from engine.local import LocalFabric
+from engine.spec import parse_spec
+from tests.conftest import NatsServer
+from topics import codec, streams, subjects
+from topics.messages import OpState
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+pytestmark = pytest.mark.slow
+
+MakeFabric = Callable[..., LocalFabric]
+
+
+@pytest.fixture
+def make_fabric(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[MakeFabric]:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), str(REPO)]))
+    fabrics: list[LocalFabric] = []
+
+    def make(workers: int = 2, models: bool = False) -> LocalFabric:
+        fabric = LocalFabric(
+            data_dir=tmp_path / "data",
+            nats_url=nats_server.url,
+            cas_url=f"file://{tmp_path / 'data' / 'cas'}",
+            workers=workers,
+            worker_args=["--plugin", "fm_test_transforms", *([] if models else ["--no-models"])],
+            engine_args=["--dead-after", "2"],
+        )
+        fabrics.append(fabric.start())
+        return fabric
+
+    yield make
+    for fabric in fabrics:
+        fabric.stop()
+        # shown by pytest when the test failed
+        for log in sorted((fabric.log_dir or tmp_path).glob("*.log")):
+            print(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-30:]))
+
+
+async def connect(fabric: LocalFabric, n_workers: int) -> FlowMesh:
+    fm = await FlowMesh.connect(fabric.nats_url, fabric.cas_url)
+    for _ in range(600):
+        if len(await fm.workers()) >= n_workers:
+            return fm
+        await asyncio.sleep(0.1)
+    raise AssertionError("workers did not register")
+
+
+async def op_states(fm: FlowMesh) -> list[OpState]:
+    kv = await fm.bus.kv(streams.KV_OPS)
+    out = []
+    for key in await kv.keys():
+        entry = await kv.get(key)
+        out.append(codec.decode(entry.value, OpState))
+    return out
+
+
+def records(n: int) -> list[dict[str, Any]]:
+    return [
+        {"id": i, "text": f"item {i} is {'red' if i % 3 else 'blue'}",
+         "colour": "red" if i % 3 else "blue"}
+        for i in range(n)
+    ]
+
+
+async def test_three_node_workflow_matches_python(make_fabric: MakeFabric) -> None:
+    fabric = make_fabric(workers=2)
+    rows = records(30)
+    spec = parse_spec(
+        {
+            "name": "three",
+            "datasets": {"src": {"records": rows}},
+            "nodes": [
+                {"name": "upper", "op": "map", "fn": "text.upper", "input": "src",
+                 "params": {"field": "text"}},
+                {"name": "reds", "op": "filter", "fn": "text.contains", "input": "upper",
+                 "params": {"field": "text", "substring": "RED"}},
+                {"name": "count", "op": "group", "input": "reds",
+                 "params": {"by": "colour", "agg": "count"}},
+            ],
+        }
+    )
+    async with await connect(fabric, 2) as fm:
+        wf = await fm.submit(spec)
+        status = await fm.wait(wf, timeout=120)
+        upper = await fm.result(wf, "upper")
+        reds = await fm.result(wf, "reds")
+        count = await fm.result(wf, "count")
+
+    expected_upper = [{**r, "text": r["text"].upper()} for r in rows]
+    expected_reds = [r for r in expected_upper if "RED" in r["text"]]
+    assert upper == expected_upper  # in input order, whatever order the ops ran in
+    assert reds == expected_reds
+    colours = Counter(r["colour"] for r in expected_reds)
+    assert count == [{"colour": c, "count": n} for c, n in sorted(colours.items())]
+    assert status.state == "completed"
+    assert status.nodes["upper"].total == 30 and status.nodes["reds"].total == 30
+    assert status.nodes["count"].total == 1
+
+
+async def test_two_workers_share_the_load(make_fabric: MakeFabric) -> None:
+    fabric = make_fabric(workers=2)
+    rows = records(40)
+    spec = parse_spec(
+        {
+            "name": "share",
+            "datasets": {"src": {"records": rows}},
+            "nodes": [{"name": "slow", "op": "map", "fn": "test.slow_upper", "input": "src",
+                       "params": {"field": "text", "delay": 0.05}}],
+        }
+    )
+    async with await connect(fabric, 2) as fm:
+        wf = await fm.submit(spec)
+        await fm.wait(wf, timeout=120)
+        assert await fm.result(wf, "slow") == [{**r, "text": r["text"].upper()} for r in rows]
+        by_worker = Counter(s.worker for s in await op_states(fm))
+    assert set(by_worker) == set(fabric.worker_ids), by_worker
+    assert sum(by_worker.values()) == 40
+
+
+async def test_worker_killed_mid_batch_workflow_completes(make_fabric: MakeFabric) -> None:
+    fabric = make_fabric(workers=2)
+    rows = records(40)
+    spec = parse_spec(
+        {
+            "name": "kill",
+            "datasets": {"src": {"records": rows}},
+            "nodes": [
+                {"name": "slow", "op": "map", "fn": "test.slow_upper", "input": "src",
+                 "params": {"field": "text", "delay": 0.15}},
+                {"name": "count", "op": "group", "input": "slow",
+                 "params": {"by": "colour", "agg": "count"}},
+            ],
+        }
+    )
+    victim_id = fabric.worker_ids[0]
+    async with await connect(fabric, 2) as fm:
+        wf = await fm.submit(spec)
+        # wait until the victim holds a batch, then let it get into it
+        for _ in range(300):
+            info = await fm.bus.js.stream_info(streams.STREAM_ASSIGN,
+                                               subjects_filter=subjects.ASSIGN_ALL)
+            if (info.state.subjects or {}).get(subjects.assign(victim_id)):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the victim never got a batch")
+        await asyncio.sleep(0.4)
+        os.kill(fabric.worker_procs[0].pid, signal.SIGKILL)
+        fabric.worker_procs[0].wait()
+        status = await fm.wait(wf, timeout=120)
+        slow = await fm.result(wf, "slow")
+        count = await fm.result(wf, "count")
+        states = await op_states(fm)
+
+    assert status.state == "completed"
+    assert slow == [{**r, "text": r["text"].upper()} for r in rows]
+    assert count == [{"colour": "blue", "count": 14}, {"colour": "red", "count": 26}]
+    assert all(s.state == "done" for s in states) and len(states) == 41
+    engine_log = (fabric.log_dir or Path()).joinpath("engine.log").read_text()
+    reclaims = [json.loads(line) for line in engine_log.splitlines()
+                if '"worker reclaimed"' in line]
+    assert any(r["worker"] == victim_id and r["ops"] > 0 for r in reclaims), reclaims
+
+
+async def test_submission_is_idempotent_and_garbage_is_dead_lettered(
+    make_fabric: MakeFabric,
+) -> None:
+    fabric = make_fabric(workers=1)
+    spec = parse_spec(
+        {
+            "name": "idem",
+            "datasets": {"src": {"records": records(5)}},
+            "nodes": [{"name": "up", "op": "map", "fn": "text.upper", "input": "src",
+                       "params": {"field": "text"}}],
+        }
+    )
+    async with await connect(fabric, 1) as fm:
+        await fm.bus.nc.publish(subjects.SUBMIT, b"\xff not a submission")
+        await fm.bus.js.publish(subjects.SUBMIT, b'{"workflow_id": "x"}')
+        wf1 = await fm.submit(spec, "wf-same-id")
+        wf2 = await fm.submit(spec, "wf-same-id")
+        assert wf1 == wf2
+        await fm.wait(wf1, timeout=60)
+        ids = [s.workflow_id for s in await fm.workflows()]
+        assert ids.count("wf-same-id") == 1
+        dlq = await fm.bus.js.stream_info(streams.STREAM_DLQ)
+        assert dlq.state.messages >= 1
+        sub = await fm.bus.js.pull_subscribe(subjects.DLQ_ALL, stream=streams.STREAM_DLQ)
+        letters = [json.loads(m.data) for m in await sub.fetch(10, timeout=2)]
+        assert any("SubmitWorkflow" in ltr["reason"] for ltr in letters), letters
+        # and the planner is still serving
+        wf3 = await fm.submit(spec)
+        assert (await fm.wait(wf3, timeout=60)).state == "completed"
+    assert fabric.alive()["engine"]
+
+
+def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
+    """The README's demo command, as a newcomer runs it (private nats, tiny Llama)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "demo", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "completed" in proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    answers = [r for r in rows if "answer" in r]
+    per_topic = [r for r in rows if "count" in r]
+    assert answers and all(isinstance(r["answer"], str) for r in answers)
+    questions = [json.loads(line)["question"] for line in
+                 (REPO / "configs" / "data" / "questions.jsonl").read_text().splitlines()]
+    assert sum(r["count"] for r in per_topic) == sum(len(q.split()) >= 3 for q in questions)

@@ -1,0 +1,46 @@
+"""topics: the contract between FlowMesh packages.
+
+Subject names, JetStream stream/consumer/KV/object-store definitions, message schemas,
+their codec, and the content-addressed store every component reads and writes.
+engine/ and workers/ import this package and never each other.
+"""
+
+from topics import cas, codec, operators, streams, subjects
+from topics.bus import Bus
+from topics.messages import (
+    Assignment,
+    DatasetSpec,
+    DeadLetter,
+    NodeSpec,
+    NodeStatus,
+    OpDone,
+    OpSpec,
+    OpState,
+    ReadyOp,
+    SubmitWorkflow,
+    WorkerInfo,
+    WorkflowSpec,
+    WorkflowStatus,
+)
+
+__all__ = [
+    "Assignment",
+    "Bus",
+    "DatasetSpec",
+    "DeadLetter",
+    "NodeSpec",
+    "NodeStatus",
+    "OpDone",
+    "OpSpec",
+    "OpState",
+    "ReadyOp",
+    "SubmitWorkflow",
+    "WorkerInfo",
+    "WorkflowSpec",
+    "WorkflowStatus",
+    "cas",
+    "codec",
+    "operators",
+    "streams",
+    "subjects",
+]

@@ -1,0 +1,103 @@
+"""The NATS JetStream connection every component uses, and the few operations on it.
+
+Kept deliberately thin: subjects, schemas and stream configs live beside it, so a second
+transport (Kafka, issue 9) implements the same calls against the same contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from topics import codec, streams, subjects
+from topics.messages import DeadLetter
+
+log = structlog.get_logger("flowmesh.bus")
+
+MSG_ID = "Nats-Msg-Id"
+
+
+class Bus:
+    def __init__(self, nc: Client, js: JetStreamContext) -> None:
+        self.nc = nc
+        self.js = js
+        self._kv: dict[str, KeyValue] = {}
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        name: str,
+        layout: streams.Layout | None = None,
+        connect_timeout: float = 5.0,
+    ) -> Bus:
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error", error=str(exc), client=name)
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected", client=name)
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected", client=name)
+
+        nc = await nats.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=-1,  # a shared component outlives a nats restart
+            reconnect_time_wait=0.5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+        js = nc.jetstream(timeout=10.0)
+        await streams.ensure(js, layout)
+        return cls(nc, js)
+
+    async def kv(self, bucket: str) -> KeyValue:
+        if bucket not in self._kv:
+            self._kv[bucket] = await self.js.key_value(bucket)
+        return self._kv[bucket]
+
+    async def publish(self, subject: str, msg: Any, msg_id: str | None = None) -> None:
+        """Publish to a stream and wait for the server to store it."""
+        headers = {MSG_ID: msg_id} if msg_id else None
+        await self.js.publish(subject, codec.encode(msg), headers=headers)
+
+    async def publish_many(self, items: list[tuple[str, Any, str | None]]) -> None:
+        """Publish several messages pipelined, then wait until all are stored."""
+        futures = []
+        for subject, msg, msg_id in items:
+            headers = {MSG_ID: msg_id} if msg_id else None
+            futures.append(await self.js.publish_async(subject, codec.encode(msg), headers=headers))
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def dead_letter(self, component: str, subject: str, reason: str, payload: bytes) -> None:
+        """Record a message a component could not use; never raises into the caller."""
+        letter = DeadLetter(
+            subject=subject,
+            reason=reason[:2000],
+            component=component,
+            payload_head=payload[:512].decode("utf-8", "replace"),
+            size=len(payload),
+            at=time.time(),
+        )
+        log.warning("dead letter", component=component, subject=subject, reason=reason[:200])
+        try:
+            await self.publish(subjects.dlq(component), letter)
+        except Exception as exc:  # the component must survive a failing DLQ publish
+            log.error("dead letter publish failed", error=str(exc))
+
+    async def close(self) -> None:
+        try:
+            await self.nc.drain()
+        except Exception:
+            await self.nc.close()

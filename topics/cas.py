@@ -1,0 +1,232 @@
+"""Content-addressed store: where every payload lives; the bus carries only digests.
+
+A blob's digest is the SHA-256 of its uncompressed bytes. Backends store the
+zstd-compressed bytes under the digest; `CAS.get` decompresses and verifies the digest,
+so a corrupted or swapped object is an error, never a wrong result.
+
+Layouts: a record is its canonical JSON; a manifest is the canonical JSON list of record
+digests; a table (source datasets, exported results) is Arrow IPC.
+
+Backends (the `BlobBackend` protocol): local files (the embedded default) and the NATS
+JetStream object store. Issue 8 adds S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import zstandard
+
+from topics.codec import canonical, is_digest, sha256_hex
+
+Record = dict[str, Any]
+
+
+class CASError(Exception):
+    pass
+
+
+class BlobNotFound(CASError):
+    pass
+
+
+class CorruptBlob(CASError):
+    pass
+
+
+class BlobBackend(Protocol):
+    async def put(self, name: str, data: bytes) -> None: ...
+    async def get(self, name: str) -> bytes | None: ...
+    async def exists(self, name: str) -> bool: ...
+    async def delete(self, name: str) -> None: ...
+
+
+class FileBackend:
+    """Blobs as files under root/ab/cd/<digest>.zst, written atomically."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        # names are validated digests (CAS._check), so no path can escape root
+        return self.root / name[:2] / name[2:4] / f"{name}.zst"
+
+    async def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    async def get(self, name: str) -> bytes | None:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def exists(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    async def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+
+class NatsObjectBackend:
+    """Blobs as objects in a JetStream object store bucket (no shared disk needed)."""
+
+    def __init__(self, store: Any) -> None:  # nats.js.object_store.ObjectStore
+        self.store = store
+
+    async def put(self, name: str, data: bytes) -> None:
+        if await self.exists(name):
+            return
+        await self.store.put(name, data)
+
+    async def get(self, name: str) -> bytes | None:
+        from nats.js.errors import ObjectNotFoundError
+
+        try:
+            res = await self.store.get(name)
+        except ObjectNotFoundError:
+            return None
+        data: bytes = res.data or b""
+        return data
+
+    async def exists(self, name: str) -> bool:
+        from nats.js.errors import ObjectNotFoundError
+
+        try:
+            info = await self.store.get_info(name)
+        except ObjectNotFoundError:
+            return False
+        return not getattr(info, "deleted", False)
+
+    async def delete(self, name: str) -> None:
+        from nats.js.errors import ObjectNotFoundError
+
+        try:
+            await self.store.delete(name)
+        except ObjectNotFoundError:
+            pass
+
+
+class CAS:
+    def __init__(self, backend: BlobBackend, max_blob_bytes: int = 1 << 30) -> None:
+        self.backend = backend
+        self.max_blob_bytes = max_blob_bytes
+        self._cctx = zstandard.ZstdCompressor(level=3)
+        self._dctx = zstandard.ZstdDecompressor()
+
+    @staticmethod
+    def _check(digest: str) -> str:
+        if not isinstance(digest, str) or not is_digest(digest):
+            raise CASError(f"not a content digest: {digest!r}")
+        return digest
+
+    async def put(self, data: bytes) -> str:
+        if len(data) > self.max_blob_bytes:
+            raise CASError(f"blob of {len(data)} bytes exceeds the {self.max_blob_bytes} limit")
+        digest = sha256_hex(data)
+        await self.backend.put(digest, self._cctx.compress(data))
+        return digest
+
+    async def get(self, digest: str) -> bytes:
+        raw = await self.backend.get(self._check(digest))
+        if raw is None:
+            raise BlobNotFound(digest)
+        try:
+            data = self._dctx.decompress(raw, max_output_size=self.max_blob_bytes)
+        except zstandard.ZstdError as exc:
+            raise CorruptBlob(f"{digest}: cannot decompress: {exc}") from exc
+        if sha256_hex(data) != digest:
+            raise CorruptBlob(f"{digest}: content does not match its digest")
+        return data
+
+    async def exists(self, digest: str) -> bool:
+        return await self.backend.exists(self._check(digest))
+
+    async def delete(self, digest: str) -> None:
+        await self.backend.delete(self._check(digest))
+
+    # --- typed layouts ----------------------------------------------------------------
+
+    async def put_record(self, record: Record) -> str:
+        return await self.put(canonical(record))
+
+    async def get_record(self, digest: str) -> Record:
+        import msgspec
+
+        value = msgspec.json.decode(await self.get(digest))
+        if not isinstance(value, dict):
+            raise CorruptBlob(f"{digest} is not a record")
+        return value
+
+    async def put_manifest(self, digests: list[str]) -> str:
+        return await self.put(canonical(digests))
+
+    async def get_manifest(self, digest: str) -> list[str]:
+        import msgspec
+
+        value = msgspec.json.decode(await self.get(digest))
+        if not isinstance(value, list) or not all(isinstance(d, str) and is_digest(d) for d in value):
+            raise CorruptBlob(f"{digest} is not a manifest")
+        return value
+
+    async def get_records(self, digests: list[str]) -> list[Record]:
+        return list(await asyncio.gather(*(self.get_record(d) for d in digests)))
+
+    async def put_table(self, records: list[Record]) -> str:
+        return await self.put(records_to_arrow(records))
+
+    async def get_table(self, digest: str) -> list[Record]:
+        return arrow_to_records(await self.get(digest))
+
+
+def records_to_arrow(records: list[Record]) -> bytes:
+    try:
+        table = pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise CASError(f"records do not form one table (mixed types in a field?): {exc}") from exc
+    sink = io.BytesIO()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def arrow_to_records(data: bytes) -> list[Record]:
+    try:
+        table = ipc.open_stream(pa.py_buffer(data)).read_all()
+    except pa.ArrowInvalid as exc:
+        raise CorruptBlob(f"not an Arrow IPC stream: {exc}") from exc
+    return table.to_pylist()
+
+
+async def open_cas(url: str, js: Any | None = None) -> CAS:
+    """`file:///path` or a bare path -> files; `nats:` -> the JetStream object store."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return CAS(FileBackend(parsed.path if parsed.scheme else url))
+    if parsed.scheme == "nats":
+        if js is None:
+            raise CASError("the nats CAS backend needs a JetStream connection")
+        from topics.streams import OBJ_CAS
+
+        bucket = parsed.netloc or parsed.path.strip("/") or OBJ_CAS
+        return CAS(NatsObjectBackend(await js.object_store(bucket)))
+    raise CASError(f"unknown CAS url {url!r} (use file:///path or nats:)")

@@ -1,0 +1,30 @@
+"""Structured logging setup shared by every FlowMesh process (structlog, JSON or console)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+
+def configure(level: str | None = None, json: bool | None = None) -> None:
+    level = (level or os.environ.get("FLOWMESH_LOG_LEVEL", "info")).upper()
+    if json is None:
+        json = os.environ.get("FLOWMESH_LOG_JSON", "1" if not sys.stderr.isatty() else "0") == "1"
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,193 @@
+"""Message schemas: every payload on every subject, and every KV value.
+
+Messages carry digests and small metadata only; data lives in the CAS (see `cas.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from topics.operators import Fanout
+
+DedupScope = Literal["global", "tenant", "workflow"]
+
+
+# --- workflow specs -------------------------------------------------------------------
+
+
+class DatasetSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A source dataset. A client gives `path` (jsonl/json/csv/parquet) or inline `records`;
+    before submission it uploads the records to the CAS and sends only `digest`."""
+
+    path: str | None = None
+    records: list[dict[str, Any]] | None = None
+    digest: str | None = None
+
+
+class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    op: str
+    inputs: list[str] = []
+    fn: str | None = None
+    model: str | None = None
+    params: dict[str, Any] = {}
+
+
+class WorkflowSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    nodes: list[NodeSpec]
+    datasets: dict[str, DatasetSpec] = {}
+    tenant: str = "default"
+    dedup_scope: DedupScope = "global"
+
+
+# --- fm.wf.submit ---------------------------------------------------------------------
+
+
+class SubmitWorkflow(msgspec.Struct, frozen=True):
+    workflow_id: str
+    spec: WorkflowSpec  # datasets resolved to digests
+    submitted_at: float
+
+
+# --- operators ------------------------------------------------------------------------
+
+
+class OpSpec(msgspec.Struct, frozen=True):
+    """What determines an operator's output. Its canonical form, salted by the dedup
+    scope, is hashed into the operator key (engine/keys.py)."""
+
+    kind: str
+    executor: str  # executor id, e.g. "map.text.upper"
+    version: str  # the executor's implementation version as the worker advertised it
+    fanout: Fanout
+    params: dict[str, Any]
+    model: str | None  # model weights digest
+    # record fanout: one record digest per input; all: one manifest digest per input
+    inputs: list[str]
+
+
+class ReadyOp(msgspec.Struct, frozen=True):
+    """fm.op.ready.<pool>: an operator whose inputs all exist."""
+
+    key: str
+    spec: OpSpec
+    batch_key: str  # operators with the same batch_key may share a batch
+    workflow_id: str
+    tenant: str
+    attempt: int = 0
+
+
+class Assignment(msgspec.Struct, frozen=True):
+    """fm.assign.<worker>: a batch of compatible operators for one worker."""
+
+    batch_id: str
+    worker: str
+    ops: list[ReadyOp]
+    assigned_at: float
+
+
+OpStatus = Literal["done", "failed"]
+
+
+class OpDone(msgspec.Struct, frozen=True):
+    """fm.op.done: an operator's result was committed (or it failed for good)."""
+
+    key: str
+    status: OpStatus
+    output: str | None = None  # manifest digest: list of output record digests
+    outputs: list[str] | None = None  # the same list, inline when small
+    n_outputs: int = 0
+    error: str | None = None
+    worker: str = ""
+    device_class: str = ""
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+
+class OpState(msgspec.Struct, frozen=True):
+    """Value of the operator KV entry (bucket fm_ops, key = operator key).
+
+    Created `pending` by the planner with create-if-absent; moved to `done`/`failed`
+    exactly once by a worker with compare-and-set on the entry's revision."""
+
+    key: str
+    state: Literal["pending", "done", "failed"]
+    spec: OpSpec
+    workflow_id: str  # the workflow that created it
+    tenant: str
+    created_at: float
+    output: str | None = None
+    outputs: list[str] | None = None
+    n_outputs: int = 0
+    error: str | None = None
+    worker: str = ""
+    device_class: str = ""
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+
+# --- workers --------------------------------------------------------------------------
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """fm.worker.hb.<worker>: registration and heartbeat, sent every second and right
+    after each batch."""
+
+    worker: str
+    device_class: str
+    pools: list[str]
+    executors: dict[str, str]  # executor id -> version
+    max_batch: dict[str, int]  # executor id -> largest batch it takes
+    models: dict[str, str]  # model name -> weights digest it can serve
+    resident: list[str]  # weights digests loaded in memory now
+    price_per_hour: float
+    memory_gb: float
+    slots: int  # assignments it may hold at once (one running, the rest queued)
+    batches_done: int
+    started_at: float
+    sent_at: float
+    stopping: bool = False
+
+
+# --- workflow status ------------------------------------------------------------------
+
+
+class NodeStatus(msgspec.Struct):
+    total: int = 0  # operators created so far
+    done: int = 0
+    failed: int = 0
+    reused: int = 0  # operators whose committed result another run produced
+    complete: bool = False
+    output: str | None = None  # manifest digest of the node's ordered output records
+    n_outputs: int = 0
+
+
+class WorkflowStatus(msgspec.Struct):
+    """Value of the workflow KV entry (bucket fm_wf, key = workflow id)."""
+
+    workflow_id: str
+    name: str
+    tenant: str
+    state: Literal["running", "completed", "failed"]
+    submitted_at: float
+    updated_at: float
+    nodes: dict[str, NodeStatus]
+    error: str | None = None
+    ended_at: float | None = None
+
+
+# --- dead letters ---------------------------------------------------------------------
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """fm.dlq.<component>: a message a component could not use, with the reason."""
+
+    subject: str
+    reason: str
+    component: str
+    payload_head: str  # first bytes of the payload, for a human to look at
+    size: int
+    at: float

@@ -1,0 +1,176 @@
+"""JetStream streams, consumers, KV buckets and the object store FlowMesh uses.
+
+`ensure(js)` creates whatever is missing; every component calls it on start, so the
+first one up sets the bus up and none depends on start order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from topics import subjects
+
+DAY = 24 * 3600.0
+
+STREAM_SUBMIT = "FM_SUBMIT"
+STREAM_READY = "FM_READY"
+STREAM_ASSIGN = "FM_ASSIGN"
+STREAM_DONE = "FM_DONE"
+STREAM_DLQ = "FM_DLQ"
+
+KV_OPS = "fm_ops"  # operator key -> OpState
+KV_WF = "fm_wf"  # workflow id -> WorkflowStatus
+KV_WORKERS = "fm_workers"  # worker id -> WorkerInfo (heartbeat)
+KV_EXECUTORS = "fm_executors"  # executor id -> version advertised by workers
+KV_MODELS = "fm_models"  # model name -> weights digest advertised by workers
+OBJ_CAS = "fm_cas"  # object-store CAS backend
+
+# Consumer names
+PLANNER_DONE = "planner-done"
+SCHEDULER = "scheduler"
+WORKER_CONSUMER_PREFIX = "w-"
+
+# Submissions are idempotent by Nats-Msg-Id within this window (and by workflow id
+# in the planner after it).
+DUPLICATE_WINDOW_S = 300.0
+# How long a worker may hold an assignment without an in-progress ack.
+ASSIGN_ACK_WAIT_S = 30.0
+READY_ACK_WAIT_S = 30.0
+DONE_ACK_WAIT_S = 30.0
+# Largest message any component accepts; bigger ones go to the dead-letter stream.
+MAX_MESSAGE_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Stream sizes; tests shrink nothing but storage, which they keep on a temp dir."""
+
+    storage: StorageType = StorageType.FILE
+    replicas: int = 1  # 3 on a NATS cluster (deploy/)
+    submit_max_age_s: float = 30 * DAY
+    done_max_age_s: float = 7 * DAY
+
+
+def stream_configs(layout: Layout) -> list[StreamConfig]:
+    common = {"storage": layout.storage, "num_replicas": layout.replicas}
+    return [
+        StreamConfig(
+            name=STREAM_SUBMIT,
+            subjects=[subjects.SUBMIT],
+            retention=RetentionPolicy.LIMITS,
+            max_age=layout.submit_max_age_s,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            **common,
+        ),
+        StreamConfig(
+            name=STREAM_READY,
+            subjects=[subjects.READY_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            **common,
+        ),
+        StreamConfig(
+            name=STREAM_ASSIGN,
+            subjects=[subjects.ASSIGN_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            **common,
+        ),
+        StreamConfig(
+            name=STREAM_DONE,
+            subjects=[subjects.DONE],
+            retention=RetentionPolicy.LIMITS,
+            max_age=layout.done_max_age_s,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            **common,
+        ),
+        StreamConfig(
+            name=STREAM_DLQ,
+            subjects=[subjects.DLQ_ALL],
+            retention=RetentionPolicy.LIMITS,
+            max_age=layout.submit_max_age_s,
+            **common,
+        ),
+    ]
+
+
+def planner_done_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=PLANNER_DONE,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=DONE_ACK_WAIT_S,
+        deliver_policy=DeliverPolicy.ALL,
+        max_ack_pending=10_000,
+    )
+
+
+def scheduler_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=SCHEDULER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=READY_ACK_WAIT_S,
+        filter_subject=subjects.READY_ALL,
+        max_ack_pending=50_000,
+    )
+
+
+def worker_consumer_name(worker: str) -> str:
+    return WORKER_CONSUMER_PREFIX + subjects.check_token(worker, "worker id")
+
+
+def worker_consumer(worker: str, slots: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=worker_consumer_name(worker),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ASSIGN_ACK_WAIT_S,
+        filter_subject=subjects.assign(worker),
+        max_ack_pending=max(1, slots),
+        # a worker that vanished without a goodbye leaves no consumer behind for long;
+        # the scheduler reclaims its assignments well before this
+        inactive_threshold=3600.0,
+    )
+
+
+async def ensure(js: JetStreamContext, layout: Layout | None = None) -> None:
+    layout = layout or Layout()
+    for cfg in stream_configs(layout):
+        try:
+            await js.stream_info(cfg.name or "")
+        except NotFoundError:
+            await js.add_stream(cfg)
+    kv_buckets = {
+        KV_OPS: KeyValueConfig(bucket=KV_OPS, history=1, storage=layout.storage,
+                               replicas=layout.replicas),
+        KV_WF: KeyValueConfig(bucket=KV_WF, history=1, storage=layout.storage,
+                              replicas=layout.replicas),
+        KV_WORKERS: KeyValueConfig(bucket=KV_WORKERS, history=1, ttl=3600.0,
+                                   storage=layout.storage, replicas=layout.replicas),
+        KV_EXECUTORS: KeyValueConfig(bucket=KV_EXECUTORS, history=1,
+                                     storage=layout.storage, replicas=layout.replicas),
+        KV_MODELS: KeyValueConfig(bucket=KV_MODELS, history=1, storage=layout.storage,
+                                  replicas=layout.replicas),
+    }
+    for name, kv_cfg in kv_buckets.items():
+        try:
+            await js.key_value(name)
+        except BucketNotFoundError:
+            await js.create_key_value(kv_cfg)
+    try:
+        await js.object_store(OBJ_CAS)
+    except (BucketNotFoundError, NotFoundError):
+        await js.create_object_store(
+            OBJ_CAS, ObjectStoreConfig(storage=layout.storage, replicas=layout.replicas)
+        )

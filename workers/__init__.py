@@ -1,0 +1,1 @@
+"""workers: the data plane. Stateless worker runtime and the operator executors."""

@@ -1,0 +1,76 @@
+"""`flowmesh-worker` / `python -m workers.main`: run one worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import click
+
+from topics import Bus, logs
+from topics.cas import open_cas
+from workers.runtime import Worker, WorkerConfig
+
+
+async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
+    bus = await Bus.connect(nats_url, name=f"flowmesh-worker-{config.device_class}")
+    cas = await open_cas(cas_url, bus.js)
+    worker = Worker(bus, cas, config)
+    await worker.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(worker.run_until_stopped())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    await worker.stop()
+    await bus.close()
+
+
+@click.command()
+@click.option("--nats", "nats_url", default=lambda: os.environ.get("FLOWMESH_NATS", "nats://127.0.0.1:4222"), show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222")
+@click.option("--cas", "cas_url", default=lambda: os.environ.get("FLOWMESH_CAS", "file://.flowmesh/cas"), show_default="$FLOWMESH_CAS or file://.flowmesh/cas")
+@click.option("--data-dir", default=lambda: os.environ.get("FLOWMESH_DATA", ".flowmesh"), type=click.Path(path_type=Path))
+@click.option("--device-class", default="cpu", show_default=True)
+@click.option("--price-per-hour", default=0.05, show_default=True, type=float)
+@click.option("--memory-gb", default=8.0, show_default=True, type=float)
+@click.option("--slots", default=2, show_default=True, type=int, help="assignments held at once")
+@click.option("--model", "models", multiple=True, default=["tiny-llama"], show_default=True)
+@click.option("--no-models", is_flag=True, help="serve no model (transform-only worker)")
+@click.option("--plugin", "plugins", multiple=True, help="module that registers transforms")
+@click.option("--id", "worker_id", default=None, help="worker id (default: random)")
+def main(
+    nats_url: str,
+    cas_url: str,
+    data_dir: Path,
+    device_class: str,
+    price_per_hour: float,
+    memory_gb: float,
+    slots: int,
+    models: tuple[str, ...],
+    no_models: bool,
+    plugins: tuple[str, ...],
+    worker_id: str | None,
+) -> None:
+    """Run a FlowMesh worker: executes batches the scheduler assigns to it."""
+    logs.configure()
+    config = WorkerConfig(
+        device_class=device_class,
+        price_per_hour=price_per_hour,
+        memory_gb=memory_gb,
+        slots=slots,
+        model_dir=data_dir / "models",
+        models=[] if no_models else list(models),
+        plugins=list(plugins),
+        worker_id=worker_id,
+    )
+    asyncio.run(serve(nats_url, cas_url, config))
+
+
+if __name__ == "__main__":
+    main()

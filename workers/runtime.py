@@ -1,0 +1,315 @@
+"""The worker runtime: stateless, idempotent, safe to kill at any instant.
+
+Loop: fetch one assignment from `fm.assign.<me>`; for each operator skip it if its KV
+entry is already final; fetch inputs from the CAS; run the executor on the whole batch in
+a thread (in-progress acks keep the assignment ours meanwhile); write results to the CAS;
+commit each operator with compare-and-set on its KV entry; publish completions; only then
+ack. A kill anywhere before the ack leaves the assignment unacked and the scheduler
+replays it elsewhere; a replay finds the committed entry and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+
+from topics import Bus, codec, streams, subjects
+from topics.cas import CAS, CASError
+from topics.messages import Assignment, OpDone, OpState, ReadyOp, WorkerInfo
+from topics.operators import KINDS
+from workers.executors.base import Executor, OpError, OpInput, Outcome
+
+log = structlog.get_logger("flowmesh.worker")
+
+INLINE_OUTPUTS = 256  # completions list output digests inline up to this many
+
+
+@dataclass
+class WorkerConfig:
+    device_class: str = "cpu"
+    price_per_hour: float = 0.05
+    memory_gb: float = 8.0
+    slots: int = 2
+    heartbeat_s: float = 1.0
+    model_dir: Path = field(default_factory=lambda: Path(".flowmesh/models"))
+    models: list[str] = field(default_factory=lambda: ["tiny-llama"])
+    plugins: list[str] = field(default_factory=list)
+    worker_id: str | None = None
+
+
+class Worker:
+    def __init__(self, bus: Bus, cas: CAS, config: WorkerConfig) -> None:
+        self.bus = bus
+        self.cas = cas
+        self.config = config
+        self.id = config.worker_id or f"{config.device_class}-{uuid.uuid4().hex[:10]}"
+        subjects.check_token(self.id, "worker id")
+        self.executors: dict[str, Executor] = {}
+        self.model_digests: dict[str, str] = {}
+        self.batches_done = 0
+        self.ops_executed = 0
+        self.started_at = time.time()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from workers.executors import builtin_executors
+        from workers.models import ModelCache
+
+        self.executors = builtin_executors(self.config.plugins)
+        self.models = ModelCache(self.cas, self.config.model_dir)
+        for name in self.config.models:
+            self.model_digests[name] = await self._publish_model(name)
+        self.kv_ops = await self.bus.kv(streams.KV_OPS)
+        self.kv_workers = await self.bus.kv(streams.KV_WORKERS)
+        kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
+        for ex in self.executors.values():
+            await kv_exec.put(ex.id, ex.version.encode())
+        kv_models = await self.bus.kv(streams.KV_MODELS)
+        for name, digest in self.model_digests.items():
+            await kv_models.put(name, digest.encode())
+        self.psub = await self.bus.js.pull_subscribe(
+            subjects.assign(self.id),
+            durable=streams.worker_consumer_name(self.id),
+            stream=streams.STREAM_ASSIGN,
+            config=streams.worker_consumer(self.id, self.config.slots),
+        )
+        await self.heartbeat()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._work_loop()),
+        ]
+        log.info(
+            "worker started",
+            worker=self.id,
+            device_class=self.config.device_class,
+            executors=len(self.executors),
+            models=self.model_digests,
+        )
+
+    async def _publish_model(self, name: str) -> str:
+        from workers.models import build_tiny_llama, put_model
+
+        if name != "tiny-llama":
+            raise ValueError(f"unknown model source {name!r} (this build knows tiny-llama)")
+        files = await asyncio.to_thread(build_tiny_llama)
+        return await put_model(self.cas, name, files)
+
+    async def run_until_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Graceful: finish the batch in hand, then leave so queued work is reclaimed."""
+        self._stopping.set()
+        await self.heartbeat(stopping=True)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.kv_workers.delete(self.id)
+
+    async def heartbeat(self, stopping: bool = False) -> None:
+        info = WorkerInfo(
+            worker=self.id,
+            device_class=self.config.device_class,
+            pools=sorted({KINDS[ex.kind].pool for ex in self.executors.values()}),
+            executors={ex.id: ex.version for ex in self.executors.values()},
+            max_batch={ex.id: ex.max_batch for ex in self.executors.values()},
+            models=dict(self.model_digests),
+            resident=self.models.resident(),
+            price_per_hour=self.config.price_per_hour,
+            memory_gb=self.config.memory_gb,
+            slots=self.config.slots,
+            batches_done=self.batches_done,
+            started_at=self.started_at,
+            sent_at=time.time(),
+            stopping=stopping,
+        )
+        await self.kv_workers.put(self.id, codec.encode(info))
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.config.heartbeat_s)
+            try:
+                await self.heartbeat()
+            except Exception as exc:  # a nats restart: keep beating once it is back
+                log.warning("heartbeat failed", worker=self.id, error=str(exc))
+
+    # --- work -----------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await self.psub.fetch(1, timeout=1.0)
+            except TimeoutError:
+                continue
+            except NotFoundError:
+                # our consumer was deleted: the scheduler took us for dead and
+                # reclaimed our work; leave so a fresh worker takes our place
+                log.error("assignment consumer gone; stopping", worker=self.id)
+                self._stopping.set()
+                return
+            except Exception as exc:
+                log.warning("fetch failed", worker=self.id, error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._handle(msg)
+
+    async def _handle(self, msg: Any) -> None:
+        try:
+            batch = codec.decode(msg.data, Assignment)
+        except codec.DecodeError as exc:
+            await self.bus.dead_letter("worker", msg.subject, str(exc), msg.data)
+            await msg.term()
+            return
+        keeper = asyncio.create_task(self._keep_claimed(msg))
+        try:
+            await self.run_batch(batch)
+        except Exception as exc:
+            # infrastructure trouble (nats/CAS): leave the assignment unacked so it is
+            # redelivered; the compare-and-set commit makes the retry safe
+            log.exception("batch failed; it will be retried", worker=self.id, error=str(exc))
+            keeper.cancel()
+            await msg.nak(delay=1.0)
+            return
+        finally:
+            keeper.cancel()
+        await msg.ack()
+        self.batches_done += 1
+        with contextlib.suppress(Exception):
+            await self.heartbeat()  # tell the scheduler at once that a slot is free
+
+    async def _keep_claimed(self, msg: Any) -> None:
+        while True:
+            await asyncio.sleep(streams.ASSIGN_ACK_WAIT_S / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def run_batch(self, batch: Assignment) -> None:
+        started = time.time()
+        todo: list[tuple[ReadyOp, int]] = []  # op, KV revision of its pending entry
+        done_msgs: list[OpDone] = []
+        for op in batch.ops:
+            state, revision = await self._state(op.key)
+            if state is not None and state.state != "pending":
+                done_msgs.append(_done_of(state))  # committed by an earlier attempt
+            else:
+                todo.append((op, revision))
+        if todo:
+            done_msgs.extend(await self._execute(todo, started))
+        await self.bus.publish_many([(subjects.DONE, d, f"done-{d.key}") for d in done_msgs])
+
+    async def _execute(self, todo: list[tuple[ReadyOp, int]], started: float) -> list[OpDone]:
+        spec0 = todo[0][0].spec
+        executor = self.executors.get(spec0.executor)
+        outcomes: list[Outcome]
+        if executor is None or executor.version != spec0.version:
+            err = OpError(f"worker {self.id} has no executor {spec0.executor}@{spec0.version}")
+            outcomes = [err for _ in todo]
+        else:
+            inputs = [await self._inputs(op) for op, _ in todo]
+            model = await self.models.get(spec0.model) if spec0.model else None
+            try:
+                outcomes = await asyncio.to_thread(executor.run, inputs, model)
+            except Exception as exc:
+                # the executor failed as a whole: every op of the batch fails with it
+                tb = traceback.format_exc(limit=5)
+                outcomes = [OpError(f"{type(exc).__name__}: {exc}\n{tb}") for _ in todo]
+            if len(outcomes) != len(todo):
+                outcomes = [OpError(f"{executor.id} returned {len(outcomes)} results")] * len(todo)
+            self.ops_executed += len(todo)
+        ended = time.time()
+        results = []
+        for (op, revision), outcome in zip(todo, outcomes, strict=True):
+            results.append(await self._commit(op, revision, outcome, started, ended))
+        return results
+
+    async def _inputs(self, op: ReadyOp) -> OpInput:
+        try:
+            if op.spec.fanout == "record":
+                slots = [[await self.cas.get_record(d)] for d in op.spec.inputs]
+            else:
+                slots = [await self.cas.get_records(await self.cas.get_manifest(m))
+                         for m in op.spec.inputs]
+        except CASError as exc:
+            raise RuntimeError(f"inputs of {op.key[:12]} unreadable: {exc}") from exc
+        return OpInput(key=op.key, params=op.spec.params, inputs=slots)
+
+    async def _state(self, key: str) -> tuple[OpState | None, int]:
+        try:
+            entry = await self.kv_ops.get(key)
+        except KeyNotFoundError:
+            return None, 0
+        if not entry.value:
+            return None, entry.revision or 0
+        return codec.decode(entry.value, OpState), entry.revision or 0
+
+    async def _commit(
+        self, op: ReadyOp, revision: int, outcome: Outcome, started: float, ended: float
+    ) -> OpDone:
+        if isinstance(outcome, OpError):
+            status, error, digests = "failed", str(outcome), []
+        else:
+            status, error = "done", None
+            digests = [await self.cas.put_record(r) for r in outcome]
+        manifest = await self.cas.put_manifest(digests) if status == "done" else None
+        state = OpState(
+            key=op.key,
+            state=status,  # type: ignore[arg-type]
+            spec=op.spec,
+            workflow_id=op.workflow_id,
+            tenant=op.tenant,
+            created_at=started,
+            output=manifest,
+            outputs=digests if len(digests) <= INLINE_OUTPUTS else None,
+            n_outputs=len(digests),
+            error=error,
+            worker=self.id,
+            device_class=self.config.device_class,
+            started_at=started,
+            ended_at=ended,
+        )
+        try:
+            if revision:
+                await self.kv_ops.update(op.key, codec.encode(state), last=revision)
+            else:
+                await self.kv_ops.create(op.key, codec.encode(state))
+        except KeyWrongLastSequenceError:
+            # someone committed first (a replay raced us): theirs stands, ours is dropped
+            current, _ = await self._state(op.key)
+            if current is not None and current.state != "pending":
+                return _done_of(current)
+            raise
+        return _done_of(state)
+
+
+def _done_of(st: OpState) -> OpDone:
+    return OpDone(
+        key=st.key,
+        status="failed" if st.state == "failed" else "done",
+        output=st.output,
+        outputs=st.outputs,
+        n_outputs=st.n_outputs,
+        error=st.error,
+        worker=st.worker,
+        device_class=st.device_class,
+        started_at=st.started_at,
+        ended_at=st.ended_at,
+    )
+
+
+def default_model_dir(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir) / "models"
