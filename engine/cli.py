@@ -34,15 +34,23 @@ def _env(name: str, default: str) -> Callable[[], str]:
 
 
 nats_option = click.option(
-    "--nats", "nats_url", default=_env("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
-    show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222", help="NATS server URL",
+    "--nats",
+    "nats_url",
+    default=_env("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
+    show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222",
+    help="NATS server URL",
 )
 data_option = click.option(
-    "--data-dir", default=_env("FLOWMESH_DATA", ".flowmesh"), type=click.Path(path_type=Path),
-    show_default="$FLOWMESH_DATA or .flowmesh", help="local data directory",
+    "--data-dir",
+    default=_env("FLOWMESH_DATA", ".flowmesh"),
+    type=click.Path(path_type=Path),
+    show_default="$FLOWMESH_DATA or .flowmesh",
+    help="local data directory",
 )
 cas_option = click.option(
-    "--cas", "cas_url", default=None,
+    "--cas",
+    "cas_url",
+    default=None,
     help="CAS URL: file:///path or nats: (default $FLOWMESH_CAS or file://DATA_DIR/cas)",
 )
 
@@ -69,7 +77,9 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 @click.group()
-@click.option("--log-level", default=None, help="debug, info, warning (default $FLOWMESH_LOG_LEVEL or info)")
+@click.option(
+    "--log-level", default=None, help="debug, info, warning (default $FLOWMESH_LOG_LEVEL or info)"
+)
 def main(log_level: str | None) -> None:
     """FlowMesh: a multi-tenant service fabric for composable LLM workflows."""
     logs.configure(level=log_level)
@@ -82,7 +92,12 @@ def main(log_level: str | None) -> None:
 @nats_option
 @data_option
 @cas_option
-@click.option("--dead-after", default=5.0, show_default=True, help="seconds without a heartbeat before a worker's work is reclaimed")
+@click.option(
+    "--dead-after",
+    default=5.0,
+    show_default=True,
+    help="seconds without a heartbeat before a worker's work is reclaimed",
+)
 def engine(nats_url: str, data_dir: Path, cas_url: str | None, dead_after: float) -> None:
     """Run the engine (planner + scheduler) in the foreground."""
     from engine.service import serve
@@ -97,8 +112,9 @@ def engine(nats_url: str, data_dir: Path, cas_url: str | None, dead_after: float
 @click.option("--workers", "n_workers", default=2, show_default=True, help="local worker processes")
 def up(nats_url: str, data_dir: Path, cas_url: str | None, n_workers: int) -> None:
     """Run engine + N local workers (and a nats-server if none is reachable) until Ctrl-C."""
-    fabric = LocalFabric(data_dir=data_dir, nats_url=nats_url, cas_url=_cas(cas_url, data_dir),
-                         workers=n_workers)
+    fabric = LocalFabric(
+        data_dir=data_dir, nats_url=nats_url, cas_url=_cas(cas_url, data_dir), workers=n_workers
+    )
     with fabric:
         console.print(
             f"FlowMesh up: nats {nats_url}, CAS {fabric.cas_url}, {n_workers} workers; "
@@ -117,7 +133,9 @@ def up(nats_url: str, data_dir: Path, cas_url: str | None, n_workers: int) -> No
 
 @main.command()
 @click.option("--workers", "n_workers", default=2, show_default=True)
-@click.option("--nats", "nats_url", default=None, help="use this NATS server (default: start a private one)")
+@click.option(
+    "--nats", "nats_url", default=None, help="use this NATS server (default: start a private one)"
+)
 @data_option
 @click.argument("workflow", required=False, type=click.Path(exists=True, path_type=Path))
 def demo(n_workers: int, nats_url: str | None, data_dir: Path, workflow: Path | None) -> None:
@@ -127,12 +145,15 @@ def demo(n_workers: int, nats_url: str | None, data_dir: Path, workflow: Path | 
     if nats_url is None:
         nats_url = f"nats://127.0.0.1:{free_port()}"
         data_dir = data_dir / f"demo-{int(time.time())}"
-    fabric = LocalFabric(data_dir=data_dir, nats_url=nats_url, cas_url=_cas(None, data_dir),
-                         workers=n_workers)
+    fabric = LocalFabric(
+        data_dir=data_dir, nats_url=nats_url, cas_url=_cas(None, data_dir), workers=n_workers
+    )
     spec = load_spec(workflow)
     with fabric:
-        console.print(f"fabric up in {time.monotonic() - started:.1f}s "
-                      f"(nats {nats_url}, {n_workers} workers, data {data_dir})")
+        console.print(
+            f"fabric up in {time.monotonic() - started:.1f}s "
+            f"(nats {nats_url}, {n_workers} workers, data {data_dir})"
+        )
 
         async def go() -> tuple[str, WorkflowStatus, dict[str, list[dict[str, Any]]]]:
             async with await FlowMesh.connect(nats_url, fabric.cas_url) as fm:
@@ -168,18 +189,26 @@ async def _wait_for_workers(fm: FlowMesh, n: int, timeout: float = 120.0) -> Non
         await asyncio.sleep(0.2)
 
 
-async def _wait_with_progress(fm: FlowMesh, wf: str, timeout: float | None = None) -> WorkflowStatus:
+async def _wait_with_progress(
+    fm: FlowMesh, wf: str, timeout: float | None = None
+) -> WorkflowStatus:
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("ops"), TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ops"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         task = progress.add_task(wf, total=None)
 
         def update(st: WorkflowStatus) -> None:
             total = sum(n.total for n in st.nodes.values())
             done = sum(n.done for n in st.nodes.values())
-            progress.update(task, total=max(total, 1), completed=done,
-                            description=f"{st.name} [{st.state}]")
+            progress.update(
+                task, total=max(total, 1), completed=done, description=f"{st.name} [{st.state}]"
+            )
 
         return await fm.wait(wf, timeout=timeout, on_update=update)
 
@@ -193,11 +222,21 @@ async def _wait_with_progress(fm: FlowMesh, wf: str, timeout: float | None = Non
 @cas_option
 @click.argument("workflow", type=click.Path(exists=True, path_type=Path))
 @click.option("--tenant", default=None, help="override the spec's tenant")
-@click.option("--id", "workflow_id", default=None, help="workflow id (resubmitting an id is a no-op)")
+@click.option(
+    "--id", "workflow_id", default=None, help="workflow id (resubmitting an id is a no-op)"
+)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait with a progress bar")
 @click.option("--timeout", default=None, type=float)
-def submit(nats_url: str, data_dir: Path, cas_url: str | None, workflow: Path,
-           tenant: str | None, workflow_id: str | None, wait: bool, timeout: float | None) -> None:
+def submit(
+    nats_url: str,
+    data_dir: Path,
+    cas_url: str | None,
+    workflow: Path,
+    tenant: str | None,
+    workflow_id: str | None,
+    wait: bool,
+    timeout: float | None,
+) -> None:
     """Submit a workflow spec (YAML); print its id."""
     spec = load_spec(workflow)
 
@@ -217,7 +256,9 @@ def submit(nats_url: str, data_dir: Path, cas_url: str | None, workflow: Path,
 @cas_option
 @click.argument("workflow_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(nats_url: str, data_dir: Path, cas_url: str | None, workflow_id: str | None, as_json: bool) -> None:
+def status(
+    nats_url: str, data_dir: Path, cas_url: str | None, workflow_id: str | None, as_json: bool
+) -> None:
     """Show all workflows, or one workflow's nodes."""
 
     async def go() -> None:
@@ -241,10 +282,14 @@ def status(nats_url: str, data_dir: Path, cas_url: str | None, workflow_id: str 
                 total = sum(n.total for n in s.nodes.values())
                 done = sum(n.done for n in s.nodes.values())
                 secs = (s.ended_at or time.time()) - s.submitted_at
-                table.add_row(s.workflow_id, s.name, s.tenant, s.state, f"{done}/{total}", f"{secs:.1f}")
+                table.add_row(
+                    s.workflow_id, s.name, s.tenant, s.state, f"{done}/{total}", f"{secs:.1f}"
+                )
             Console().print(table)
-            Console().print(f"{len(workers)} workers registered: "
-                            + ", ".join(f"{w.worker} ({w.device_class})" for w in workers))
+            Console().print(
+                f"{len(workers)} workers registered: "
+                + ", ".join(f"{w.worker} ({w.device_class})" for w in workers)
+            )
 
     _run(go)
 
@@ -255,10 +300,25 @@ def status(nats_url: str, data_dir: Path, cas_url: str | None, workflow_id: str 
 @cas_option
 @click.argument("workflow_id")
 @click.argument("node")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "arrow"]), default="jsonl", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="write to a file")
-def result(nats_url: str, data_dir: Path, cas_url: str | None, workflow_id: str, node: str,
-           fmt: str, output: Path | None) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "json", "arrow"]),
+    default="jsonl",
+    show_default=True,
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=None, help="write to a file"
+)
+def result(
+    nats_url: str,
+    data_dir: Path,
+    cas_url: str | None,
+    workflow_id: str,
+    node: str,
+    fmt: str,
+    output: Path | None,
+) -> None:
     """Print (or save) the records a node produced, in order."""
 
     async def go() -> list[dict[str, Any]]:
@@ -288,11 +348,19 @@ def _print_status(st: WorkflowStatus) -> None:
     for col in ("node", "ops", "done", "failed", "reused", "outputs", "complete"):
         table.add_column(col)
     for name, ns in st.nodes.items():
-        table.add_row(name, str(ns.total), str(ns.done), str(ns.failed), str(ns.reused),
-                      str(ns.n_outputs), "yes" if ns.complete else "no")
+        table.add_row(
+            name,
+            str(ns.total),
+            str(ns.done),
+            str(ns.failed),
+            str(ns.reused),
+            str(ns.n_outputs),
+            "yes" if ns.complete else "no",
+        )
     Console(stderr=True).print(table)
     if st.error:
         Console(stderr=True).print(f"[red]error:[/red] {st.error}")
+
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ idempotent by workflow id: submitting the same id twice runs the workflow once.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import time
@@ -221,7 +220,7 @@ class FlowMesh:
                     raise TimeoutError(f"workflow {workflow_id} still running after {timeout}s")
                 try:
                     entry = await watcher.updates(timeout=min(left or 1.0, 1.0))
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     continue
                 if entry is None or not entry.value:
                     continue
@@ -241,7 +240,11 @@ class FlowMesh:
             raise KeyError(f"no workflow {workflow_id!r}")
         ns = status.nodes.get(node)
         if ns is None:
-            raise KeyError(f"workflow {workflow_id} has no node {node!r} (nodes: {', '.join(status.nodes)})")
+            raise KeyError(
+                f"workflow {workflow_id} has no node {node!r} (nodes: {', '.join(status.nodes)})"
+            )
         if not ns.complete or ns.output is None:
-            raise RuntimeError(f"node {node!r} of {workflow_id} is not complete ({ns.done}/{ns.total})")
+            raise RuntimeError(
+                f"node {node!r} of {workflow_id} is not complete ({ns.done}/{ns.total})"
+            )
         return await self.cas.get_records(await self.cas.get_manifest(ns.output))

@@ -74,8 +74,9 @@ class LocalFabric:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         assert self.log_dir is not None
         out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        env = dict(os.environ, FLOWMESH_LOG_JSON="1", HF_HUB_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false")
+        env = dict(
+            os.environ, FLOWMESH_LOG_JSON="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+        )
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def ensure_nats(self) -> None:
@@ -102,8 +103,17 @@ class LocalFabric:
     def start_engine(self) -> subprocess.Popen[bytes]:
         self.engine_proc = self._spawn(
             "engine",
-            [sys.executable, "-m", "engine.cli", "engine", "--nats", self.nats_url,
-             "--cas", self.cas_url, *self.engine_args],
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "engine",
+                "--nats",
+                self.nats_url,
+                "--cas",
+                self.cas_url,
+                *self.engine_args,
+            ],
         )
         return self.engine_proc
 
@@ -114,8 +124,20 @@ class LocalFabric:
         wid = f"local{index}-{uuid.uuid4().hex[:8]}"
         proc = self._spawn(
             f"worker-{index}",
-            [sys.executable, "-m", "workers.main", "--nats", self.nats_url, "--cas",
-             self.cas_url, "--data-dir", str(self.data_dir), "--id", wid, *self.worker_args],
+            [
+                sys.executable,
+                "-m",
+                "workers.main",
+                "--nats",
+                self.nats_url,
+                "--cas",
+                self.cas_url,
+                "--data-dir",
+                str(self.data_dir),
+                "--id",
+                wid,
+                *self.worker_args,
+            ],
         )
         self.worker_procs.append(proc)
         self.worker_ids.append(wid)
@@ -129,7 +151,10 @@ class LocalFabric:
         return self
 
     def alive(self) -> dict[str, bool]:
-        procs = {"engine": self.engine_proc, **{f"worker-{i}": p for i, p in enumerate(self.worker_procs)}}
+        procs = {
+            "engine": self.engine_proc,
+            **{f"worker-{i}": p for i, p in enumerate(self.worker_procs)},
+        }
         return {name: p is not None and p.poll() is None for name, p in procs.items()}
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -256,7 +256,9 @@ class Planner:
 
     # --- expansion ------------------------------------------------------------------
 
-    async def _fan_out(self, run: WorkflowRun, name: str, slots: list[tuple[Pos, list[str]]]) -> None:
+    async def _fan_out(
+        self, run: WorkflowRun, name: str, slots: list[tuple[Pos, list[str]]]
+    ) -> None:
         """New output records at `name`: start the record-level operators they feed."""
         for child_name in run.nodes[name].downstream:
             child = run.nodes[child_name]

@@ -18,6 +18,7 @@ Replay is safe because workers commit results by compare-and-set on the operator
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import OrderedDict
@@ -204,10 +205,8 @@ class Scheduler:
                     await msg.ack()
         finally:
             await sub.unsubscribe()
-        try:
+        with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway
             await self.kv_workers.delete(wid)
-        except Exception:
-            pass
         self.reclaimed_ops += n_ops
         log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
 
@@ -253,10 +252,8 @@ class Scheduler:
             await self._keep_alive()
             if not fetched and not assigned:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s * 5)
-                except TimeoutError:
-                    pass
 
     async def assign_once(self) -> int:
         workers = self.live_workers()
@@ -280,9 +277,9 @@ class Scheduler:
                 await self._send(w.info, batch)
                 free -= 1
                 assigned += 1
-                counts[subjects.assign(w.info.worker)] = counts.get(
-                    subjects.assign(w.info.worker), 0
-                ) + 1
+                counts[subjects.assign(w.info.worker)] = (
+                    counts.get(subjects.assign(w.info.worker), 0) + 1
+                )
         return assigned
 
     def _pick(self, worker: WorkerInfo, idle: list[WorkerInfo]) -> list[Held]:
@@ -305,7 +302,7 @@ class Scheduler:
         sharers = max(1, sum(1 for w in idle if _can_run(w, first.op)))
         fair = -(-len(group.ops) // sharers)
         limit = max(1, min(worker.max_batch.get(first.op.spec.executor, 1), fair))
-        batch = []
+        batch: list[Held] = []
         while group.ops and len(batch) < limit:
             _, held = group.ops.popitem(last=False)
             batch.append(held)
@@ -321,7 +318,9 @@ class Scheduler:
             ops=[h.op for h in batch],
             assigned_at=time.time(),
         )
-        await self.bus.publish(subjects.assign(worker.worker), assignment, msg_id=assignment.batch_id)
+        await self.bus.publish(
+            subjects.assign(worker.worker), assignment, msg_id=assignment.batch_id
+        )
         for h in batch:
             await h.msg.ack()
         self.assigned_batches += 1

@@ -162,7 +162,7 @@ def find_cycle(spec: WorkflowSpec) -> list[str] | None:
         stack.append(name)
         for nxt in edges.get(name, []):
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt):], nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if state.get(nxt) is None and nxt in edges:
                 found = visit(nxt)
                 if found:

@@ -48,8 +48,16 @@ class NatsServer:
     def start(self) -> None:
         log = open(self.store.parent / f"nats-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-             "-sd", str(self.store)],
+            [
+                nats_server_binary(),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.store),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from topics import Bus
-from topics.cas import CAS, CASError, BlobNotFound, CorruptBlob, FileBackend, open_cas
+from topics.cas import CAS, BlobNotFound, CASError, CorruptBlob, FileBackend, open_cas
 from topics.codec import canonical, sha256_hex
 
 

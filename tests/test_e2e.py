@@ -77,8 +77,11 @@ async def op_states(fm: FlowMesh) -> list[OpState]:
 
 def records(n: int) -> list[dict[str, Any]]:
     return [
-        {"id": i, "text": f"item {i} is {'red' if i % 3 else 'blue'}",
-         "colour": "red" if i % 3 else "blue"}
+        {
+            "id": i,
+            "text": f"item {i} is {'red' if i % 3 else 'blue'}",
+            "colour": "red" if i % 3 else "blue",
+        }
         for i in range(n)
     ]
 
@@ -91,12 +94,26 @@ async def test_three_node_workflow_matches_python(make_fabric: MakeFabric) -> No
             "name": "three",
             "datasets": {"src": {"records": rows}},
             "nodes": [
-                {"name": "upper", "op": "map", "fn": "text.upper", "input": "src",
-                 "params": {"field": "text"}},
-                {"name": "reds", "op": "filter", "fn": "text.contains", "input": "upper",
-                 "params": {"field": "text", "substring": "RED"}},
-                {"name": "count", "op": "group", "input": "reds",
-                 "params": {"by": "colour", "agg": "count"}},
+                {
+                    "name": "upper",
+                    "op": "map",
+                    "fn": "text.upper",
+                    "input": "src",
+                    "params": {"field": "text"},
+                },
+                {
+                    "name": "reds",
+                    "op": "filter",
+                    "fn": "text.contains",
+                    "input": "upper",
+                    "params": {"field": "text", "substring": "RED"},
+                },
+                {
+                    "name": "count",
+                    "op": "group",
+                    "input": "reds",
+                    "params": {"by": "colour", "agg": "count"},
+                },
             ],
         }
     )
@@ -125,8 +142,15 @@ async def test_two_workers_share_the_load(make_fabric: MakeFabric) -> None:
         {
             "name": "share",
             "datasets": {"src": {"records": rows}},
-            "nodes": [{"name": "slow", "op": "map", "fn": "test.slow_upper", "input": "src",
-                       "params": {"field": "text", "delay": 0.05}}],
+            "nodes": [
+                {
+                    "name": "slow",
+                    "op": "map",
+                    "fn": "test.slow_upper",
+                    "input": "src",
+                    "params": {"field": "text", "delay": 0.05},
+                }
+            ],
         }
     )
     async with await connect(fabric, 2) as fm:
@@ -146,10 +170,19 @@ async def test_worker_killed_mid_batch_workflow_completes(make_fabric: MakeFabri
             "name": "kill",
             "datasets": {"src": {"records": rows}},
             "nodes": [
-                {"name": "slow", "op": "map", "fn": "test.slow_upper", "input": "src",
-                 "params": {"field": "text", "delay": 0.15}},
-                {"name": "count", "op": "group", "input": "slow",
-                 "params": {"by": "colour", "agg": "count"}},
+                {
+                    "name": "slow",
+                    "op": "map",
+                    "fn": "test.slow_upper",
+                    "input": "src",
+                    "params": {"field": "text", "delay": 0.15},
+                },
+                {
+                    "name": "count",
+                    "op": "group",
+                    "input": "slow",
+                    "params": {"by": "colour", "agg": "count"},
+                },
             ],
         }
     )
@@ -158,8 +191,9 @@ async def test_worker_killed_mid_batch_workflow_completes(make_fabric: MakeFabri
         wf = await fm.submit(spec)
         # wait until the victim holds a batch, then let it get into it
         for _ in range(300):
-            info = await fm.bus.js.stream_info(streams.STREAM_ASSIGN,
-                                               subjects_filter=subjects.ASSIGN_ALL)
+            info = await fm.bus.js.stream_info(
+                streams.STREAM_ASSIGN, subjects_filter=subjects.ASSIGN_ALL
+            )
             if (info.state.subjects or {}).get(subjects.assign(victim_id)):
                 break
             await asyncio.sleep(0.05)
@@ -178,8 +212,9 @@ async def test_worker_killed_mid_batch_workflow_completes(make_fabric: MakeFabri
     assert count == [{"colour": "blue", "count": 14}, {"colour": "red", "count": 26}]
     assert all(s.state == "done" for s in states) and len(states) == 41
     engine_log = (fabric.log_dir or Path()).joinpath("engine.log").read_text()
-    reclaims = [json.loads(line) for line in engine_log.splitlines()
-                if '"worker reclaimed"' in line]
+    reclaims = [
+        json.loads(line) for line in engine_log.splitlines() if '"worker reclaimed"' in line
+    ]
     assert any(r["worker"] == victim_id and r["ops"] > 0 for r in reclaims), reclaims
 
 
@@ -191,8 +226,15 @@ async def test_submission_is_idempotent_and_garbage_is_dead_lettered(
         {
             "name": "idem",
             "datasets": {"src": {"records": records(5)}},
-            "nodes": [{"name": "up", "op": "map", "fn": "text.upper", "input": "src",
-                       "params": {"field": "text"}}],
+            "nodes": [
+                {
+                    "name": "up",
+                    "op": "map",
+                    "fn": "text.upper",
+                    "input": "src",
+                    "params": {"field": "text"},
+                }
+            ],
         }
     )
     async with await connect(fabric, 1) as fm:
@@ -219,7 +261,10 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     """The README's demo command, as a newcomer runs it (private nats, tiny Llama)."""
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "demo", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "completed" in proc.stderr
@@ -227,6 +272,53 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     answers = [r for r in rows if "answer" in r]
     per_topic = [r for r in rows if "count" in r]
     assert answers and all(isinstance(r["answer"], str) for r in answers)
-    questions = [json.loads(line)["question"] for line in
-                 (REPO / "configs" / "data" / "questions.jsonl").read_text().splitlines()]
+    questions = [
+        json.loads(line)["question"]
+        for line in (REPO / "configs" / "data" / "questions.jsonl").read_text().splitlines()
+    ]
     assert sum(r["count"] for r in per_topic) == sum(len(q.split()) >= 3 for q in questions)
+
+
+async def test_engine_killed_mid_run_restarts_and_completes(make_fabric: MakeFabric) -> None:
+    fabric = make_fabric(workers=2)
+    rows = records(40)
+    spec = parse_spec(
+        {
+            "name": "engine-kill",
+            "datasets": {"src": {"records": rows}},
+            "nodes": [
+                {
+                    "name": "slow",
+                    "op": "map",
+                    "fn": "test.slow_upper",
+                    "input": "src",
+                    "params": {"field": "text", "delay": 0.1},
+                },
+                {
+                    "name": "count",
+                    "op": "group",
+                    "input": "slow",
+                    "params": {"by": "colour", "agg": "count"},
+                },
+            ],
+        }
+    )
+    async with await connect(fabric, 2) as fm:
+        wf = await fm.submit(spec)
+        for _ in range(300):
+            st = await fm.status(wf)
+            if st and st.nodes["slow"].done > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert fabric.engine_proc is not None
+        os.kill(fabric.engine_proc.pid, signal.SIGKILL)
+        fabric.engine_proc.wait()
+        await asyncio.sleep(0.5)
+        fabric.start_engine()
+        status = await fm.wait(wf, timeout=120)
+        assert await fm.result(wf, "slow") == [{**r, "text": r["text"].upper()} for r in rows]
+        assert await fm.result(wf, "count") == [
+            {"colour": "blue", "count": 14},
+            {"colour": "red", "count": 26},
+        ]
+    assert status.state == "completed"

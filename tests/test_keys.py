@@ -25,7 +25,9 @@ def test_same_content_same_key() -> None:
     again = OpSpec(**msgspec.structs.asdict(BASE))
     assert op_key(again) == op_key(BASE)
     # param order is not content
-    reordered = msgspec.structs.replace(BASE, params={"temperature": 0.7, "seed": 0, "max_new_tokens": 8})
+    reordered = msgspec.structs.replace(
+        BASE, params={"temperature": 0.7, "seed": 0, "max_new_tokens": 8}
+    )
     assert op_key(reordered) == op_key(BASE)
 
 
@@ -54,8 +56,12 @@ def test_scope_salts_separate_keys() -> None:
     t2 = op_key(BASE, scope_salt("tenant", "t2", "wf2"))
     w1 = op_key(BASE, scope_salt("workflow", "t1", "wf1"))
     assert len({g, t1, t2, w1}) == 4
-    assert op_key(BASE, scope_salt("global", "t1", "wf1")) == op_key(BASE, scope_salt("global", "t2", "wf9"))
-    assert op_key(BASE, scope_salt("tenant", "t1", "wf1")) == op_key(BASE, scope_salt("tenant", "t1", "wf9"))
+    assert op_key(BASE, scope_salt("global", "t1", "wf1")) == op_key(
+        BASE, scope_salt("global", "t2", "wf9")
+    )
+    assert op_key(BASE, scope_salt("tenant", "t1", "wf1")) == op_key(
+        BASE, scope_salt("tenant", "t1", "wf9")
+    )
 
 
 def test_batch_key_ignores_inputs_only() -> None:

@@ -28,8 +28,20 @@ def problems_of(data: dict) -> str:
 def test_valid_spec_parses_and_orders() -> None:
     s = parse_spec(
         spec(
-            {"name": "b", "op": "filter", "fn": "field.exists", "input": "a", "params": {"field": "text"}},
-            {"name": "a", "op": "map", "fn": "text.upper", "input": "src", "params": {"field": "text"}},
+            {
+                "name": "b",
+                "op": "filter",
+                "fn": "field.exists",
+                "input": "a",
+                "params": {"field": "text"},
+            },
+            {
+                "name": "a",
+                "op": "map",
+                "fn": "text.upper",
+                "input": "src",
+                "params": {"field": "text"},
+            },
             {"name": "g", "op": "group", "input": "b", "params": {"by": "text"}},
         )
     )
@@ -61,12 +73,28 @@ def test_cycle_is_reported_with_its_path() -> None:
 
 def test_bad_param_types() -> None:
     msg = problems_of(
-        spec({"name": "g", "op": "generate", "model": "tiny-llama", "input": "src",
-              "params": {"max_new_tokens": "lots"}})
+        spec(
+            {
+                "name": "g",
+                "op": "generate",
+                "model": "tiny-llama",
+                "input": "src",
+                "params": {"max_new_tokens": "lots"},
+            }
+        )
     )
     assert "node 'g'" in msg and "max_new_tokens" in msg
-    msg = problems_of(spec({"name": "g", "op": "generate", "model": "m", "input": "src",
-                            "params": {"max_new_tokens": 0}}))
+    msg = problems_of(
+        spec(
+            {
+                "name": "g",
+                "op": "generate",
+                "model": "m",
+                "input": "src",
+                "params": {"max_new_tokens": 0},
+            }
+        )
+    )
     assert "max_new_tokens" in msg
     msg = problems_of(spec({"name": "j", "op": "group", "input": "src", "params": {"bye": "x"}}))
     assert "bye" in msg
@@ -81,22 +109,32 @@ def test_structural_problems_are_all_reported_at_once() -> None:
             {"name": "g", "op": "generate", "input": "src"},  # no model
         )
     )
-    for needle in ["needs `fn`", "defined twice", "takes no `fn`", "takes 2 input(s), got 1",
-                   "needs `model`"]:
+    for needle in [
+        "needs `fn`",
+        "defined twice",
+        "takes no `fn`",
+        "takes 2 input(s), got 1",
+        "needs `model`",
+    ]:
         assert needle in msg
 
 
 def test_schema_errors_are_clear() -> None:
     assert "nodes" in problems_of({"name": "x"})
     assert "mapping" in problems_of(["not", "a", "spec"])  # type: ignore[arg-type]
-    msg = problems_of(spec({"name": "a", "op": "map", "fn": "text.upper", "input": "src",
-                            "colour": "red"}))
+    msg = problems_of(
+        spec({"name": "a", "op": "map", "fn": "text.upper", "input": "src", "colour": "red"})
+    )
     assert "colour" in msg
 
 
 def test_dataset_needs_exactly_one_source() -> None:
-    msg = problems_of(spec({"name": "a", "op": "map", "fn": "f", "input": "src"},
-                           datasets={"src": {"path": "x.jsonl", "records": []}}))
+    msg = problems_of(
+        spec(
+            {"name": "a", "op": "map", "fn": "f", "input": "src"},
+            datasets={"src": {"path": "x.jsonl", "records": []}},
+        )
+    )
     assert "exactly one of path, records, digest" in msg
 
 

@@ -14,6 +14,7 @@ JetStream object store. Issue 8 adds S3.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import tempfile
@@ -120,10 +121,8 @@ class NatsObjectBackend:
     async def delete(self, name: str) -> None:
         from nats.js.errors import ObjectNotFoundError
 
-        try:
+        with contextlib.suppress(ObjectNotFoundError):
             await self.store.delete(name)
-        except ObjectNotFoundError:
-            pass
 
 
 class CAS:
@@ -184,7 +183,9 @@ class CAS:
         import msgspec
 
         value = msgspec.json.decode(await self.get(digest))
-        if not isinstance(value, list) or not all(isinstance(d, str) and is_digest(d) for d in value):
+        if not isinstance(value, list) or not all(
+            isinstance(d, str) and is_digest(d) for d in value
+        ):
             raise CorruptBlob(f"{digest} is not a manifest")
         return value
 
@@ -214,7 +215,8 @@ def arrow_to_records(data: bytes) -> list[Record]:
         table = ipc.open_stream(pa.py_buffer(data)).read_all()
     except pa.ArrowInvalid as exc:
         raise CorruptBlob(f"not an Arrow IPC stream: {exc}") from exc
-    return table.to_pylist()
+    rows: list[Record] = table.to_pylist()
+    return rows
 
 
 async def open_cas(url: str, js: Any | None = None) -> CAS:

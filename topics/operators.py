@@ -73,18 +73,49 @@ class OperatorKind:
 KINDS: dict[str, OperatorKind] = {
     k.name: k
     for k in (
-        OperatorKind("map", "record", None, "cpu", needs_fn=True,
-                     description="apply a registered transform to each record"),
-        OperatorKind("filter", "record", None, "cpu", needs_fn=True,
-                     description="keep records for which a registered predicate is true"),
-        OperatorKind("tokenize", "record", TokenizeParams, "cpu",
-                     description="split a text field into tokens"),
-        OperatorKind("join", "all", JoinParams, "cpu", min_inputs=2, max_inputs=2,
-                     description="join two datasets on a field"),
-        OperatorKind("group", "all", GroupParams, "cpu",
-                     description="group records by a field and aggregate"),
-        OperatorKind("generate", "record", GenerateParams, "gpu", needs_model=True,
-                     description="LLM text generation, batched"),
+        OperatorKind(
+            "map",
+            "record",
+            None,
+            "cpu",
+            needs_fn=True,
+            description="apply a registered transform to each record",
+        ),
+        OperatorKind(
+            "filter",
+            "record",
+            None,
+            "cpu",
+            needs_fn=True,
+            description="keep records for which a registered predicate is true",
+        ),
+        OperatorKind(
+            "tokenize",
+            "record",
+            TokenizeParams,
+            "cpu",
+            description="split a text field into tokens",
+        ),
+        OperatorKind(
+            "join",
+            "all",
+            JoinParams,
+            "cpu",
+            min_inputs=2,
+            max_inputs=2,
+            description="join two datasets on a field",
+        ),
+        OperatorKind(
+            "group", "all", GroupParams, "cpu", description="group records by a field and aggregate"
+        ),
+        OperatorKind(
+            "generate",
+            "record",
+            GenerateParams,
+            "gpu",
+            needs_model=True,
+            description="LLM text generation, batched",
+        ),
     )
 }
 

@@ -48,7 +48,7 @@ WORKER_CONSUMER_PREFIX = "w-"
 DUPLICATE_WINDOW_S = 300.0
 # How long a worker may hold an assignment without an in-progress ack.
 ASSIGN_ACK_WAIT_S = 30.0
-READY_ACK_WAIT_S = 30.0
+READY_ACK_WAIT_S = 10.0
 DONE_ACK_WAIT_S = 30.0
 # Largest message any component accepts; bigger ones go to the dead-letter stream.
 MAX_MESSAGE_BYTES = 512 * 1024
@@ -65,7 +65,6 @@ class Layout:
 
 
 def stream_configs(layout: Layout) -> list[StreamConfig]:
-    common = {"storage": layout.storage, "num_replicas": layout.replicas}
     return [
         StreamConfig(
             name=STREAM_SUBMIT,
@@ -73,21 +72,24 @@ def stream_configs(layout: Layout) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS,
             max_age=layout.submit_max_age_s,
             duplicate_window=DUPLICATE_WINDOW_S,
-            **common,
+            storage=layout.storage,
+            num_replicas=layout.replicas,
         ),
         StreamConfig(
             name=STREAM_READY,
             subjects=[subjects.READY_ALL],
             retention=RetentionPolicy.WORK_QUEUE,
             duplicate_window=DUPLICATE_WINDOW_S,
-            **common,
+            storage=layout.storage,
+            num_replicas=layout.replicas,
         ),
         StreamConfig(
             name=STREAM_ASSIGN,
             subjects=[subjects.ASSIGN_ALL],
             retention=RetentionPolicy.WORK_QUEUE,
             duplicate_window=DUPLICATE_WINDOW_S,
-            **common,
+            storage=layout.storage,
+            num_replicas=layout.replicas,
         ),
         StreamConfig(
             name=STREAM_DONE,
@@ -95,14 +97,16 @@ def stream_configs(layout: Layout) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS,
             max_age=layout.done_max_age_s,
             duplicate_window=DUPLICATE_WINDOW_S,
-            **common,
+            storage=layout.storage,
+            num_replicas=layout.replicas,
         ),
         StreamConfig(
             name=STREAM_DLQ,
             subjects=[subjects.DLQ_ALL],
             retention=RetentionPolicy.LIMITS,
             max_age=layout.submit_max_age_s,
-            **common,
+            storage=layout.storage,
+            num_replicas=layout.replicas,
         ),
     ]
 
@@ -152,16 +156,25 @@ async def ensure(js: JetStreamContext, layout: Layout | None = None) -> None:
         except NotFoundError:
             await js.add_stream(cfg)
     kv_buckets = {
-        KV_OPS: KeyValueConfig(bucket=KV_OPS, history=1, storage=layout.storage,
-                               replicas=layout.replicas),
-        KV_WF: KeyValueConfig(bucket=KV_WF, history=1, storage=layout.storage,
-                              replicas=layout.replicas),
-        KV_WORKERS: KeyValueConfig(bucket=KV_WORKERS, history=1, ttl=3600.0,
-                                   storage=layout.storage, replicas=layout.replicas),
-        KV_EXECUTORS: KeyValueConfig(bucket=KV_EXECUTORS, history=1,
-                                     storage=layout.storage, replicas=layout.replicas),
-        KV_MODELS: KeyValueConfig(bucket=KV_MODELS, history=1, storage=layout.storage,
-                                  replicas=layout.replicas),
+        KV_OPS: KeyValueConfig(
+            bucket=KV_OPS, history=1, storage=layout.storage, replicas=layout.replicas
+        ),
+        KV_WF: KeyValueConfig(
+            bucket=KV_WF, history=1, storage=layout.storage, replicas=layout.replicas
+        ),
+        KV_WORKERS: KeyValueConfig(
+            bucket=KV_WORKERS,
+            history=1,
+            ttl=3600.0,
+            storage=layout.storage,
+            replicas=layout.replicas,
+        ),
+        KV_EXECUTORS: KeyValueConfig(
+            bucket=KV_EXECUTORS, history=1, storage=layout.storage, replicas=layout.replicas
+        ),
+        KV_MODELS: KeyValueConfig(
+            bucket=KV_MODELS, history=1, storage=layout.storage, replicas=layout.replicas
+        ),
     }
     for name, kv_cfg in kv_buckets.items():
         try:

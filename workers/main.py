@@ -33,9 +33,23 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
 
 
 @click.command()
-@click.option("--nats", "nats_url", default=lambda: os.environ.get("FLOWMESH_NATS", "nats://127.0.0.1:4222"), show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222")
-@click.option("--cas", "cas_url", default=lambda: os.environ.get("FLOWMESH_CAS", "file://.flowmesh/cas"), show_default="$FLOWMESH_CAS or file://.flowmesh/cas")
-@click.option("--data-dir", default=lambda: os.environ.get("FLOWMESH_DATA", ".flowmesh"), type=click.Path(path_type=Path))
+@click.option(
+    "--nats",
+    "nats_url",
+    default=lambda: os.environ.get("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
+    show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222",
+)
+@click.option(
+    "--cas",
+    "cas_url",
+    default=lambda: os.environ.get("FLOWMESH_CAS", "file://.flowmesh/cas"),
+    show_default="$FLOWMESH_CAS or file://.flowmesh/cas",
+)
+@click.option(
+    "--data-dir",
+    default=lambda: os.environ.get("FLOWMESH_DATA", ".flowmesh"),
+    type=click.Path(path_type=Path),
+)
 @click.option("--device-class", default="cpu", show_default=True)
 @click.option("--price-per-hour", default=0.05, show_default=True, type=float)
 @click.option("--memory-gb", default=8.0, show_default=True, type=float)

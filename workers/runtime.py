@@ -41,6 +41,7 @@ class WorkerConfig:
     memory_gb: float = 8.0
     slots: int = 2
     heartbeat_s: float = 1.0
+    stop_grace_s: float = 20.0
     model_dir: Path = field(default_factory=lambda: Path(".flowmesh/models"))
     models: list[str] = field(default_factory=lambda: ["tiny-llama"])
     plugins: list[str] = field(default_factory=list)
@@ -113,7 +114,12 @@ class Worker:
     async def stop(self) -> None:
         """Graceful: finish the batch in hand, then leave so queued work is reclaimed."""
         self._stopping.set()
-        await self.heartbeat(stopping=True)
+        with contextlib.suppress(Exception):
+            await self.heartbeat(stopping=True)
+        if self._tasks:
+            # the work loop checks _stopping between batches; give the one in hand time
+            # to commit, then cancel (an unfinished batch is unacked and gets replayed)
+            await asyncio.wait(self._tasks[1:], timeout=self.config.stop_grace_s)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -242,8 +248,10 @@ class Worker:
             if op.spec.fanout == "record":
                 slots = [[await self.cas.get_record(d)] for d in op.spec.inputs]
             else:
-                slots = [await self.cas.get_records(await self.cas.get_manifest(m))
-                         for m in op.spec.inputs]
+                slots = [
+                    await self.cas.get_records(await self.cas.get_manifest(m))
+                    for m in op.spec.inputs
+                ]
         except CASError as exc:
             raise RuntimeError(f"inputs of {op.key[:12]} unreadable: {exc}") from exc
         return OpInput(key=op.key, params=op.spec.params, inputs=slots)

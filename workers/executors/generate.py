@@ -143,6 +143,8 @@ def decode_ids(
     (without the stopping EOS). seeds[i] seeds row i's sampler (unused when greedy)."""
     import torch
 
+    if not prompts:
+        return []
     lm = model.model
     device = lm.device
     n, width = len(prompts), max(len(p) for p in prompts)

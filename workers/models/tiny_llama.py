@@ -9,6 +9,7 @@ the same model digest, so cached results stay valid across machines.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -115,6 +116,11 @@ def build_tiny_llama() -> ModelFiles:
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    # config.json records the transformers version that wrote it; dropped, so that the
+    # model digest does not change with a library upgrade that changes nothing else
+    config_dict = json.loads(files["config.json"])
+    config_dict.pop("transformers_version", None)
+    files["config.json"] = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode()
     # Weights written directly (not model.save_pretrained): same safetensors layout and
     # metadata, without the progress bar and generation_config.json (our executor runs
     # its own decoding loop). Sorted keys + fixed metadata -> stable bytes.
