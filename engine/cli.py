@@ -148,7 +148,11 @@ def demo(n_workers: int, nats_url: str | None, data_dir: Path, workflow: Path | 
     fabric = LocalFabric(
         data_dir=data_dir, nats_url=nats_url, cas_url=_cas(None, data_dir), workers=n_workers
     )
-    spec = load_spec(workflow)
+    try:
+        spec = load_spec(workflow)
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(2)
     with fabric:
         console.print(
             f"fabric up in {time.monotonic() - started:.1f}s "
@@ -238,9 +242,9 @@ def submit(
     timeout: float | None,
 ) -> None:
     """Submit a workflow spec (YAML); print its id."""
-    spec = load_spec(workflow)
 
     async def go() -> None:
+        spec = load_spec(workflow)  # inside _run, so a bad spec gets the exit code 2
         async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
             wf = await fm.submit(spec, workflow_id, tenant=tenant)
             click.echo(wf)

@@ -322,3 +322,36 @@ async def test_engine_killed_mid_run_restarts_and_completes(make_fabric: MakeFab
             {"colour": "red", "count": 26},
         ]
     assert status.state == "completed"
+
+
+def test_cli_submit_status_result(make_fabric: MakeFabric, tmp_path: Path) -> None:
+    """The verbs a user types, against a running fabric."""
+    fabric = make_fabric(workers=1)
+    data = tmp_path / "words.csv"
+    data.write_text("id,text\n1,alpha beta\n2,gamma\n3,delta epsilon zeta\n")
+    wf_file = tmp_path / "wf.yaml"
+    wf_file.write_text(
+        "name: cli\ntenant: acme\ndatasets:\n  words: {path: words.csv}\n"
+        "nodes:\n  - {name: toks, op: tokenize, input: words, params: {field: text}}\n"
+    )
+    env = dict(os.environ, FLOWMESH_NATS=fabric.nats_url, FLOWMESH_CAS=fabric.cas_url)
+
+    def flowmesh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
+                              text=True, timeout=120, env=env, cwd=REPO)
+
+    sub = flowmesh("submit", str(wf_file), "--timeout", "90")
+    assert sub.returncode == 0, sub.stderr
+    wf = sub.stdout.strip()
+    st = flowmesh("status", wf, "--json")
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert status["state"] == "completed" and status["tenant"] == "acme"
+    res = flowmesh("result", wf, "toks")
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["tokens"] for r in rows] == [["alpha", "beta"], ["gamma"], ["delta", "epsilon", "zeta"]]
+    bad = flowmesh("result", wf, "nope")
+    assert bad.returncode == 1 and "no node 'nope'" in bad.stderr
+    wf_file.write_text("name: bad\nnodes:\n  - {name: a, op: teleport, input: x}\n")
+    rejected = flowmesh("submit", str(wf_file))
+    assert rejected.returncode == 2 and "unknown operator 'teleport'" in rejected.stderr
