@@ -175,7 +175,7 @@ async def test_worker_killed_mid_batch_workflow_completes(make_fabric: MakeFabri
                     "op": "map",
                     "fn": "test.slow_upper",
                     "input": "src",
-                    "params": {"field": "text", "delay": 0.15},
+                    "params": {"field": "text", "delay": 0.3},
                 },
                 {
                     "name": "count",
@@ -199,7 +199,8 @@ async def test_worker_killed_mid_batch_workflow_completes(make_fabric: MakeFabri
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the victim never got a batch")
-        await asyncio.sleep(0.4)
+        # each op takes 0.3 s, so 0.1 s after the batch lands the victim is inside it
+        await asyncio.sleep(0.1)
         os.kill(fabric.worker_procs[0].pid, signal.SIGKILL)
         fabric.worker_procs[0].wait()
         status = await fm.wait(wf, timeout=120)
