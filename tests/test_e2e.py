@@ -338,8 +338,14 @@ def test_cli_submit_status_result(make_fabric: MakeFabric, tmp_path: Path) -> No
     env = dict(os.environ, FLOWMESH_NATS=fabric.nats_url, FLOWMESH_CAS=fabric.cas_url)
 
     def flowmesh(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
-                              text=True, timeout=120, env=env, cwd=REPO)
+        return subprocess.run(
+            [sys.executable, "-m", "engine.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=REPO,
+        )
 
     sub = flowmesh("submit", str(wf_file), "--timeout", "90")
     assert sub.returncode == 0, sub.stderr
@@ -350,7 +356,11 @@ def test_cli_submit_status_result(make_fabric: MakeFabric, tmp_path: Path) -> No
     assert status["state"] == "completed" and status["tenant"] == "acme"
     res = flowmesh("result", wf, "toks")
     rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["tokens"] for r in rows] == [["alpha", "beta"], ["gamma"], ["delta", "epsilon", "zeta"]]
+    assert [r["tokens"] for r in rows] == [
+        ["alpha", "beta"],
+        ["gamma"],
+        ["delta", "epsilon", "zeta"],
+    ]
     bad = flowmesh("result", wf, "nope")
     assert bad.returncode == 1 and "no node 'nope'" in bad.stderr
     wf_file.write_text("name: bad\nnodes:\n  - {name: a, op: teleport, input: x}\n")

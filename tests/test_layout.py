@@ -35,6 +35,16 @@ def test_topics_depends_on_neither() -> None:
 
 
 def test_required_top_level_layout() -> None:
-    for name in ["pyproject.toml", "topics", "engine", "workers", "loadgen", "configs",
-                 "deploy", "tests", "README.md", ".ci/run"]:
+    for name in [
+        "pyproject.toml",
+        "topics",
+        "engine",
+        "workers",
+        "loadgen",
+        "configs",
+        "deploy",
+        "tests",
+        "README.md",
+        ".ci/run",
+    ]:
         assert (REPO / name).exists(), name
