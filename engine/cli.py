@@ -366,5 +366,18 @@ def _print_status(st: WorkflowStatus) -> None:
         Console(stderr=True).print(f"[red]error:[/red] {st.error}")
 
 
+def _register_subcommands() -> None:
+    # in their own modules so each stays small; registered here so `flowmesh --help`
+    # lists them
+    from engine.cache import cache_group
+    from engine.lineage import lineage_command
+
+    main.add_command(lineage_command)
+    main.add_command(cache_group)
+
+
+_register_subcommands()
+
+
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ dedup). So a SIGKILL of the engine loses nothing: the KV and the streams are the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,9 +32,11 @@ from topics.messages import (
     NodeSpec,
     NodeStatus,
     OpDone,
+    OpRequest,
     OpSpec,
     OpState,
     ReadyOp,
+    RequestRole,
     SubmitWorkflow,
     WorkflowStatus,
 )
@@ -56,6 +59,7 @@ class NodeRun:
     inputs: list[str]
     downstream: list[str] = field(default_factory=list)
     outputs: dict[Pos, list[str] | None] = field(default_factory=dict)  # slot -> records
+    keys: dict[Pos, str] = field(default_factory=dict)  # slot -> operator key
     pending: int = 0
     upstream_complete: bool = False
     complete: bool = False
@@ -86,6 +90,11 @@ class WorkflowRun:
             nodes={n.name: n.status for n in self.nodes.values() if n.spec is not None},
             error=self.error,
             ended_at=self.ended_at,
+            datasets={
+                n.name: n.manifest for n in self.nodes.values() if n.spec is None and n.manifest
+            },
+            dedup_scope=self.spec.dedup_scope,
+            tables={name: ds.digest for name, ds in self.spec.datasets.items() if ds.digest},
         )
 
 
@@ -133,6 +142,7 @@ class Planner:
         self.kv_wf = await self.bus.kv(streams.KV_WF)
         self.kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
         self.kv_models = await self.bus.kv(streams.KV_MODELS)
+        self.kv_requests = await self.bus.kv(streams.KV_REQUESTS)
         self._tasks = [
             asyncio.create_task(self._guard("submissions", self._submissions_loop)),
             asyncio.create_task(self._guard("completions", self._done_loop)),
@@ -289,6 +299,7 @@ class Planner:
             await self._fail(run, f"node {name!r}: {exc}")
             return
         key = keys.op_key(op, run.salt)
+        node.keys[pos] = key
         in_flight_here = bool(self.waiters.get(key))
         self.waiters.setdefault(key, []).append(Waiter(run, name, pos))
         state = OpState(
@@ -301,14 +312,20 @@ class Planner:
         )
         try:
             await self.kv_ops.create(key, codec.encode(state))
-            created = True
+            existing = None
         except KeyWrongLastSequenceError:
-            created = False
-        if not created:
             existing = await self._op_state(key)
-            if existing is not None and existing.state != "pending":
-                if existing.workflow_id != run.wf_id:
-                    node.status.reused += 1
+        if existing is None:
+            role: RequestRole = "ran"
+        else:
+            role = "joined" if existing.state == "pending" else "reused"
+            if existing.workflow_id != run.wf_id:
+                node.status.reused += 1
+        # the request is recorded before the workflow can complete, so its lineage and
+        # its share of the cost are there when it does
+        await self._record_request(run, name, key, role)
+        if existing is not None:
+            if existing.state != "pending":
                 await self.complete_key(self._done_from_state(existing))
                 return
             if in_flight_here:
@@ -321,6 +338,22 @@ class Planner:
             tenant=run.spec.tenant,
         )
         await self.bus.publish(subjects.ready(node.kind.pool), ready, msg_id=f"ready-{key}")
+
+    async def _record_request(
+        self, run: WorkflowRun, node: str, key: str, role: RequestRole
+    ) -> None:
+        request = OpRequest(
+            key=key,
+            workflow_id=run.wf_id,
+            tenant=run.spec.tenant,
+            node=node,
+            role=role,
+            at=time.time(),
+        )
+        # create, not put: after a planner restart the replayed request must not turn
+        # the original "ran" into "reused"
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await self.kv_requests.create(f"{key}.{run.wf_id}", codec.encode(request))
 
     async def _op_spec(self, node: NodeSpec, kind: OperatorKind, inputs: list[str]) -> OpSpec:
         ex_id = executor_id(kind.name, node.fn)
@@ -442,6 +475,8 @@ class Planner:
         node.complete = True
         node.ordered = [d for pos in sorted(node.outputs) for d in (node.outputs[pos] or [])]
         node.manifest = await self.cas.put_manifest(node.ordered)
+        if node.keys:
+            node.status.ops = await self.cas.put_manifest([node.keys[p] for p in sorted(node.keys)])
         node.status.complete = True
         node.status.output = node.manifest
         node.status.n_outputs = len(node.ordered)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -9,11 +10,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from engine.client import FlowMesh
+from engine.local import LocalFabric
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -93,3 +100,50 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 @pytest.fixture
 def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
+
+
+MakeFabric = Callable[..., LocalFabric]
+
+
+@pytest.fixture
+def make_fabric(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[MakeFabric]:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), str(REPO)]))
+    fabrics: list[LocalFabric] = []
+
+    def make(
+        workers: int = 2, models: bool = False, worker_args: tuple[str, ...] = ()
+    ) -> LocalFabric:
+        fabric = LocalFabric(
+            data_dir=tmp_path / "data",
+            nats_url=nats_server.url,
+            cas_url=f"file://{tmp_path / 'data' / 'cas'}",
+            workers=workers,
+            worker_args=[
+                "--plugin",
+                "fm_test_transforms",
+                *([] if models else ["--no-models"]),
+                *worker_args,
+            ],
+            engine_args=["--dead-after", "2"],
+        )
+        fabrics.append(fabric.start())
+        return fabric
+
+    yield make
+    for fabric in fabrics:
+        fabric.stop()
+        # shown by pytest when the test failed
+        for log in sorted((fabric.log_dir or tmp_path).glob("*.log")):
+            print(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-30:]))
+
+
+async def connect(fabric: LocalFabric, n_workers: int) -> FlowMesh:
+    """A client on the fabric, once n_workers have registered."""
+    fm = await FlowMesh.connect(fabric.nats_url, fabric.cas_url)
+    for _ in range(600):
+        if len(await fm.workers()) >= n_workers:
+            return fm
+        await asyncio.sleep(0.1)
+    raise AssertionError("workers did not register")

@@ -9,16 +9,14 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine.client import FlowMesh
-from engine.local import LocalFabric
 from engine.spec import parse_spec
-from tests.conftest import NatsServer
+from tests.conftest import MakeFabric, connect
 from topics import codec, streams, subjects
 from topics.messages import OpState
 
@@ -26,44 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 pytestmark = pytest.mark.slow
-
-MakeFabric = Callable[..., LocalFabric]
-
-
-@pytest.fixture
-def make_fabric(
-    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[MakeFabric]:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), str(REPO)]))
-    fabrics: list[LocalFabric] = []
-
-    def make(workers: int = 2, models: bool = False) -> LocalFabric:
-        fabric = LocalFabric(
-            data_dir=tmp_path / "data",
-            nats_url=nats_server.url,
-            cas_url=f"file://{tmp_path / 'data' / 'cas'}",
-            workers=workers,
-            worker_args=["--plugin", "fm_test_transforms", *([] if models else ["--no-models"])],
-            engine_args=["--dead-after", "2"],
-        )
-        fabrics.append(fabric.start())
-        return fabric
-
-    yield make
-    for fabric in fabrics:
-        fabric.stop()
-        # shown by pytest when the test failed
-        for log in sorted((fabric.log_dir or tmp_path).glob("*.log")):
-            print(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-30:]))
-
-
-async def connect(fabric: LocalFabric, n_workers: int) -> FlowMesh:
-    fm = await FlowMesh.connect(fabric.nats_url, fabric.cas_url)
-    for _ in range(600):
-        if len(await fm.workers()) >= n_workers:
-            return fm
-        await asyncio.sleep(0.1)
-    raise AssertionError("workers did not register")
 
 
 async def op_states(fm: FlowMesh) -> list[OpState]:

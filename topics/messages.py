@@ -127,6 +127,30 @@ class OpState(msgspec.Struct, frozen=True):
     device_class: str = ""
     started_at: float = 0.0
     ended_at: float = 0.0
+    attempts: int = 0  # deliveries it took, 1 when nothing went wrong
+    batch_size: int = 0  # operators in the batch it ran in
+    device_seconds: float = 0.0  # its share of the batch's time on the worker
+    price_per_hour: float = 0.0  # the worker class's $/h when it ran
+    watts: float = 0.0  # the worker class's busy power when it ran
+    cost_usd: float = 0.0  # device_seconds x price_per_hour
+    energy_j: float = 0.0  # device_seconds x watts
+
+
+RequestRole = Literal["ran", "joined", "reused"]
+
+
+class OpRequest(msgspec.Struct, frozen=True):
+    """Value in KV fm_requests under "<op key>.<workflow id>": one workflow asked for
+    one operator. `ran`: its request created the operator; `joined`: it was already
+    pending or running for another workflow (in-flight dedup); `reused`: it was already
+    committed (completed dedup). Lineage and cost attribution read these."""
+
+    key: str
+    workflow_id: str
+    tenant: str
+    node: str
+    role: RequestRole
+    at: float
 
 
 # --- workers --------------------------------------------------------------------------
@@ -144,6 +168,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     models: dict[str, str]  # model name -> weights digest it can serve
     resident: list[str]  # weights digests loaded in memory now
     price_per_hour: float
+    watts: float
     memory_gb: float
     slots: int  # assignments it may hold at once (one running, the rest queued)
     batches_done: int
@@ -159,10 +184,11 @@ class NodeStatus(msgspec.Struct):
     total: int = 0  # operators created so far
     done: int = 0
     failed: int = 0
-    reused: int = 0  # operators whose committed result another run produced
+    reused: int = 0  # operators another workflow created (joined in flight or reused)
     complete: bool = False
     output: str | None = None  # manifest digest of the node's ordered output records
     n_outputs: int = 0
+    ops: str | None = None  # manifest of the node's operator keys, in slot order
 
 
 class WorkflowStatus(msgspec.Struct):
@@ -177,6 +203,9 @@ class WorkflowStatus(msgspec.Struct):
     nodes: dict[str, NodeStatus]
     error: str | None = None
     ended_at: float | None = None
+    datasets: dict[str, str] = {}  # source dataset name -> manifest of its record digests
+    tables: dict[str, str] = {}  # source dataset name -> the Arrow table digest submitted
+    dedup_scope: DedupScope = "global"
 
 
 # --- dead letters ---------------------------------------------------------------------

@@ -36,6 +36,7 @@ KV_WF = "fm_wf"  # workflow id -> WorkflowStatus
 KV_WORKERS = "fm_workers"  # worker id -> WorkerInfo (heartbeat)
 KV_EXECUTORS = "fm_executors"  # executor id -> version advertised by workers
 KV_MODELS = "fm_models"  # model name -> weights digest advertised by workers
+KV_REQUESTS = "fm_requests"  # "<op key>.<workflow id>" -> OpRequest
 OBJ_CAS = "fm_cas"  # object-store CAS backend
 
 # Consumer names
@@ -171,6 +172,9 @@ async def ensure(js: JetStreamContext, layout: Layout | None = None) -> None:
         ),
         KV_EXECUTORS: KeyValueConfig(
             bucket=KV_EXECUTORS, history=1, storage=layout.storage, replicas=layout.replicas
+        ),
+        KV_REQUESTS: KeyValueConfig(
+            bucket=KV_REQUESTS, history=1, storage=layout.storage, replicas=layout.replicas
         ),
         KV_MODELS: KeyValueConfig(
             bucket=KV_MODELS, history=1, storage=layout.storage, replicas=layout.replicas

@@ -52,6 +52,7 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
 )
 @click.option("--device-class", default="cpu", show_default=True)
 @click.option("--price-per-hour", default=0.05, show_default=True, type=float)
+@click.option("--watts", default=65.0, show_default=True, type=float, help="busy power draw")
 @click.option("--memory-gb", default=8.0, show_default=True, type=float)
 @click.option("--slots", default=2, show_default=True, type=int, help="assignments held at once")
 @click.option("--model", "models", multiple=True, default=["tiny-llama"], show_default=True)
@@ -64,6 +65,7 @@ def main(
     data_dir: Path,
     device_class: str,
     price_per_hour: float,
+    watts: float,
     memory_gb: float,
     slots: int,
     models: tuple[str, ...],
@@ -76,6 +78,7 @@ def main(
     config = WorkerConfig(
         device_class=device_class,
         price_per_hour=price_per_hour,
+        watts=watts,
         memory_gb=memory_gb,
         slots=slots,
         model_dir=data_dir / "models",

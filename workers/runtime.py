@@ -34,10 +34,18 @@ log = structlog.get_logger("flowmesh.worker")
 INLINE_OUTPUTS = 256  # completions list output digests inline up to this many
 
 
+@dataclass(frozen=True)
+class Todo:
+    op: ReadyOp
+    revision: int  # KV revision of its pending entry (0: no entry)
+    pending: OpState | None
+
+
 @dataclass
 class WorkerConfig:
     device_class: str = "cpu"
     price_per_hour: float = 0.05
+    watts: float = 65.0  # busy power of this device class, for energy attribution
     memory_gb: float = 8.0
     slots: int = 2
     heartbeat_s: float = 1.0
@@ -136,6 +144,7 @@ class Worker:
             models=dict(self.model_digests),
             resident=self.models.resident(),
             price_per_hour=self.config.price_per_hour,
+            watts=self.config.watts,
             memory_gb=self.config.memory_gb,
             slots=self.config.slots,
             batches_done=self.batches_done,
@@ -206,27 +215,27 @@ class Worker:
 
     async def run_batch(self, batch: Assignment) -> None:
         started = time.time()
-        todo: list[tuple[ReadyOp, int]] = []  # op, KV revision of its pending entry
+        todo: list[Todo] = []
         done_msgs: list[OpDone] = []
         for op in batch.ops:
             state, revision = await self._state(op.key)
             if state is not None and state.state != "pending":
                 done_msgs.append(_done_of(state))  # committed by an earlier attempt
             else:
-                todo.append((op, revision))
+                todo.append(Todo(op, revision, state))
         if todo:
             done_msgs.extend(await self._execute(todo, started))
         await self.bus.publish_many([(subjects.DONE, d, f"done-{d.key}") for d in done_msgs])
 
-    async def _execute(self, todo: list[tuple[ReadyOp, int]], started: float) -> list[OpDone]:
-        spec0 = todo[0][0].spec
+    async def _execute(self, todo: list[Todo], started: float) -> list[OpDone]:
+        spec0 = todo[0].op.spec
         executor = self.executors.get(spec0.executor)
         outcomes: list[Outcome]
         if executor is None or executor.version != spec0.version:
             err = OpError(f"worker {self.id} has no executor {spec0.executor}@{spec0.version}")
             outcomes = [err for _ in todo]
         else:
-            inputs = [await self._inputs(op) for op, _ in todo]
+            inputs = [await self._inputs(t.op) for t in todo]
             model = await self.models.get(spec0.model) if spec0.model else None
             try:
                 outcomes = await asyncio.to_thread(executor.run, inputs, model)
@@ -238,9 +247,12 @@ class Worker:
                 outcomes = [OpError(f"{executor.id} returned {len(outcomes)} results")] * len(todo)
             self.ops_executed += len(todo)
         ended = time.time()
+        # the batch occupied this worker from start to end; each operator is charged an
+        # equal share of that time at this device class's price and power
+        share = (ended - started) / len(todo)
         results = []
-        for (op, revision), outcome in zip(todo, outcomes, strict=True):
-            results.append(await self._commit(op, revision, outcome, started, ended))
+        for t, outcome in zip(todo, outcomes, strict=True):
+            results.append(await self._commit(t, outcome, started, ended, share, len(todo)))
         return results
 
     async def _inputs(self, op: ReadyOp) -> OpInput:
@@ -266,8 +278,9 @@ class Worker:
         return codec.decode(entry.value, OpState), entry.revision or 0
 
     async def _commit(
-        self, op: ReadyOp, revision: int, outcome: Outcome, started: float, ended: float
+        self, t: Todo, outcome: Outcome, started: float, ended: float, share: float, size: int
     ) -> OpDone:
+        op, revision = t.op, t.revision
         if isinstance(outcome, OpError):
             status, error, digests = "failed", str(outcome), []
         else:
@@ -280,7 +293,7 @@ class Worker:
             spec=op.spec,
             workflow_id=op.workflow_id,
             tenant=op.tenant,
-            created_at=started,
+            created_at=t.pending.created_at if t.pending else started,
             output=manifest,
             outputs=digests if len(digests) <= INLINE_OUTPUTS else None,
             n_outputs=len(digests),
@@ -289,6 +302,13 @@ class Worker:
             device_class=self.config.device_class,
             started_at=started,
             ended_at=ended,
+            attempts=op.attempt + 1,
+            batch_size=size,
+            device_seconds=share,
+            price_per_hour=self.config.price_per_hour,
+            watts=self.config.watts,
+            cost_usd=share * self.config.price_per_hour / 3600.0,
+            energy_j=share * self.config.watts,
         )
         try:
             if revision:
