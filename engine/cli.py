@@ -4,76 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.client import FlowMesh, WorkflowFailed
+from engine.cli_options import _cas, _run, cas_option, console, data_option, nats_option
+from engine.client import FlowMesh
 from engine.local import LocalFabric, free_port
 from engine.spec import SpecError, load_spec
 from topics import codec, logs
 from topics.cas import records_to_arrow
 from topics.messages import WorkflowStatus
 
-T = TypeVar("T")
-console = Console(stderr=True)
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "workflows" / "demo.yaml"
-
-
-def _env(name: str, default: str) -> Callable[[], str]:
-    return lambda: os.environ.get(name, default)
-
-
-nats_option = click.option(
-    "--nats",
-    "nats_url",
-    default=_env("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
-    show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222",
-    help="NATS server URL",
-)
-data_option = click.option(
-    "--data-dir",
-    default=_env("FLOWMESH_DATA", ".flowmesh"),
-    type=click.Path(path_type=Path),
-    show_default="$FLOWMESH_DATA or .flowmesh",
-    help="local data directory",
-)
-cas_option = click.option(
-    "--cas",
-    "cas_url",
-    default=None,
-    help="CAS URL: file:///path or nats: (default $FLOWMESH_CAS or file://DATA_DIR/cas)",
-)
-
-
-def _cas(cas_url: str | None, data_dir: Path) -> str:
-    return cas_url or os.environ.get("FLOWMESH_CAS") or f"file://{data_dir.resolve() / 'cas'}"
-
-
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    async def runner() -> T:
-        return await coro_fn()
-
-    try:
-        return asyncio.run(runner())
-    except SpecError as exc:
-        console.print(f"[red]{exc}[/red]")
-        sys.exit(2)
-    except WorkflowFailed as exc:
-        console.print(f"[red]{exc}[/red]")
-        sys.exit(1)
-    except (KeyError, RuntimeError, TimeoutError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(1)
 
 
 @click.group()
@@ -370,10 +320,12 @@ def _register_subcommands() -> None:
     # in their own modules so each stays small; registered here so `flowmesh --help`
     # lists them
     from engine.cache import cache_group
+    from engine.cost import cost_command
     from engine.lineage import lineage_command
 
     main.add_command(lineage_command)
     main.add_command(cache_group)
+    main.add_command(cost_command)
 
 
 _register_subcommands()

@@ -1,0 +1,67 @@
+"""Options and helpers every `flowmesh` subcommand shares (kept apart from cli.py so
+subcommand modules can import them without an import cycle)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+from rich.console import Console
+
+from engine.client import WorkflowFailed
+from engine.spec import SpecError
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def _env(name: str, default: str) -> Callable[[], str]:
+    return lambda: os.environ.get(name, default)
+
+
+nats_option = click.option(
+    "--nats",
+    "nats_url",
+    default=_env("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
+    show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222",
+    help="NATS server URL",
+)
+data_option = click.option(
+    "--data-dir",
+    default=_env("FLOWMESH_DATA", ".flowmesh"),
+    type=click.Path(path_type=Path),
+    show_default="$FLOWMESH_DATA or .flowmesh",
+    help="local data directory",
+)
+cas_option = click.option(
+    "--cas",
+    "cas_url",
+    default=None,
+    help="CAS URL: file:///path or nats: (default $FLOWMESH_CAS or file://DATA_DIR/cas)",
+)
+
+
+def _cas(cas_url: str | None, data_dir: Path) -> str:
+    return cas_url or os.environ.get("FLOWMESH_CAS") or f"file://{data_dir.resolve() / 'cas'}"
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    async def runner() -> T:
+        return await coro_fn()
+
+    try:
+        return asyncio.run(runner())
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(2)
+    except WorkflowFailed as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(1)
+    except (KeyError, RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
