@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from engine import keys
 from engine.spec import SpecError, topo_order, validate
+from engine.supervise import guarded
 from topics import Bus, codec, streams, subjects
 from topics.cas import CAS, CASError
 from topics.messages import (
@@ -144,10 +144,12 @@ class Planner:
         self.kv_models = await self.bus.kv(streams.KV_MODELS)
         self.kv_requests = await self.bus.kv(streams.KV_REQUESTS)
         self._tasks = [
-            asyncio.create_task(self._guard("submissions", self._submissions_loop)),
-            asyncio.create_task(self._guard("completions", self._done_loop)),
-            asyncio.create_task(self._guard("status", self._status_loop)),
-            asyncio.create_task(self._guard("parked", self._parked_loop)),
+            asyncio.create_task(
+                guarded("planner", "submissions", self._submissions_loop, self._stopping)
+            ),
+            asyncio.create_task(guarded("planner", "completions", self._done_loop, self._stopping)),
+            asyncio.create_task(guarded("planner", "status", self._status_loop, self._stopping)),
+            asyncio.create_task(guarded("planner", "parked", self._parked_loop, self._stopping)),
         ]
 
     async def stop(self) -> None:
@@ -156,18 +158,6 @@ class Planner:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush_status()
-
-    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        # A shared component never dies of one bad event: log, back off, go on.
-        while not self._stopping.is_set():
-            try:
-                await loop()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("planner loop failed; restarting it", loop=name)
-                await asyncio.sleep(0.5)
 
     # --- submissions ----------------------------------------------------------------
 
@@ -326,7 +316,7 @@ class Planner:
         await self._record_request(run, name, key, role)
         if existing is not None:
             if existing.state != "pending":
-                await self.complete_key(self._done_from_state(existing))
+                await self.complete_key(existing.to_done())
                 return
             if in_flight_here:
                 return  # in flight for another waiter here: its completion completes us
@@ -397,21 +387,6 @@ class Planner:
         except KeyNotFoundError:
             return None
         return codec.decode(entry.value, OpState) if entry.value else None
-
-    @staticmethod
-    def _done_from_state(st: OpState) -> OpDone:
-        return OpDone(
-            key=st.key,
-            status="failed" if st.state == "failed" else "done",
-            output=st.output,
-            outputs=st.outputs,
-            n_outputs=st.n_outputs,
-            error=st.error,
-            worker=st.worker,
-            device_class=st.device_class,
-            started_at=st.started_at,
-            ended_at=st.ended_at,
-        )
 
     # --- completions ----------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 from nats.js.errors import NotFoundError
 
+from engine.supervise import guarded
 from topics import Bus, codec, streams, subjects
 from topics.messages import Assignment, ReadyOp, WorkerInfo
 
@@ -85,9 +86,15 @@ class Scheduler:
             config=streams.scheduler_consumer(),
         )
         self._tasks = [
-            asyncio.create_task(self._guard("workers", self._watch_workers)),
-            asyncio.create_task(self._guard("schedule", self._schedule_loop)),
-            asyncio.create_task(self._guard("liveness", self._liveness_loop)),
+            asyncio.create_task(
+                guarded("scheduler", "workers", self._watch_workers, self._stopping)
+            ),
+            asyncio.create_task(
+                guarded("scheduler", "schedule", self._schedule_loop, self._stopping)
+            ),
+            asyncio.create_task(
+                guarded("scheduler", "liveness", self._liveness_loop, self._stopping)
+            ),
         ]
 
     async def stop(self) -> None:
@@ -95,17 +102,6 @@ class Scheduler:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _guard(self, name: str, loop: Any) -> None:
-        while not self._stopping.is_set():
-            try:
-                await loop()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("scheduler loop failed; restarting it", loop=name)
-                await asyncio.sleep(0.5)
 
     # --- workers --------------------------------------------------------------------
 

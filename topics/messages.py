@@ -135,6 +135,21 @@ class OpState(msgspec.Struct, frozen=True):
     cost_usd: float = 0.0  # device_seconds x price_per_hour
     energy_j: float = 0.0  # device_seconds x watts
 
+    def to_done(self) -> OpDone:
+        """The completion event that announces this (final) state."""
+        return OpDone(
+            key=self.key,
+            status="failed" if self.state == "failed" else "done",
+            output=self.output,
+            outputs=self.outputs,
+            n_outputs=self.n_outputs,
+            error=self.error,
+            worker=self.worker,
+            device_class=self.device_class,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+        )
+
 
 RequestRole = Literal["ran", "joined", "reused"]
 

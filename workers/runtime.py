@@ -220,7 +220,7 @@ class Worker:
         for op in batch.ops:
             state, revision = await self._state(op.key)
             if state is not None and state.state != "pending":
-                done_msgs.append(_done_of(state))  # committed by an earlier attempt
+                done_msgs.append(state.to_done())  # committed by an earlier attempt
             else:
                 todo.append(Todo(op, revision, state))
         if todo:
@@ -319,24 +319,9 @@ class Worker:
             # someone committed first (a replay raced us): theirs stands, ours is dropped
             current, _ = await self._state(op.key)
             if current is not None and current.state != "pending":
-                return _done_of(current)
+                return current.to_done()
             raise
-        return _done_of(state)
-
-
-def _done_of(st: OpState) -> OpDone:
-    return OpDone(
-        key=st.key,
-        status="failed" if st.state == "failed" else "done",
-        output=st.output,
-        outputs=st.outputs,
-        n_outputs=st.n_outputs,
-        error=st.error,
-        worker=st.worker,
-        device_class=st.device_class,
-        started_at=st.started_at,
-        ended_at=st.ended_at,
-    )
+        return state.to_done()
 
 
 def default_model_dir(data_dir: str | os.PathLike[str]) -> Path:
