@@ -25,6 +25,8 @@ from topics.messages import WorkflowStatus
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "workflows" / "demo.yaml"
+FLEET = REPO / "configs" / "fleet" / "default.yaml"
+POLICY = REPO / "configs" / "scheduler" / "default.yaml"
 
 
 @click.group()
@@ -49,11 +51,32 @@ def main(log_level: str | None) -> None:
     show_default=True,
     help="seconds without a heartbeat before a worker's work is reclaimed",
 )
-def engine(nats_url: str, data_dir: Path, cas_url: str | None, dead_after: float) -> None:
+@click.option(
+    "--fleet",
+    "fleet_path",
+    type=click.Path(exists=True, path_type=Path),
+    default=lambda: str(FLEET) if FLEET.exists() else None,
+    help="fleet profile: device classes, prices, power, latency models",
+)
+@click.option(
+    "--scheduler-config",
+    "policy_path",
+    type=click.Path(exists=True, path_type=Path),
+    default=lambda: str(POLICY) if POLICY.exists() else None,
+    help="utility weights, fair-share tenants, linger",
+)
+def engine(
+    nats_url: str,
+    data_dir: Path,
+    cas_url: str | None,
+    dead_after: float,
+    fleet_path: Path | None,
+    policy_path: Path | None,
+) -> None:
     """Run the engine (planner + scheduler) in the foreground."""
     from engine.service import serve
 
-    asyncio.run(serve(nats_url, _cas(cas_url, data_dir), dead_after_s=dead_after))
+    asyncio.run(serve(nats_url, _cas(cas_url, data_dir), dead_after, fleet_path, policy_path))
 
 
 @main.command()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from pathlib import Path
 
 import structlog
 
 from engine.planner import Planner
 from engine.scheduler import Scheduler
+from engine.scheduler.fleet import load_fleet
+from engine.scheduler.policy import load_policy_config
 from topics import Bus
 from topics.cas import open_cas
 
@@ -23,11 +26,20 @@ class Engine:
         self.bus = bus
 
     @classmethod
-    async def start(cls, nats_url: str, cas_url: str, dead_after_s: float = 5.0) -> Engine:
+    async def start(
+        cls,
+        nats_url: str,
+        cas_url: str,
+        dead_after_s: float = 5.0,
+        fleet_path: Path | None = None,
+        policy_path: Path | None = None,
+    ) -> Engine:
+        fleet = load_fleet(fleet_path) if fleet_path else None
+        config = load_policy_config(policy_path) if policy_path else None
         bus = await Bus.connect(nats_url, name="flowmesh-engine")
         cas = await open_cas(cas_url, bus.js)
         planner = Planner(bus, cas)
-        scheduler = Scheduler(bus, dead_after_s=dead_after_s)
+        scheduler = Scheduler(bus, dead_after_s=dead_after_s, fleet=fleet, config=config)
         await planner.start()
         await scheduler.start()
         log.info("engine started", nats=nats_url, cas=cas_url)
@@ -39,8 +51,14 @@ class Engine:
         await self.bus.close()
 
 
-async def serve(nats_url: str, cas_url: str, dead_after_s: float = 5.0) -> None:
-    engine = await Engine.start(nats_url, cas_url, dead_after_s)
+async def serve(
+    nats_url: str,
+    cas_url: str,
+    dead_after_s: float = 5.0,
+    fleet_path: Path | None = None,
+    policy_path: Path | None = None,
+) -> None:
+    engine = await Engine.start(nats_url, cas_url, dead_after_s, fleet_path, policy_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

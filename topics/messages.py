@@ -190,6 +190,11 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     started_at: float
     sent_at: float
     stopping: bool = False
+    # the last batch it ran: the scheduler refines its latency model of this device
+    # class from these (engine/scheduler/fleet.py LatencyEstimator)
+    last_batch_kind: str = ""
+    last_batch_size: int = 0
+    last_batch_seconds: float = 0.0
 
 
 # --- workflow status ------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Worker:
         self.executors: dict[str, Executor] = {}
         self.model_digests: dict[str, str] = {}
         self.batches_done = 0
+        self.last_batch: tuple[str, int, float] = ("", 0, 0.0)  # kind, size, seconds
         self.ops_executed = 0
         self.started_at = time.time()
         self._stopping = asyncio.Event()
@@ -151,6 +152,9 @@ class Worker:
             started_at=self.started_at,
             sent_at=time.time(),
             stopping=stopping,
+            last_batch_kind=self.last_batch[0],
+            last_batch_size=self.last_batch[1],
+            last_batch_seconds=self.last_batch[2],
         )
         await self.kv_workers.put(self.id, codec.encode(info))
 
@@ -247,6 +251,7 @@ class Worker:
                 outcomes = [OpError(f"{executor.id} returned {len(outcomes)} results")] * len(todo)
             self.ops_executed += len(todo)
         ended = time.time()
+        self.last_batch = (spec0.kind, len(todo), ended - started)
         # the batch occupied this worker from start to end; each operator is charged an
         # equal share of that time at this device class's price and power
         share = (ended - started) / len(todo)

@@ -21,13 +21,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from nats.js.errors import NotFoundError
 
+from engine.scheduler.fairness import FairShare
+from engine.scheduler.fleet import Fleet, LatencyEstimator
+from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from engine.supervise import guarded
 from topics import Bus, codec, streams, subjects
 from topics.messages import Assignment, ReadyOp, WorkerInfo
@@ -45,13 +47,8 @@ class WorkerView:
 class Held:
     op: ReadyOp
     msg: Any  # nats Msg, acked once the op is assigned
-    since: float
-    touched: float
-
-
-@dataclass
-class Group:
-    ops: OrderedDict[str, Held] = field(default_factory=OrderedDict)  # key -> held
+    ready_at: float  # wall clock, for aging
+    touched: float  # monotonic, last in-progress ack
 
 
 class Scheduler:
@@ -62,20 +59,33 @@ class Scheduler:
         dead_after_s: float = 5.0,
         pool_limit: int = 20_000,
         tick_s: float = 0.02,
+        fleet: Fleet | None = None,
+        config: PolicyConfig | None = None,
+        model_gb: float = 1.0,
     ) -> None:
         self.bus = bus
         self.dead_after_s = dead_after_s
         self.pool_limit = pool_limit
         self.tick_s = tick_s
+        self.fleet = fleet or Fleet(classes={}, kinds=())
+        self.config = config or PolicyConfig()
+        self.estimator = LatencyEstimator(self.fleet)
+        self.policy = Policy(self.fleet, self.config, self.estimator)
+        self.fair = FairShare(self.config.tenants)
+        # live workers do not announce model sizes yet: assume this for memory packing
+        self.model_gb = model_gb
         self.workers: dict[str, WorkerView] = {}
-        self.groups: dict[str, Group] = {}  # batch key -> ready ops
-        self.held = 0
+        self.pool: dict[str, Held] = {}  # operator key -> held ready message
         self.started = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self.assigned_batches = 0
         self.reclaimed_ops = 0
+
+    @property
+    def held(self) -> int:
+        return len(self.pool)
 
     async def start(self) -> None:
         self.kv_workers = await self.bus.kv(streams.KV_WORKERS)
@@ -127,6 +137,19 @@ class Scheduler:
                 # age by the sender's clock so a restarted scheduler does not take a
                 # long-dead worker's last heartbeat for a fresh one
                 age = max(0.0, time.time() - info.sent_at)
+                prev = self.workers.get(info.worker)
+                if (
+                    prev is not None
+                    and info.batches_done > prev.info.batches_done
+                    and info.last_batch_size > 0
+                    and info.device_class in self.fleet.classes
+                ):
+                    self.estimator.observe(
+                        info.device_class,
+                        info.last_batch_kind,
+                        info.last_batch_size,
+                        info.last_batch_seconds,
+                    )
                 self.workers[info.worker] = WorkerView(info, time.monotonic() - age)
                 self._wake.set()
         finally:
@@ -221,7 +244,7 @@ class Scheduler:
             msgs = await self.psub.fetch(min(1000, self.pool_limit - self.held), timeout=0.05)
         except TimeoutError:
             return 0
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         for msg in msgs:
             if len(msg.data) > streams.MAX_MESSAGE_BYTES:
                 await self.bus.dead_letter("scheduler", msg.subject, "message too large", msg.data)
@@ -233,12 +256,10 @@ class Scheduler:
                 await self.bus.dead_letter("scheduler", msg.subject, str(exc), msg.data)
                 await msg.term()
                 continue
-            group = self.groups.setdefault(op.batch_key, Group())
-            if op.key in group.ops:
+            if op.key in self.pool:
                 await msg.ack()  # the same operator twice (a replay): run it once
                 continue
-            group.ops[op.key] = Held(op, msg, now, now)
-            self.held += 1
+            self.pool[op.key] = Held(op, msg, wall, now)
         return len(msgs)
 
     async def _schedule_loop(self) -> None:
@@ -252,60 +273,72 @@ class Scheduler:
                     await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s * 5)
 
     async def assign_once(self) -> int:
+        """One policy round over the pool and the workers with free slots."""
         workers = self.live_workers()
         if not workers:
             return 0
         counts = await self._assigned_counts()
-        assigned = 0
-        # least-loaded first, so two idle workers share a burst
-        workers.sort(key=lambda w: counts.get(subjects.assign(w.info.worker), 0))
-        free_of = {
-            w.info.worker: w.info.slots - counts.get(subjects.assign(w.info.worker), 0)
-            for w in workers
-        }
-        idle = [w.info for w in workers if free_of[w.info.worker] > 0]
+        states = []
         for w in workers:
-            free = free_of[w.info.worker]
-            while free > 0 and self.held:
-                batch = self._pick(w.info, idle)
-                if not batch:
-                    break
-                await self._send(w.info, batch)
-                free -= 1
-                assigned += 1
-                counts[subjects.assign(w.info.worker)] = (
-                    counts.get(subjects.assign(w.info.worker), 0) + 1
+            info = w.info
+            self._ensure_class(info)
+            states.append(
+                WorkerState(
+                    id=info.worker,
+                    device_class=info.device_class,
+                    free_slots=max(0, info.slots - counts.get(subjects.assign(info.worker), 0)),
+                    resident=dict.fromkeys(info.resident, self.model_gb),
+                    executors=frozenset(f"{k}@{v}" for k, v in info.executors.items()),
+                    models=frozenset(info.models.values()),
+                    batch_caps={
+                        f"{k}@{info.executors[k]}": v
+                        for k, v in info.max_batch.items()
+                        if k in info.executors
+                    },
                 )
-        return assigned
+            )
+        items = [
+            ReadyItem(
+                key=h.op.key,
+                batch_key=h.op.batch_key,
+                kind=h.op.spec.kind,
+                executor=f"{h.op.spec.executor}@{h.op.spec.version}",
+                model=h.op.spec.model,
+                model_gb=self.model_gb if h.op.spec.model else 0.0,
+                input_bytes=0,
+                tenant=h.op.tenant,
+                workflow_id=h.op.workflow_id,
+                ready_at=h.ready_at,
+            )
+            for h in self.pool.values()
+        ]
+        decisions = self.policy.decide(items, states, now=time.time(), fair=self.fair)
+        by_id = {w.info.worker: w.info for w in workers}
+        for d in decisions:
+            batch = [self.pool.pop(it.key) for it in d.items]
+            await self._send(by_id[d.worker], batch)
+            log.info(
+                "batch assigned",
+                worker=d.worker,
+                device_class=d.device_class,
+                executor=d.items[0].executor,
+                size=len(d.items),
+                workflows=len({it.workflow_id for it in d.items}),
+                score=round(d.score, 4),
+                terms={k: round(v, 4) for k, v in d.terms.items()},
+                est_s=round(d.seconds, 4),
+                load=d.load_model,
+            )
+        return len(decisions)
 
-    def _pick(self, worker: WorkerInfo, idle: list[WorkerInfo]) -> list[Held]:
-        """The oldest group this worker can run, up to its batch limit for that executor,
-        split evenly among the idle workers that could run it too (a burst of 40 ops
-        goes to two idle workers as 20 + 20, not 40 + 0)."""
-        best: tuple[float, str] | None = None
-        for bkey, group in self.groups.items():
-            if not group.ops:
-                continue
-            first = next(iter(group.ops.values()))
-            if not _can_run(worker, first.op):
-                continue
-            if best is None or first.since < best[0]:
-                best = (first.since, bkey)
-        if best is None:
-            return []
-        group = self.groups[best[1]]
-        first = next(iter(group.ops.values()))
-        sharers = max(1, sum(1 for w in idle if _can_run(w, first.op)))
-        fair = -(-len(group.ops) // sharers)
-        limit = max(1, min(worker.max_batch.get(first.op.spec.executor, 1), fair))
-        batch: list[Held] = []
-        while group.ops and len(batch) < limit:
-            _, held = group.ops.popitem(last=False)
-            batch.append(held)
-        if not group.ops:
-            del self.groups[best[1]]
-        self.held -= len(batch)
-        return batch
+    def _ensure_class(self, info: WorkerInfo) -> None:
+        if info.device_class in self.fleet.classes:
+            return
+        self.fleet = self.fleet.with_class(
+            info.device_class, info.price_per_hour, info.watts, info.memory_gb
+        )
+        self.estimator = LatencyEstimator(self.fleet)
+        self.policy = Policy(self.fleet, self.config, self.estimator)
 
     async def _send(self, worker: WorkerInfo, batch: list[Held]) -> None:
         assignment = Assignment(
@@ -320,29 +353,15 @@ class Scheduler:
         for h in batch:
             await h.msg.ack()
         self.assigned_batches += 1
-        log.debug(
-            "batch assigned",
-            worker=worker.worker,
-            executor=batch[0].op.spec.executor,
-            size=len(batch),
-            workflows=len({h.op.workflow_id for h in batch}),
-        )
 
     async def _keep_alive(self) -> None:
         """Operators waiting for a worker keep their ready message claimed."""
         now = time.monotonic()
         limit = streams.READY_ACK_WAIT_S / 3
-        for group in self.groups.values():
-            for held in group.ops.values():
-                if now - held.touched > limit:
-                    held.touched = now
-                    await held.msg.in_progress()
-
-
-def _can_run(worker: WorkerInfo, op: ReadyOp) -> bool:
-    if worker.executors.get(op.spec.executor) != op.spec.version:
-        return False
-    return op.spec.model is None or op.spec.model in worker.models.values()
+        for held in self.pool.values():
+            if now - held.touched > limit:
+                held.touched = now
+                await held.msg.in_progress()
 
 
 def _pool_of(op: ReadyOp) -> str:
