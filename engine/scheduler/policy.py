@@ -226,7 +226,9 @@ class Policy:
             idle = (compat[:, cols] & (slots[:, None] > 0)).sum(axis=0)[None, :]
             spread = np.ceil(n_g[cols][None, :] / np.maximum(idle, 1))
             e = cfg.spread_efficiency
-            efficient = np.ceil(e * fixed_t[c, k] / ((1 - e) * np.maximum(per_t[c, k], 1e-12)))
+            efficient = np.ceil(
+                e * fixed_t[c, k] / ((1 - e) * np.maximum(per_t[c, k], 1e-12)) - 1e-9
+            )
             n = np.minimum(np.maximum(spread, efficient), np.maximum(maxb, 1))
             n = np.maximum(np.minimum(n, n_g[cols][None, :]), 1)
             warm = resident[rows][:, g_model[cols]]

@@ -1,0 +1,234 @@
+"""The utility function and the policy round: pure, so tested without a bus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.scheduler.fairness import FairShare, TenantPolicy
+from engine.scheduler.fleet import LatencyEstimator, load_fleet, parse_fleet
+from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from engine.scheduler.utility import Weights, estimate, terms, utility
+
+REPO = Path(__file__).resolve().parent.parent
+REF = {"generate": {"fixed_s": 0.4, "per_item_s": 0.05, "max_batch": 32}}
+
+
+def fleet_of(**classes: dict[str, Any]) -> Any:
+    base = {"kind": "gpu", "watts_busy": 300, "memory_gb": 40, "load_gbps": 5}
+    return parse_fleet(
+        {
+            "reference": REF,
+            "ref_model_gb": {"generate": 10},
+            "classes": {n: {**base, **c} for n, c in classes.items()},
+        }
+    )
+
+
+def item(
+    i: int,
+    *,
+    model: str | None = "m",
+    tenant: str = "t",
+    bkey: str = "b",
+    ready_at: float = 0.0,
+    wf: str | None = None,
+    kind: str = "generate",
+) -> ReadyItem:
+    return ReadyItem(
+        key=f"k{bkey}{i}",
+        batch_key=bkey,
+        kind=kind,
+        executor="generate@1",
+        model=model,
+        model_gb=10.0 if model else 0.0,
+        input_bytes=1000,
+        tenant=tenant,
+        workflow_id=wf or f"wf{i}",
+        ready_at=ready_at,
+    )
+
+
+def score(**over: Any) -> float:
+    args: dict[str, Any] = dict(
+        n=16,
+        fixed_s=0.4,
+        per_item_s=0.05,
+        size_factor=1.0,
+        warm=True,
+        model_gb=10.0,
+        load_gbps=5.0,
+        input_bytes=0.0,
+        net_gbps=1.0,
+        price_per_hour=2.0,
+        watts_busy=300.0,
+    )
+    t_args: dict[str, Any] = dict(deficit=0.0, oldest_wait_s=0.0, priority=0.0)
+    for k, v in over.items():
+        (t_args if k in t_args else args)[k] = v
+    est = estimate(**args)
+    return float(
+        utility(
+            terms(args["n"], est, 10.0, 0.001, 1.0, weights=Weights(), aging_scale_s=60.0, **t_args)
+        )
+    )
+
+
+def test_utility_is_monotonic_in_each_term() -> None:
+    base = score()
+    assert score(per_item_s=0.01) > base  # faster: more throughput
+    assert score(price_per_hour=4.0) < base  # dearer
+    assert score(watts_busy=600.0) < base  # hungrier
+    assert score(warm=False) < base  # must load the model first
+    assert score(input_bytes=1e9) < base  # must fetch data first
+    assert score(deficit=0.3) > base  # the tenant is owed fleet time
+    assert score(oldest_wait_s=30.0) > base  # it has waited
+    assert score(priority=1.0) > base
+    # and strictly monotonic along each axis, not just at one point
+    waits = [score(oldest_wait_s=w) for w in (0, 10, 100, 1000)]
+    assert waits == sorted(waits) and len(set(waits)) == 4
+
+
+def test_cheaper_class_wins_when_speed_is_equal() -> None:
+    fleet = fleet_of(dear={"price_per_hour": 3.0}, cheap={"price_per_hour": 1.0})
+    workers = [WorkerState("w-dear", "dear", 1), WorkerState("w-cheap", "cheap", 1)]
+    decisions = Policy(fleet).decide([item(i) for i in range(8)], workers, now=1.0)
+    assert decisions[0].worker == "w-cheap"
+    assert (
+        decisions[0].terms["cost"]
+        > Policy(fleet)
+        .decide([item(i) for i in range(8)], [WorkerState("w-dear", "dear", 1)], now=1.0)[0]
+        .terms["cost"]
+    )
+
+
+def test_warm_worker_wins_when_cost_is_equal() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    cold = WorkerState("cold", "gpu", 1)
+    warm = WorkerState("warm", "gpu", 1, resident={"m": 10.0})
+    decisions = Policy(fleet).decide([item(i) for i in range(4)], [cold, warm], now=1.0)
+    assert decisions[0].worker == "warm" and decisions[0].load_model is None
+    assert decisions[0].terms["locality"] == pytest.approx(0.0, abs=1e-3)  # inputs only
+
+
+def test_compatible_operators_of_many_workflows_share_one_batch() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    items = [item(i, wf=f"wf{i % 8}", tenant=f"t{i % 4}") for i in range(32)]
+    decisions = Policy(fleet).decide(items, [WorkerState("w", "gpu", 1)], now=1.0)
+    assert len(decisions) == 1 and len(decisions[0].items) == 32
+    assert len({i.workflow_id for i in decisions[0].items}) == 8
+
+
+def test_batch_is_capped_by_the_class_and_by_the_worker() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    items = [item(i) for i in range(100)]
+    [d] = Policy(fleet).decide(items, [WorkerState("w", "gpu", 1)], now=1.0)
+    assert len(d.items) == 32  # the profile's max batch
+    capped = WorkerState("w", "gpu", 1, batch_caps={"generate@1": 5})
+    [d] = Policy(fleet).decide(items, [capped], now=1.0)
+    assert len(d.items) == 5
+
+
+def test_backlog_spreads_over_idle_workers_but_not_into_tiny_batches() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+
+    def workers() -> list[WorkerState]:  # decide() takes their slots: fresh ones each time
+        return [WorkerState(f"w{i}", "gpu", 1, resident={"m": 10.0}) for i in range(4)]
+
+    ds = Policy(fleet).decide([item(i) for i in range(128)], workers(), now=1.0)
+    assert sorted(len(d.items) for d in ds) == [32, 32, 32, 32]
+    # with fixed 0.4 s and 0.05 s per item, a batch under 24 is mostly overhead
+    ds = Policy(fleet).decide([item(i) for i in range(64)], workers(), now=1.0)
+    assert sorted(len(d.items) for d in ds) == [16, 24, 24]
+    # 8 operators would make batches of 2 on four workers; fixed cost dominates there
+    ds = Policy(fleet).decide([item(i) for i in range(8)], workers(), now=1.0)
+    assert len(ds) == 1 and len(ds[0].items) == 8
+
+
+def test_memory_aware_placement_and_eviction() -> None:
+    fleet = fleet_of(
+        small={"price_per_hour": 0.5, "memory_gb": 8}, big={"price_per_hour": 3.0, "memory_gb": 24}
+    )
+    # the model (10 GB) does not fit the cheap 8 GB class: it must go to the big one
+    ds = Policy(fleet).decide(
+        [item(i) for i in range(4)],
+        [WorkerState("s", "small", 1), WorkerState("b", "big", 1)],
+        now=1.0,
+    )
+    assert [d.worker for d in ds] == ["b"]
+    # a worker holding two 10 GB models must evict the least recently used for a third
+    w = WorkerState("b", "big", 1, resident={"old": 10.0, "recent": 10.0})
+    [d] = Policy(fleet).decide([item(i, model="new") for i in range(4)], [w], now=1.0)
+    assert d.load_model == "new" and d.evict == ("old",)
+    assert list(w.resident) == ["recent", "new"]
+
+
+def test_nothing_starves_under_aging() -> None:
+    """One slot per round; a fresh, more attractive batch arrives every round from a
+    high-priority tenant. The old operator still runs after a bounded wait."""
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    cfg = PolicyConfig(tenants={"vip": TenantPolicy(priority=2.0)})
+    policy = Policy(fleet, cfg)
+    fair = FairShare(cfg.tenants)
+    lonely = item(0, tenant="small", bkey="lonely", ready_at=0.0)
+    for rnd in range(1000):
+        now = rnd * 10.0
+        fresh = [item(i, tenant="vip", bkey=f"r{rnd}", ready_at=now) for i in range(32)]
+        ds = policy.decide(
+            [lonely, *fresh], [WorkerState("w", "gpu", 1, resident={"m": 10})], now=now, fair=fair
+        )
+        assert len(ds) == 1
+        if ds[0].items[0].key == lonely.key:
+            break
+    else:
+        pytest.fail("the lonely operator starved")
+    assert rnd > 0  # it did have to wait: the fresh batches were preferred at first
+
+
+def test_fair_share_favours_the_tenant_that_got_less() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    fair = FairShare()
+    fair.charge("hog", device_s=1000.0, cost_usd=1.0, now=0.0)
+    items = [item(i, tenant="hog", bkey="h") for i in range(8)]
+    items += [item(i, tenant="meek", bkey="m") for i in range(8)]
+    [d] = Policy(fleet).decide(
+        items, [WorkerState("w", "gpu", 1, resident={"m": 10})], now=1.0, fair=fair
+    )
+    assert d.items[0].tenant == "meek" and d.terms["fairness"] > 0
+
+
+def test_over_budget_tenant_waits() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    cfg = PolicyConfig(tenants={"broke": TenantPolicy(budget_usd=0.5)})
+    fair = FairShare(cfg.tenants)
+    fair.charge("broke", 10.0, 0.6, now=0.0)
+    ds = Policy(fleet, cfg).decide(
+        [item(i, tenant="broke") for i in range(4)],
+        [WorkerState("w", "gpu", 1)],
+        now=1.0,
+        fair=fair,
+    )
+    assert ds == []
+
+
+def test_latency_estimator_learns_the_real_speed() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    est = LatencyEstimator(fleet)
+    assert est.model("gpu", "generate") == fleet["gpu"].latency["generate"]
+    # the device is really 3x slower than its profile says
+    for n in [4, 8, 16, 32, 8, 16] * 5:
+        est.observe("gpu", "generate", n, 3 * (0.4 + 0.05 * n))
+    learned = est.model("gpu", "generate")
+    assert learned is not None
+    assert learned.seconds(16) == pytest.approx(3 * (0.4 + 0.05 * 16), rel=0.1)
+
+
+def test_default_fleet_profile_loads() -> None:
+    fleet = load_fleet(REPO / "configs" / "fleet" / "default.yaml")
+    assert {"h100", "a100", "l40s", "rtx4090", "cpu-amx"} <= set(fleet.classes)
+    assert fleet["h100"].latency["generate"].seconds(8) < fleet["rtx4090"].latency[
+        "generate"
+    ].seconds(8)
+    assert not fleet["h100"].runs("map") and fleet["cpu-amx"].runs("map")
