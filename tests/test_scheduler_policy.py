@@ -232,3 +232,19 @@ def test_default_fleet_profile_loads() -> None:
         "generate"
     ].seconds(8)
     assert not fleet["h100"].runs("map") and fleet["cpu-amx"].runs("map")
+
+
+def test_cpu_takes_small_models_when_that_is_cheaper() -> None:
+    fleet = load_fleet(REPO / "configs" / "fleet" / "default.yaml")
+
+    def placed(model_gb: float) -> str:
+        items = [
+            ReadyItem(f"k{i}", "b", "generate", "generate@1", "m", model_gb, 1000, "t", "wf", 0.0)
+            for i in range(16)
+        ]
+        workers = [WorkerState("gpu", "h100", 1), WorkerState("cpu", "cpu-amx", 1)]
+        [d] = Policy(fleet).decide(items, workers, now=0.0)
+        return d.worker
+
+    assert placed(0.3) == "cpu"  # a 135M-parameter model: the CPU is nearly as fast, far cheaper
+    assert placed(16.0) == "gpu"  # a 7B model: the CPU would take forever

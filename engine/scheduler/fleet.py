@@ -37,6 +37,10 @@ class DeviceClass:
     load_gbps: float  # model weights into device memory
     net_gbps: float  # inputs fetched from the CAS
     latency: Mapping[str, LatencyModel]  # operator kinds this class runs
+    # a model smaller than the reference runs proportionally faster, down to this
+    # fraction: a GPU does not get 50x faster on a 50x smaller model (launch overheads,
+    # idle SMs), which is what lets a CPU win small models on cost
+    min_size_factor: float = 0.0
 
     def runs(self, kind: str) -> bool:
         return kind in self.latency
@@ -119,6 +123,7 @@ def parse_fleet(data: Mapping[str, Any]) -> Fleet:
             load_gbps=float(c.get("load_gbps", 10.0)),
             net_gbps=float(c.get("net_gbps", 1.0)),
             latency=latency,
+            min_size_factor=float(c.get("min_size_factor", 0.0)),
         )
     kinds = tuple(sorted({k for c in classes.values() for k in c.latency}))
     ref_gb = {k: float(v) for k, v in (data.get("ref_model_gb") or {}).items()}

@@ -120,6 +120,7 @@ class Policy:
         self.load_gbps = np.array([c.load_gbps for c in cls])
         self.net_gbps = np.array([c.net_gbps for c in cls])
         self.memory = np.array([c.memory_gb for c in cls])
+        self.min_sf = np.array([c.min_size_factor for c in cls])
 
     # --- per round tables -----------------------------------------------------------
 
@@ -236,7 +237,7 @@ class Policy:
                 n,
                 fixed_t[c, k],
                 per_t[c, k],
-                size_factor[cols][None, :],
+                np.maximum(size_factor[cols][None, :], self.min_sf[c]),
                 warm,
                 model_gb[cols][None, :],
                 self.load_gbps[c],
@@ -245,12 +246,15 @@ class Policy:
                 self.price[c],
                 self.watts[c],
             )
+            # references scale with the model: a small model's batch is compared with what
+            # a typical device does for a model of that size, not for the reference one
+            sf = size_factor[cols][None, :]
             parts = terms(
                 n,
                 est,
-                ref_ops[k],
-                ref_cost[k],
-                ref_energy[k],
+                ref_ops[k] / sf,
+                ref_cost[k] * sf,
+                ref_energy[k] * sf,
                 deficit[cols][None, :],
                 oldest[cols][None, :],
                 priority[cols][None, :],
@@ -296,7 +300,7 @@ class Policy:
                 n,
                 fixed_t[c, k],
                 per_t[c, k],
-                size_factor[gi],
+                max(float(size_factor[gi]), float(self.min_sf[c])),
                 load is None,
                 model_gb[gi],
                 self.load_gbps[c],
