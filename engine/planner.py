@@ -213,6 +213,9 @@ class Planner:
                 await self._fail(run, f"dataset {name!r}: {exc}")
                 return
             node = run.nodes[name]
+            # the manifest first: the status names the source data even if the run
+            # fails while it fans out
+            node.manifest = await self.cas.put_manifest(digests)
             for i, d in enumerate(digests):
                 node.outputs[(i,)] = [d]
             node.upstream_complete = True
@@ -227,7 +230,13 @@ class Planner:
         by_name = {n.name: n for n in spec.nodes}
         for name in order:
             n = by_name[name]
-            nodes[name] = NodeRun(name=name, spec=n, kind=KINDS[n.op], inputs=list(n.inputs))
+            nodes[name] = NodeRun(
+                name=name,
+                spec=n,
+                kind=KINDS[n.op],
+                inputs=list(n.inputs),
+                status=NodeStatus(spec=n),
+            )
         for name in order:
             for inp in by_name[name].inputs:
                 nodes[inp].downstream.append(name)

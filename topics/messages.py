@@ -209,6 +209,7 @@ class NodeStatus(msgspec.Struct):
     output: str | None = None  # manifest digest of the node's ordered output records
     n_outputs: int = 0
     ops: str | None = None  # manifest of the node's operator keys, in slot order
+    spec: NodeSpec | None = None  # the node as submitted (its inputs name its parents)
 
 
 class WorkflowStatus(msgspec.Struct):
