@@ -309,11 +309,19 @@ class Planner:
             tenant=run.spec.tenant,
             created_at=time.time(),
         )
+        # the revision tells incarnations of a key apart: once `flowmesh cache invalidate`
+        # deleted an entry, the ready message of the new one is not a duplicate
+        revision = 0
         try:
-            await self.kv_ops.create(key, codec.encode(state))
+            revision = await self.kv_ops.create(key, codec.encode(state))
             existing = None
         except KeyWrongLastSequenceError:
-            existing = await self._op_state(key)
+            try:
+                entry = await self.kv_ops.get(key)
+                revision = entry.revision or 0
+                existing = codec.decode(entry.value, OpState) if entry.value else None
+            except KeyNotFoundError:
+                existing = None
         if existing is None:
             role: RequestRole = "ran"
         else:
@@ -336,7 +344,9 @@ class Planner:
             workflow_id=run.wf_id,
             tenant=run.spec.tenant,
         )
-        await self.bus.publish(subjects.ready(node.kind.pool), ready, msg_id=f"ready-{key}")
+        await self.bus.publish(
+            subjects.ready(node.kind.pool), ready, msg_id=f"ready-{key}-{revision}"
+        )
 
     async def _record_request(
         self, run: WorkflowRun, node: str, key: str, role: RequestRole

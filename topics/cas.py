@@ -14,10 +14,15 @@ JetStream object store. Issue 8 adds S3.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import io
 import os
+import re
 import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -49,6 +54,10 @@ class BlobBackend(Protocol):
     async def exists(self, name: str) -> bool: ...
     async def delete(self, name: str) -> None: ...
 
+    # (digest, modification time as a unix timestamp) of every stored blob, in no
+    # particular order; an async generator
+    def list(self) -> AsyncIterator[tuple[str, float]]: ...
+
 
 class FileBackend:
     """Blobs as files under root/ab/cd/<digest>.zst, written atomically."""
@@ -64,6 +73,10 @@ class FileBackend:
     async def put(self, name: str, data: bytes) -> None:
         path = self._path(name)
         if path.exists():
+            # a blob written again is in use again: refresh its age so a garbage
+            # collection running before its new reference lands does not take it
+            with contextlib.suppress(OSError):
+                os.utime(path)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -86,6 +99,29 @@ class FileBackend:
 
     async def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    async def list(self) -> AsyncIterator[tuple[str, float]]:
+        """Every blob under root/ab/cd/<digest>.zst with its mtime; temp files of puts
+        in progress (.tmp-*) and anything else that is not a blob are skipped."""
+        for top in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if not (top.is_dir() and len(top.name) == 2):
+                continue
+            for sub in sorted(top.iterdir()):
+                if not (sub.is_dir() and len(sub.name) == 2):
+                    continue
+                for path in sorted(sub.iterdir()):
+                    name = path.name
+                    if name.startswith(".tmp-") or not name.endswith(".zst"):
+                        continue
+                    digest = name[: -len(".zst")]
+                    if not is_digest(digest) or digest[:2] != top.name or digest[2:4] != sub.name:
+                        continue
+                    try:
+                        mtime = path.stat().st_mtime
+                    except FileNotFoundError:  # deleted while we walked
+                        continue
+                    yield digest, mtime
+            await asyncio.sleep(0)  # let other tasks run on a large store
 
 
 class NatsObjectBackend:
@@ -123,6 +159,39 @@ class NatsObjectBackend:
 
         with contextlib.suppress(ObjectNotFoundError):
             await self.store.delete(name)
+
+    async def list(self) -> AsyncIterator[tuple[str, float]]:
+        """Every live object whose name is a digest, with the time it was put."""
+        from nats.js.errors import NotFoundError
+
+        try:
+            infos = await self.store.list(ignore_deletes=True)
+        except NotFoundError:  # nats-py raises this for a store with no (live) objects
+            return
+        for info in infos:
+            name = getattr(info, "name", None)
+            if getattr(info, "deleted", False) or not isinstance(name, str):
+                continue
+            if is_digest(name):
+                yield name, _parse_mtime(getattr(info, "mtime", None))
+
+
+_FRACTION_RE = re.compile(r"(\.\d{6})\d+")
+
+
+def _parse_mtime(value: object) -> float:
+    """An object's mtime (RFC 3339, possibly with nanoseconds and a Z) as a unix time.
+    One that cannot be read counts as now: a blob of unknown age is never old enough
+    for garbage collection to take it."""
+    if isinstance(value, str) and value:
+        text = _FRACTION_RE.sub(r"\1", value.strip())
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            return datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            pass
+    return time.time()
 
 
 class CAS:
@@ -163,6 +232,11 @@ class CAS:
     async def delete(self, digest: str) -> None:
         await self.backend.delete(self._check(digest))
 
+    async def list(self) -> AsyncIterator[tuple[str, float]]:
+        """(digest, modification time as a unix timestamp) of every stored blob."""
+        async for item in self.backend.list():
+            yield item
+
     # --- typed layouts ----------------------------------------------------------------
 
     async def put_record(self, record: Record) -> str:
@@ -176,10 +250,10 @@ class CAS:
             raise CorruptBlob(f"{digest} is not a record")
         return value
 
-    async def put_manifest(self, digests: list[str]) -> str:
+    async def put_manifest(self, digests: builtins.list[str]) -> str:
         return await self.put(canonical(digests))
 
-    async def get_manifest(self, digest: str) -> list[str]:
+    async def get_manifest(self, digest: str) -> builtins.list[str]:
         import msgspec
 
         value = msgspec.json.decode(await self.get(digest))
@@ -189,13 +263,13 @@ class CAS:
             raise CorruptBlob(f"{digest} is not a manifest")
         return value
 
-    async def get_records(self, digests: list[str]) -> list[Record]:
+    async def get_records(self, digests: builtins.list[str]) -> builtins.list[Record]:
         return list(await asyncio.gather(*(self.get_record(d) for d in digests)))
 
-    async def put_table(self, records: list[Record]) -> str:
+    async def put_table(self, records: builtins.list[Record]) -> str:
         return await self.put(records_to_arrow(records))
 
-    async def get_table(self, digest: str) -> list[Record]:
+    async def get_table(self, digest: str) -> builtins.list[Record]:
         return arrow_to_records(await self.get(digest))
 
 

@@ -229,7 +229,11 @@ class Worker:
                 todo.append(Todo(op, revision, state))
         if todo:
             done_msgs.extend(await self._execute(todo, started))
-        await self.bus.publish_many([(subjects.DONE, d, f"done-{d.key}") for d in done_msgs])
+        # ended_at tells commits of one key apart (it is run again after an invalidation);
+        # a replay of the same commit keeps its id and stays a duplicate
+        await self.bus.publish_many(
+            [(subjects.DONE, d, f"done-{d.key}-{d.ended_at:.6f}") for d in done_msgs]
+        )
 
     async def _execute(self, todo: list[Todo], started: float) -> list[OpDone]:
         spec0 = todo[0].op.spec
