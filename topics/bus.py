@@ -30,6 +30,7 @@ class Bus:
         self.nc = nc
         self.js = js
         self._kv: dict[str, KeyValue] = {}
+        self._closing = {"now": False}  # read by the disconnect callback
 
     @classmethod
     async def connect(
@@ -42,8 +43,11 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc), client=name)
 
+        closing = {"now": False}
+
         async def on_disconnect() -> None:
-            log.warning("nats disconnected", client=name)
+            if not closing["now"]:
+                log.warning("nats disconnected", client=name)
 
         async def on_reconnect() -> None:
             log.info("nats reconnected", client=name)
@@ -60,7 +64,9 @@ class Bus:
         )
         js = nc.jetstream(timeout=10.0)
         await streams.ensure(js, layout)
-        return cls(nc, js)
+        bus = cls(nc, js)
+        bus._closing = closing
+        return bus
 
     async def kv(self, bucket: str) -> KeyValue:
         if bucket not in self._kv:
@@ -98,6 +104,7 @@ class Bus:
             log.error("dead letter publish failed", error=str(exc))
 
     async def close(self) -> None:
+        self._closing["now"] = True
         # Not drain(): components stop their loops first, and anything still queued is
         # unacked and will be redelivered, so waiting for queues to empty only hangs.
         with contextlib.suppress(Exception):
