@@ -42,6 +42,21 @@ class Todo:
 
 
 @dataclass
+class Prepared:
+    """An assignment with everything it needs loaded, ready to run."""
+
+    msg: Any
+    batch: Assignment
+    keeper: asyncio.Task[None]  # in-progress acks until it is acked
+    done: list[OpDone] = field(default_factory=list)  # already committed earlier
+    todo: list[Todo] = field(default_factory=list)
+    executor: Executor | None = None
+    error: OpError | None = None
+    inputs: list[OpInput] = field(default_factory=list)
+    model: Any = None
+
+
+@dataclass
 class WorkerConfig:
     device_class: str = "cpu"
     price_per_hour: float = 0.05
@@ -169,44 +184,99 @@ class Worker:
     # --- work -----------------------------------------------------------------------
 
     async def _work_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await self.psub.fetch(1, timeout=1.0)
-            except TimeoutError:
-                continue
-            except NotFoundError:
-                # our consumer was deleted: the scheduler took us for dead and
-                # reclaimed our work; leave so a fresh worker takes our place
-                log.error("assignment consumer gone; stopping", worker=self.id)
-                self._stopping.set()
-                return
-            except Exception as exc:
-                log.warning("fetch failed", worker=self.id, error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self._handle(msg)
+        # Data movement decoupled from compute (as in DataFlower): while one batch runs
+        # in the executor thread, the next assignment is fetched and its inputs and model
+        # are loaded, so the device does not wait on the CAS between batches.
+        upcoming: asyncio.Task[Prepared | None] | None = None
+        try:
+            while not self._stopping.is_set():
+                if upcoming is None:
+                    upcoming = asyncio.create_task(self._fetch_and_prepare())
+                current = await upcoming
+                upcoming = None
+                if current is None:
+                    continue
+                if not self._stopping.is_set():
+                    upcoming = asyncio.create_task(self._fetch_and_prepare())
+                await self._finish(current)
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
 
-    async def _handle(self, msg: Any) -> None:
+    async def _fetch_and_prepare(self) -> Prepared | None:
+        try:
+            msgs = await self.psub.fetch(1, timeout=1.0)
+        except TimeoutError:
+            return None
+        except NotFoundError:
+            # our consumer was deleted: the scheduler took us for dead and reclaimed
+            # our work; leave so a fresh worker takes our place
+            log.error("assignment consumer gone; stopping", worker=self.id)
+            self._stopping.set()
+            return None
+        except Exception as exc:
+            log.warning("fetch failed", worker=self.id, error=str(exc))
+            await asyncio.sleep(0.5)
+            return None
+        return await self._prepare(msgs[0]) if msgs else None
+
+    async def _prepare(self, msg: Any) -> Prepared | None:
         try:
             batch = codec.decode(msg.data, Assignment)
         except codec.DecodeError as exc:
             await self.bus.dead_letter("worker", msg.subject, str(exc), msg.data)
             await msg.term()
-            return
+            return None
         keeper = asyncio.create_task(self._keep_claimed(msg))
+        prepared = Prepared(msg=msg, batch=batch, keeper=keeper)
         try:
-            await self.run_batch(batch)
+            for op in batch.ops:
+                state, revision = await self._state(op.key)
+                if state is not None and state.state != "pending":
+                    prepared.done.append(state.to_done())  # committed by an earlier attempt
+                else:
+                    prepared.todo.append(Todo(op, revision, state))
+            if prepared.todo:
+                spec0 = prepared.todo[0].op.spec
+                executor = self.executors.get(spec0.executor)
+                if executor is None or executor.version != spec0.version:
+                    prepared.error = OpError(
+                        f"worker {self.id} has no executor {spec0.executor}@{spec0.version}"
+                    )
+                else:
+                    prepared.executor = executor
+                    prepared.inputs = [await self._inputs(t.op) for t in prepared.todo]
+                    if spec0.model:
+                        prepared.model = await self.models.get(spec0.model)
         except Exception as exc:
-            # infrastructure trouble (nats/CAS): leave the assignment unacked so it is
-            # redelivered; the compare-and-set commit makes the retry safe
-            log.exception("batch failed; it will be retried", worker=self.id, error=str(exc))
+            # infrastructure trouble (nats/CAS): leave it for redelivery
+            log.exception("batch preparation failed; it will be retried", error=str(exc))
             keeper.cancel()
-            await msg.nak(delay=1.0)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+            return None
+        return prepared
+
+    async def _finish(self, p: Prepared) -> None:
+        try:
+            if p.todo:
+                p.done.extend(await self._execute(p))
+            # ended_at tells commits of one key apart (it runs again after an
+            # invalidation); a replay of the same commit keeps its id: a duplicate
+            await self.bus.publish_many(
+                [(subjects.DONE, d, f"done-{d.key}-{d.ended_at:.6f}") for d in p.done]
+            )
+        except Exception as exc:
+            # infrastructure trouble: leave the assignment unacked so it is redelivered;
+            # the compare-and-set commit makes the retry safe
+            log.exception("batch failed; it will be retried", worker=self.id, error=str(exc))
+            p.keeper.cancel()
+            with contextlib.suppress(Exception):
+                await p.msg.nak(delay=1.0)
             return
         finally:
-            keeper.cancel()
-        await msg.ack()
+            p.keeper.cancel()
+        await p.msg.ack()
         self.batches_done += 1
         with contextlib.suppress(Exception):
             await self.heartbeat()  # tell the scheduler at once that a slot is free
@@ -217,47 +287,29 @@ class Worker:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def run_batch(self, batch: Assignment) -> None:
+    async def _execute(self, p: Prepared) -> list[OpDone]:
         started = time.time()
-        todo: list[Todo] = []
-        done_msgs: list[OpDone] = []
-        for op in batch.ops:
-            state, revision = await self._state(op.key)
-            if state is not None and state.state != "pending":
-                done_msgs.append(state.to_done())  # committed by an earlier attempt
-            else:
-                todo.append(Todo(op, revision, state))
-        if todo:
-            done_msgs.extend(await self._execute(todo, started))
-        # ended_at tells commits of one key apart (it is run again after an invalidation);
-        # a replay of the same commit keeps its id and stays a duplicate
-        await self.bus.publish_many(
-            [(subjects.DONE, d, f"done-{d.key}-{d.ended_at:.6f}") for d in done_msgs]
-        )
-
-    async def _execute(self, todo: list[Todo], started: float) -> list[OpDone]:
+        todo = p.todo
         spec0 = todo[0].op.spec
-        executor = self.executors.get(spec0.executor)
         outcomes: list[Outcome]
-        if executor is None or executor.version != spec0.version:
-            err = OpError(f"worker {self.id} has no executor {spec0.executor}@{spec0.version}")
-            outcomes = [err for _ in todo]
+        if p.executor is None:
+            outcomes = [p.error or OpError("no executor") for _ in todo]
         else:
-            inputs = [await self._inputs(t.op) for t in todo]
-            model = await self.models.get(spec0.model) if spec0.model else None
             try:
-                outcomes = await asyncio.to_thread(executor.run, inputs, model)
+                outcomes = await asyncio.to_thread(p.executor.run, p.inputs, p.model)
             except Exception as exc:
                 # the executor failed as a whole: every op of the batch fails with it
                 tb = traceback.format_exc(limit=5)
                 outcomes = [OpError(f"{type(exc).__name__}: {exc}\n{tb}") for _ in todo]
             if len(outcomes) != len(todo):
-                outcomes = [OpError(f"{executor.id} returned {len(outcomes)} results")] * len(todo)
+                n = len(outcomes)
+                outcomes = [OpError(f"{p.executor.id} returned {n} results")] * len(todo)
             self.ops_executed += len(todo)
         ended = time.time()
         self.last_batch = (spec0.kind, len(todo), ended - started)
-        # the batch occupied this worker from start to end; each operator is charged an
-        # equal share of that time at this device class's price and power
+        # the batch occupied this worker from start to end (inputs were loaded while the
+        # previous batch ran); each operator is charged an equal share of that time at
+        # this device class's price and power
         share = (ended - started) / len(todo)
         results = []
         for t, outcome in zip(todo, outcomes, strict=True):
