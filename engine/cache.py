@@ -372,12 +372,29 @@ class _Marker:
         else:
             self.mark_all(sp.inputs, f"{where} input")
         await self.model(sp.model, f"{where} model")
+        # an adapter manifest lists its files like a model manifest does
+        await self.model(sp.adapter, f"{where} adapter")
         if op.state != "done" or not op.output:
             return True
         if op.outputs is not None:  # inline: no need to read the manifest
             ok = self.mark(op.output, f"{where} output")
-            return self.mark_all(op.outputs, f"{where} output") and ok
-        return await self.manifest(op.output, f"{where} output")
+            ok = self.mark_all(op.outputs, f"{where} output") and ok
+        else:
+            ok = await self.manifest(op.output, f"{where} output")
+        if sp.kind == "train" and ok:
+            # a train op's record names the adapter it made (a manifest listing files,
+            # like a model's): it stays reachable as long as the record does
+            listed = op.outputs
+            if listed is None:
+                listed = await self._read(op.output, "manifest") or []
+            for d in listed:
+                try:
+                    adapter = (await self.cas.get_record(d)).get("adapter")
+                except CASError:
+                    continue
+                if isinstance(adapter, str):
+                    ok = await self.model(adapter, f"{where} output adapter") and ok
+        return ok
 
     async def workflow(self, wf: WorkflowStatus) -> None:
         where = f"fm_wf {wf.workflow_id}"

@@ -84,10 +84,24 @@ def engine(
 @data_option
 @cas_option
 @click.option("--workers", "n_workers", default=2, show_default=True, help="local worker processes")
-def up(nats_url: str, data_dir: Path, cas_url: str | None, n_workers: int) -> None:
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    default=("tiny-llama",),
+    show_default=True,
+    help="model sources the workers serve (tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/path)",
+)
+def up(
+    nats_url: str, data_dir: Path, cas_url: str | None, n_workers: int, models: tuple[str, ...]
+) -> None:
     """Run engine + N local workers (and a nats-server if none is reachable) until Ctrl-C."""
     fabric = LocalFabric(
-        data_dir=data_dir, nats_url=nats_url, cas_url=_cas(cas_url, data_dir), workers=n_workers
+        data_dir=data_dir,
+        nats_url=nats_url,
+        cas_url=_cas(cas_url, data_dir),
+        workers=n_workers,
+        worker_args=[a for m in models for a in ("--model", m)],
     )
     with fabric:
         console.print(
@@ -108,11 +122,25 @@ def up(nats_url: str, data_dir: Path, cas_url: str | None, n_workers: int) -> No
 @main.command()
 @click.option("--workers", "n_workers", default=2, show_default=True)
 @click.option(
+    "--model",
+    "models",
+    multiple=True,
+    default=("tiny-llama",),
+    show_default=True,
+    help="model sources the workers serve (tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/path)",
+)
+@click.option(
     "--nats", "nats_url", default=None, help="use this NATS server (default: start a private one)"
 )
 @data_option
 @click.argument("workflow", required=False, type=click.Path(exists=True, path_type=Path))
-def demo(n_workers: int, nats_url: str | None, data_dir: Path, workflow: Path | None) -> None:
+def demo(
+    n_workers: int,
+    models: tuple[str, ...],
+    nats_url: str | None,
+    data_dir: Path,
+    workflow: Path | None,
+) -> None:
     """Start a private fabric, run a demo workflow end to end, print its results, stop."""
     workflow = workflow or DEMO
     started = time.monotonic()
@@ -120,7 +148,11 @@ def demo(n_workers: int, nats_url: str | None, data_dir: Path, workflow: Path | 
         nats_url = f"nats://127.0.0.1:{free_port()}"
         data_dir = data_dir / f"demo-{int(time.time())}"
     fabric = LocalFabric(
-        data_dir=data_dir, nats_url=nats_url, cas_url=_cas(None, data_dir), workers=n_workers
+        data_dir=data_dir,
+        nats_url=nats_url,
+        cas_url=_cas(None, data_dir),
+        workers=n_workers,
+        worker_args=[a for m in models for a in ("--model", m)],
     )
     try:
         spec = load_spec(workflow)

@@ -38,5 +38,6 @@ def batch_key(spec: OpSpec) -> str:
             "fanout": spec.fanout,
             "params": spec.params,
             "model": spec.model,
+            "adapter": spec.adapter,
         }
     )

@@ -40,7 +40,7 @@ from topics.messages import (
     SubmitWorkflow,
     WorkflowStatus,
 )
-from topics.operators import KINDS, OperatorKind, executor_id, parse_params
+from topics.operators import KINDS, NONDETERMINISTIC, OperatorKind, executor_id, parse_params
 
 log = structlog.get_logger("flowmesh.planner")
 
@@ -66,6 +66,9 @@ class NodeRun:
     manifest: str | None = None
     ordered: list[str] = field(default_factory=list)
     status: NodeStatus = field(default_factory=NodeStatus)
+    # operators waiting for the node that trains this node's adapter
+    deferred: list[tuple[Pos, list[str]]] = field(default_factory=list)
+    adapter_digest: str | None = None
 
 
 @dataclass
@@ -289,15 +292,23 @@ class Planner:
             return
         node = run.nodes[name]
         assert node.spec is not None and node.kind is not None
+        if node.spec.adapter and node.adapter_digest is None:
+            node.deferred.append((pos, inputs))  # started when the adapter exists
+            return
         try:
-            op = await self._op_spec(node.spec, node.kind, inputs)
+            op = await self._op_spec(node.spec, node.kind, inputs, node.adapter_digest)
         except Unresolved:
             self.parked.append(Parked(run, name, pos, inputs, time.monotonic()))
             return
         except ValueError as exc:
             await self._fail(run, f"node {name!r}: {exc}")
             return
-        key = keys.op_key(op, run.salt)
+        salt = run.salt
+        if op.version.endswith(NONDETERMINISTIC):
+            # never shared, never reused: unique to this request, stable across a
+            # planner restart so a replay does not run it twice
+            salt = f"{salt}|nondet:{run.wf_id}:{name}:{'.'.join(map(str, pos))}"
+        key = keys.op_key(op, salt)
         node.keys[pos] = key
         in_flight_here = bool(self.waiters.get(key))
         self.waiters.setdefault(key, []).append(Waiter(run, name, pos))
@@ -364,7 +375,9 @@ class Planner:
         with contextlib.suppress(KeyWrongLastSequenceError):
             await self.kv_requests.create(f"{key}.{run.wf_id}", codec.encode(request))
 
-    async def _op_spec(self, node: NodeSpec, kind: OperatorKind, inputs: list[str]) -> OpSpec:
+    async def _op_spec(
+        self, node: NodeSpec, kind: OperatorKind, inputs: list[str], adapter: str | None
+    ) -> OpSpec:
         ex_id = executor_id(kind.name, node.fn)
         version = await self._resolve(streams.KV_EXECUTORS, ex_id)
         model = await self._resolve(streams.KV_MODELS, node.model) if node.model else None
@@ -380,6 +393,7 @@ class Planner:
             params=params,
             model=model,
             inputs=inputs,
+            adapter=adapter,
         )
 
     async def _resolve(self, bucket: str, name: str) -> str:
@@ -475,6 +489,7 @@ class Planner:
         node.status.output = node.manifest
         node.status.n_outputs = len(node.ordered)
         self._dirty.add(run.wf_id)
+        await self._release_adapter_users(run, name)
         for child_name in node.downstream:
             child = run.nodes[child_name]
             assert child.kind is not None
@@ -497,6 +512,28 @@ class Planner:
                 workflow=run.wf_id,
                 seconds=round(run.ended_at - run.submitted_at, 3),
             )
+
+    async def _release_adapter_users(self, run: WorkflowRun, name: str) -> None:
+        """`name` completed: nodes that generate with the adapter it trained may start."""
+        users = [n for n in run.nodes.values() if n.spec is not None and n.spec.adapter == name]
+        if not users:
+            return
+        node = run.nodes[name]
+        digest = None
+        if node.ordered:
+            try:
+                digest = (await self.cas.get_record(node.ordered[0])).get("adapter")
+            except CASError as exc:
+                await self._fail(run, f"node {name!r}: its adapter record is unreadable: {exc}")
+                return
+        if not isinstance(digest, str) or not codec.is_digest(digest):
+            await self._fail(run, f"node {name!r} produced no adapter for {users[0].name!r}")
+            return
+        for user in users:
+            user.adapter_digest = digest
+            deferred, user.deferred = user.deferred, []
+            for pos, inputs in deferred:
+                await self._start_op(run, user.name, pos, inputs)
 
     async def _fail(self, run: WorkflowRun, error: str) -> None:
         if run.state != "running":

@@ -140,10 +140,17 @@ def _check_node(node: NodeSpec, spec: WorkflowSpec) -> list[str]:
         problems.append(f"{where}: {node.op} takes no `fn`")
     if node.fn is not None and not re.match(r"^[A-Za-z0-9_.-]{1,128}$", node.fn):
         problems.append(f"{where}: fn {node.fn!r} is not a valid transform name")
-    if kind.needs_model and not node.model:
+    if kind.model == "required" and not node.model:
         problems.append(f"{where}: {node.op} needs `model`")
-    if not kind.needs_model and node.model:
+    if kind.model == "none" and node.model:
         problems.append(f"{where}: {node.op} takes no `model`")
+    if node.adapter is not None:
+        if kind.model == "none":
+            problems.append(f"{where}: {node.op} takes no `adapter`")
+        elif node.adapter not in {x.name for x in spec.nodes}:
+            problems.append(f"{where}: adapter {node.adapter!r} is not a node (a train node)")
+        elif node.adapter == node.name:
+            problems.append(f"{where}: reads its own adapter")
     try:
         parse_params(kind, node.params)
     except ValueError as exc:
@@ -153,7 +160,7 @@ def _check_node(node: NodeSpec, spec: WorkflowSpec) -> list[str]:
 
 def find_cycle(spec: WorkflowSpec) -> list[str] | None:
     """A cycle among nodes as a path that returns to its start, or None."""
-    edges = {n.name: [i for i in n.inputs if i not in spec.datasets] for n in spec.nodes}
+    edges = {n.name: [i for i in _parents(n) if i not in spec.datasets] for n in spec.nodes}
     state: dict[str, int] = {}  # 1 visiting, 2 done
     stack: list[str] = []
 
@@ -179,12 +186,17 @@ def find_cycle(spec: WorkflowSpec) -> list[str] | None:
     return None
 
 
+def _parents(node: NodeSpec) -> list[str]:
+    """The nodes a node waits for: its inputs, and the node that trains its adapter."""
+    return [*node.inputs, *([node.adapter] if node.adapter else [])]
+
+
 def topo_order(spec: WorkflowSpec) -> list[str]:
     order: list[str] = []
     done: set[str] = set(spec.datasets)
     pending = {n.name: n for n in spec.nodes}
     while pending:
-        ready = [name for name, n in pending.items() if all(i in done for i in n.inputs)]
+        ready = [name for name, n in pending.items() if all(i in done for i in _parents(n))]
         if not ready:
             raise SpecError(["cycle among nodes: " + ", ".join(sorted(pending))])
         for name in ready:

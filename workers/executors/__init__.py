@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from workers.executors.base import Executor, OpError, OpInput, Outcome, Record
+from workers.executors.embed import EmbedExecutor
+from workers.executors.evaluate import EvalExecutor
 from workers.executors.generate import GenerateExecutor
+from workers.executors.score import ScoreExecutor
+from workers.executors.select import SelectExecutor
+from workers.executors.tool import ToolExecutor, registered_tools
+from workers.executors.train import TrainExecutor
 from workers.executors.transform import (
     FilterExecutor,
     GroupExecutor,
@@ -15,24 +21,36 @@ from workers.executors.transform import (
     load_plugins,
     registered,
 )
+from workers.executors.vllm_backend import Backend, make_generate_executor
 
 # The @transform decorator is not re-exported: `workers.executors.transform` must stay the
 # submodule (plugins write `from workers.executors.transform import transform`).
 
 
-def builtin_executors(plugins: Sequence[str] = ()) -> dict[str, Executor]:
+def builtin_executors(
+    plugins: Sequence[str] = (), generate_backend: Backend = "auto"
+) -> dict[str, Executor]:
     """Every executor this worker can run, keyed by id: one per registered map/filter
     transform (built-ins plus those the `plugins` modules register), tokenize, join,
-    group and generate. Importing this does not import torch; generating does."""
+    group, generate, embed and train. Importing this does not import torch;
+    generating does."""
     load_plugins(plugins)
     executors: list[Executor] = [TokenizeExecutor(), JoinExecutor(), GroupExecutor()]
-    executors.append(GenerateExecutor())
+    # generate: vLLM where a GPU and vllm are there, else transformers (their versions
+    # differ, so their operator keys do too)
+    executors += [make_generate_executor(generate_backend), EmbedExecutor(), TrainExecutor()]
     for name, t in sorted(registered().items()):
         executors.append(MapExecutor(name) if t.kind == "map" else FilterExecutor(name))
+    # score / select / eval, and one tool executor per @tool (the same plugin modules
+    # register transforms and tools alike: load_plugins above imported both)
+    executors += [ScoreExecutor(), SelectExecutor(), EvalExecutor()]
+    executors += [ToolExecutor(name) for name in sorted(registered_tools())]
     return {e.id: e for e in executors}
 
 
 __all__ = [
+    "EmbedExecutor",
+    "EvalExecutor",
     "Executor",
     "FilterExecutor",
     "GenerateExecutor",
@@ -43,7 +61,11 @@ __all__ = [
     "OpInput",
     "Outcome",
     "Record",
+    "ScoreExecutor",
+    "SelectExecutor",
     "TokenizeExecutor",
+    "ToolExecutor",
+    "TrainExecutor",
     "builtin_executors",
     "load_plugins",
 ]

@@ -1,14 +1,24 @@
-"""Batched LLM generation with our own decoding loop over the KV cache.
+"""Batched LLM generation (Hugging Face transformers) with our own decoding loop.
 
 Why not `model.generate`: we need guarantees it does not make.
 - A record's output must not depend on which other records share its batch (the
   scheduler batches whatever is ready). Left padding with position ids computed from the
   attention mask makes every row see exactly its own prompt; sampling draws from a
-  per-row generator seeded by (seed, record), never from a shared RNG stream.
+  per-row generator seeded by (seed, record, sample index), never from a shared RNG
+  stream.
 - The sample for a record is a function of its content, so re-running an operator (after
   a worker crash) reproduces the same output and its cached result stays valid.
 Sampling runs on the CPU in float64 so a record's draw does not depend on the
 accelerator's RNG or on the logits' dtype rounding inside the sort.
+
+An operator with `n` samples becomes n rows of the decoding batch (one generator each),
+so the samples of every operator in the batch decode together. It returns n records:
+the input record plus the completion and `sample` (0..n-1).
+
+The prompt handling (params, chat template, length check), the per-sample seeds, the
+stop-string cut and the output record live in module-level helpers that the vLLM backend
+(vllm_backend.py) reuses, so both backends take the same batch and return the same
+record schema; only the token ids they decode differ.
 
 torch is imported inside functions: the CPU worker imports this package without it.
 """
@@ -19,6 +29,7 @@ import hashlib
 import inspect
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,9 +43,14 @@ from workers.executors.transform import source_hash
 if TYPE_CHECKING:
     import torch
 
+# Rows (samples) decoded together at most: 16 operators x n=64 would otherwise make a
+# 1024-row KV cache. Rows are independent of each other, so chunking changes no output.
+MAX_DECODE_ROWS = 256
+SAMPLE_FIELD = "sample"
+
 
 class ModelLike(Protocol):
-    """What the executor needs of a loaded model (workers.models.LoadedModel)."""
+    """What the executors need of a loaded model (workers.models.LoadedModel)."""
 
     @property
     def digest(self) -> str: ...
@@ -44,16 +60,152 @@ class ModelLike(Protocol):
     def tokenizer(self) -> Any: ...  # transformers tokenizer
 
 
-def row_seed(seed: int, record: Record) -> int:
-    """The sampling seed of one record: sha256(f"{seed}:" + canonical JSON of it)."""
-    digest = hashlib.sha256(f"{seed}:".encode() + canonical(record)).digest()
+@dataclass
+class GenerateStats:
+    """What one batch cost, for throughput figures (tokens/s) and benchmarks."""
+
+    rows: int = 0  # samples decoded: sum of n over the operators that ran
+    prompt_tokens: int = 0  # summed over rows
+    new_tokens: int = 0  # generated, EOS excluded, before any stop-string cut
+
+
+def row_seed(seed: int, record: Record, sample: int = 0) -> int:
+    """The sampling seed of one sample of one record: sha256 of the seed, the sample
+    index and the canonical JSON of the record. Sample 0 keeps the n=1 formula
+    (sha256(f"{seed}:" + record)), so the first of n samples is the n=1 sample."""
+    head = f"{seed}:" if sample == 0 else f"{seed}:{sample}:"
+    # canonical JSON starts with "{", never a digit: the two forms cannot collide
+    digest = hashlib.sha256(head.encode() + canonical(record)).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: valid for every seed API
 
 
 @cache
 def _module_version() -> str:
-    # the whole module, not just the class: the decoding loop lives in functions below
-    return f"1+{source_hash(sys.modules[__name__])}"
+    # the whole module, not just the class: the decoding loop lives in functions below.
+    # 2: n samples per prompt (records gained `sample`), stop strings, chat templates.
+    return f"2+{source_hash(sys.modules[__name__])}"
+
+
+# --- shared by both backends ---------------------------------------------------------
+
+
+def parse_params(op: OpInput) -> GenerateParams:
+    try:
+        params = msgspec.convert(op.params, type=GenerateParams)
+    except msgspec.ValidationError as exc:
+        raise OpError(f"generate: bad params: {exc}") from exc
+    if any(s == "" for s in params.stop):
+        raise OpError("generate: bad params: an empty stop string would stop at once")
+    if params.system is not None and not params.chat:
+        # silently dropping it would answer a different question than the one asked
+        raise OpError("generate: bad params: `system` needs `chat: true`")
+    return params
+
+
+def prompt_ids(params: GenerateParams, record: Record, model: ModelLike) -> list[int]:
+    """The prompt's token ids: the record's prompt field, through the chat template when
+    `chat` is on. Raises OpError for anything wrong with this record or these params."""
+    prompt = record.get(params.prompt_field)
+    if not isinstance(prompt, str):
+        got = "missing" if params.prompt_field not in record else type(prompt).__name__
+        raise OpError(f"generate: prompt field {params.prompt_field!r} is {got}, expected str")
+    tok = model.tokenizer
+    if params.chat:
+        if not getattr(tok, "chat_template", None):
+            raise OpError(
+                "generate: chat is on, but the model's tokenizer has no chat template "
+                "(use chat: false, or a model whose tokenizer_config.json has one)"
+            )
+        messages = [{"role": "user", "content": prompt}]
+        if params.system is not None:
+            messages.insert(0, {"role": "system", "content": params.system})
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja errors, templates that reject a system turn
+            raise OpError(f"generate: the chat template failed: {exc}") from exc
+        if not isinstance(text, str):
+            raise OpError(f"generate: the chat template gave {type(text).__name__}, not text")
+        # templates write the BOS token themselves (as HF's apply_chat_template(tokenize=
+        # True) assumes): adding special tokens again would double it
+        ids: list[int] = list(tok(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tok(prompt)["input_ids"])  # adds BOS if the model uses it
+    if not ids:
+        raise OpError("generate: the prompt is empty and the tokenizer adds no BOS token")
+    config = getattr(model.model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and len(ids) + params.max_new_tokens > limit:
+        raise OpError(
+            f"generate: {len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} "
+            f"exceed the model's {limit} positions"
+        )
+    return ids
+
+
+def prepare(op: OpInput, model: ModelLike) -> tuple[GenerateParams, Record, list[int]]:
+    """Params, the input record and its prompt ids for one operator, or OpError."""
+    params = parse_params(op)
+    if len(op.inputs) != 1 or len(op.inputs[0]) != 1:
+        raise OpError(f"generate: expected one input record, got {[len(s) for s in op.inputs]}")
+    record = op.inputs[0][0]
+    return params, record, prompt_ids(params, record, model)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def output_record(params: GenerateParams, record: Record, text: str, sample: int) -> Record:
+    return {**record, params.output_field: text, SAMPLE_FIELD: sample}
+
+
+def completion_text(model: ModelLike, params: GenerateParams, new_ids: Sequence[int]) -> str:
+    """Decode a row's new tokens the one way both backends do, then apply the stops."""
+    text: str = model.tokenizer.decode(list(new_ids), skip_special_tokens=True)
+    return cut_at_stop(text, params.stop)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sample of one operator: a row of the decoding batch."""
+
+    op: int  # index in the batch
+    sample: int
+    record: Record
+    ids: list[int]
+    seed: int
+
+
+def expand(
+    batch: list[OpInput], model: ModelLike
+) -> tuple[dict[GenerateParams, list[Row]], list[Outcome | None]]:
+    """Operators -> rows grouped by params (n rows per operator, in sample order), and
+    the outcome list with each failed operator's OpError already in place."""
+    outcomes: list[Outcome | None] = [None] * len(batch)
+    # the runtime batches operators with equal params; grouping again costs nothing
+    # and keeps a mixed batch correct instead of silently using the first op's params
+    groups: dict[GenerateParams, list[Row]] = {}
+    for i, op in enumerate(batch):
+        try:
+            params, record, ids = prepare(op, model)
+        except OpError as exc:
+            outcomes[i] = exc
+            continue
+        outcomes[i] = []
+        rows = groups.setdefault(params, [])
+        rows.extend(
+            Row(i, j, record, ids, row_seed(params.seed, record, j)) for j in range(params.n)
+        )
+    return groups, outcomes
+
+
+def finish(outcomes: list[Outcome | None]) -> list[Outcome]:
+    return [o if o is not None else OpError("internal: no outcome") for o in outcomes]
+
+
+# --- the HF backend --------------------------------------------------------------------
 
 
 class GenerateExecutor:
@@ -66,50 +218,32 @@ class GenerateExecutor:
         return _module_version()
 
     def run(self, batch: list[OpInput], model: Any | None) -> list[Outcome]:
+        return self.generate(batch, model)[0]
+
+    def generate(
+        self, batch: list[OpInput], model: Any | None
+    ) -> tuple[list[Outcome], GenerateStats]:
+        """run(), and what it decoded."""
+        stats = GenerateStats()
         if model is None:
-            return [OpError("generate needs a model, and none was loaded") for _ in batch]
-        outcomes: list[Outcome | None] = [None] * len(batch)
-        # the runtime batches operators with equal params; grouping again costs nothing
-        # and keeps a mixed batch correct instead of silently using the first op's params
-        groups: dict[GenerateParams, list[tuple[int, Record, list[int]]]] = {}
-        for i, op in enumerate(batch):
-            try:
-                params, record, ids = _prepare(op, model)
-            except OpError as exc:
-                outcomes[i] = exc
-                continue
-            groups.setdefault(params, []).append((i, record, ids))
+            return [OpError("generate needs a model, and none was loaded") for _ in batch], stats
+        groups, outcomes = expand(batch, model)
         for params, rows in groups.items():
-            seeds = [row_seed(params.seed, record) for _, record, _ in rows]
-            completions = decode_ids(model, params, [ids for _, _, ids in rows], seeds)
-            for (i, record, _), new_ids in zip(rows, completions, strict=True):
-                text = model.tokenizer.decode(new_ids, skip_special_tokens=True)
-                outcomes[i] = [{**record, params.output_field: text}]
-        return [o if o is not None else OpError("internal: no outcome") for o in outcomes]
-
-
-def _prepare(op: OpInput, model: ModelLike) -> tuple[GenerateParams, Record, list[int]]:
-    try:
-        params = msgspec.convert(op.params, type=GenerateParams)
-    except msgspec.ValidationError as exc:
-        raise OpError(f"generate: bad params: {exc}") from exc
-    if len(op.inputs) != 1 or len(op.inputs[0]) != 1:
-        raise OpError(f"generate: expected one input record, got {[len(s) for s in op.inputs]}")
-    record = op.inputs[0][0]
-    prompt = record.get(params.prompt_field)
-    if not isinstance(prompt, str):
-        got = "missing" if params.prompt_field not in record else type(prompt).__name__
-        raise OpError(f"generate: prompt field {params.prompt_field!r} is {got}, expected str")
-    ids: list[int] = list(model.tokenizer(prompt)["input_ids"])  # adds BOS if the model uses it
-    if not ids:
-        raise OpError("generate: the prompt is empty and the tokenizer adds no BOS token")
-    limit = getattr(model.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and len(ids) + params.max_new_tokens > limit:
-        raise OpError(
-            f"generate: {len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} "
-            f"exceed the model's {limit} positions"
-        )
-    return params, record, ids
+            for start in range(0, len(rows), MAX_DECODE_ROWS):
+                chunk = rows[start : start + MAX_DECODE_ROWS]
+                new = decode_ids(model, params, [r.ids for r in chunk], [r.seed for r in chunk])
+                for row, new_ids in zip(chunk, new, strict=True):
+                    out = outcomes[row.op]
+                    assert isinstance(out, list)  # set by expand() for every op with rows
+                    out.append(
+                        output_record(
+                            params, row.record, completion_text(model, params, new_ids), row.sample
+                        )
+                    )
+                    stats.rows += 1
+                    stats.prompt_tokens += len(row.ids)
+                    stats.new_tokens += len(new_ids)
+        return finish(outcomes), stats
 
 
 def _eos_ids(model: ModelLike) -> set[int]:
@@ -136,11 +270,37 @@ def _forward_names(lm: Any) -> tuple[str, str | None]:
     return cache_kw, keep_kw
 
 
+class _StopWatch:
+    """Notices when a row's text first contains a stop string, so the row stops early.
+
+    Decoding a row's whole output after every token would cost O(len^2); the check
+    decodes only a tail window wide enough to hold any stop string (a token is at least
+    one byte, a character at most four), and confirms a hit on the full text so a
+    window that starts inside a character cannot stop a row early. A miss only costs
+    extra tokens: the completion is cut at the first stop string of the full text anyway,
+    which is why the result never depends on when the watch noticed."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.window = 4 * max((len(s) for s in stop), default=0) + 4
+
+    def hit(self, ids: list[int]) -> bool:
+        if not self.stop:
+            return False
+        tail: str = self.tokenizer.decode(ids[-self.window :], skip_special_tokens=True)
+        if not any(s in tail for s in self.stop):
+            return False
+        full: str = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return any(s in full for s in self.stop)
+
+
 def decode_ids(
     model: ModelLike, params: GenerateParams, prompts: Sequence[list[int]], seeds: Sequence[int]
 ) -> list[list[int]]:
     """Generate for a batch of tokenized prompts; returns each row's new token ids
-    (without the stopping EOS). seeds[i] seeds row i's sampler (unused when greedy)."""
+    (without the stopping EOS). seeds[i] seeds row i's sampler (unused when greedy).
+    A row stops at EOS, at max_new_tokens, or once its text contains a stop string."""
     import torch
 
     if not prompts:
@@ -157,6 +317,7 @@ def decode_ids(
     # what makes a padded row compute the same thing as the row alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     eos = _eos_ids(model)
+    watch = _StopWatch(model.tokenizer, params.stop)
     sampling = params.temperature > 0
     gens = [torch.Generator().manual_seed(s) for s in seeds] if sampling else []
     cache_kw, keep_kw = _forward_names(lm)
@@ -190,6 +351,7 @@ def decode_ids(
                     done[row] = True
                 else:
                     out[row].append(token)
+                    done[row] = watch.hit(out[row])
             if all(done):
                 break
             # finished rows keep stepping (their tokens are ignored): removing them would
