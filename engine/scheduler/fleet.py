@@ -6,7 +6,7 @@ each (class, kind) latency model from the durations workers actually observe.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +24,10 @@ class LatencyModel:
 
     def seconds(self, n: int) -> float:
         return self.fixed_s + self.per_item_s * n
+
+
+# for an operator kind no profile mentions: modest, and learned online from real batches
+GENERIC = LatencyModel(fixed_s=0.05, per_item_s=0.05, max_batch=16)
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,12 @@ class Fleet:
         return self.classes[name]
 
     def with_class(
-        self, name: str, price_per_hour: float, watts_busy: float, memory_gb: float
+        self,
+        name: str,
+        price_per_hour: float,
+        watts_busy: float,
+        memory_gb: float,
+        kinds: Iterable[str] = (),
     ) -> Fleet:
         """This fleet plus a class nobody profiled (a worker that announced a device
         class of its own): reference latencies, its own price, power and memory. The
@@ -71,7 +80,8 @@ class Fleet:
             memory_gb=memory_gb,
             load_gbps=4.0,
             net_gbps=1.0,
-            latency=dict(self.reference),
+            # kinds nobody profiled get a generic model; the estimator corrects it
+            latency={**dict.fromkeys(kinds, GENERIC), **self.reference},
         )
         classes = {**self.classes, name: cls}
         kinds = tuple(sorted({k for c in classes.values() for k in c.latency}))

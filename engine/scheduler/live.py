@@ -76,6 +76,7 @@ class Scheduler:
         self.model_gb = model_gb
         self.workers: dict[str, WorkerView] = {}
         self.pool: dict[str, Held] = {}  # operator key -> held ready message
+        self._warned: set[str] = set()
         self.started = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -313,6 +314,7 @@ class Scheduler:
             for h in self.pool.values()
         ]
         decisions = self.policy.decide(items, states, now=time.time(), fair=self.fair)
+        self._warn_unschedulable(items)
         by_id = {w.info.worker: w.info for w in workers}
         for d in decisions:
             batch = [self.pool.pop(it.key) for it in d.items]
@@ -331,11 +333,24 @@ class Scheduler:
             )
         return len(decisions)
 
+    def _warn_unschedulable(self, items: list[ReadyItem]) -> None:
+        """Say once per kind when ready operators wait for a kind no device class runs,
+        instead of letting a workflow hang in silence."""
+        for it in items:
+            if it.kind not in self.fleet.kinds and it.kind not in self._warned:
+                self._warned.add(it.kind)
+                log.warning(
+                    "ready operators of a kind no device class runs",
+                    kind=it.kind,
+                    classes=sorted(self.fleet.classes),
+                )
+
     def _ensure_class(self, info: WorkerInfo) -> None:
         if info.device_class in self.fleet.classes:
             return
+        kinds = {ex.split(".", 1)[0] for ex in info.executors}
         self.fleet = self.fleet.with_class(
-            info.device_class, info.price_per_hour, info.watts, info.memory_gb
+            info.device_class, info.price_per_hour, info.watts, info.memory_gb, kinds
         )
         self.estimator = LatencyEstimator(self.fleet)
         self.policy = Policy(self.fleet, self.config, self.estimator)
