@@ -23,12 +23,11 @@ from __future__ import annotations
 import ast
 import copy
 import datetime
-import importlib
 import inspect
 import math
 import operator
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +35,7 @@ import msgspec
 
 from topics.codec import canonical
 from topics.operators import NONDETERMINISTIC
+from workers.executors import registry
 from workers.executors.base import OpError, OpInput, Outcome, Record
 from workers.executors.transform import _describe_error, _one_record, _run_each, source_hash
 
@@ -70,7 +70,7 @@ class Tool:
         return inspect.getdoc(self.fn) or ""
 
 
-_TOOLS: dict[str, Tool] = {}
+_TOOLS: registry.Registry[Tool] = registry.Registry("tool")
 
 
 def tool(name: str, deterministic: bool = True, version: str = "1") -> Callable[[F], F]:
@@ -83,23 +83,14 @@ def tool(name: str, deterministic: bool = True, version: str = "1") -> Callable[
         raise ValueError(f"bad tool name {name!r}")
 
     def register(fn: F) -> F:
-        new = Tool(name, fn, version, source_hash(fn), deterministic)
-        old = _TOOLS.get(name)
-        # same origin: a module reload; another origin: two plugins claiming one name,
-        # which would make results depend on import order
-        if old is not None and old.origin != new.origin:
-            raise ValueError(f"tool {name!r} is already registered by {old.origin}")
-        _TOOLS[name] = new
+        _TOOLS.add(name, Tool(name, fn, version, source_hash(fn), deterministic))
         return fn
 
     return register
 
 
 def get_tool(name: str) -> Tool:
-    try:
-        return _TOOLS[name]
-    except KeyError:
-        raise KeyError(f"no tool named {name!r} (known: {sorted(_TOOLS)})") from None
+    return _TOOLS.lookup(name)
 
 
 def registered_tools() -> dict[str, Tool]:
@@ -107,10 +98,7 @@ def registered_tools() -> dict[str, Tool]:
     return dict(_TOOLS)
 
 
-def load_tool_plugins(modules: Sequence[str]) -> None:
-    """Import user modules; their @tool decorators add to the registry."""
-    for module in modules:
-        importlib.import_module(module)
+load_tool_plugins = registry.load_plugins
 
 
 # --- the executor -----------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import inspect
 import operator
 import re
@@ -29,6 +28,7 @@ import msgspec
 
 from topics.codec import canonical
 from topics.operators import GroupParams, JoinParams, TokenizeParams
+from workers.executors import registry
 from workers.executors.base import OpError, OpInput, Outcome, Record
 
 TransformKind = Literal["map", "filter"]
@@ -93,7 +93,7 @@ class Transform:
         return inspect.getdoc(self.fn) or ""
 
 
-_REGISTRY: dict[str, Transform] = {}
+_REGISTRY: registry.Registry[Transform] = registry.Registry("transform")
 
 
 def transform(name: str, kind: TransformKind, version: str = "1") -> Callable[[F], F]:
@@ -108,23 +108,14 @@ def transform(name: str, kind: TransformKind, version: str = "1") -> Callable[[F
         raise ValueError(f"bad transform name {name!r}")
 
     def register(fn: F) -> F:
-        new = Transform(name, kind, fn, version, source_hash(fn))
-        old = _REGISTRY.get(name)
-        # Re-registering from the same place is a module reload; anything else is two
-        # plugins claiming one name, which would make results depend on import order.
-        if old is not None and old.origin != new.origin:
-            raise ValueError(f"transform {name!r} is already registered by {old.origin}")
-        _REGISTRY[name] = new
+        _REGISTRY.add(name, Transform(name, kind, fn, version, source_hash(fn)))
         return fn
 
     return register
 
 
 def get_transform(name: str) -> Transform:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"no transform named {name!r} (known: {sorted(_REGISTRY)})") from None
+    return _REGISTRY.lookup(name)
 
 
 def registered() -> dict[str, Transform]:
@@ -132,10 +123,7 @@ def registered() -> dict[str, Transform]:
     return dict(_REGISTRY)
 
 
-def load_plugins(modules: Sequence[str]) -> None:
-    """Import user modules; their @transform decorators add to the registry."""
-    for module in modules:
-        importlib.import_module(module)
+load_plugins = registry.load_plugins  # transforms and tools alike
 
 
 # --- built-in transforms ----------------------------------------------------------------
