@@ -1,1 +1,3 @@
-"""loadgen: workload generation and benchmarks (issue 7 builds it out)."""
+"""loadgen: workload generation, the simulator (loadgen.sim: FlowMesh's real scheduling
+policy against isolated and shared-FIFO baselines on emulated fleets) and benchmarks.
+CLI: `loadgen sim | sweep | bench-scheduler | bench-sim` (loadgen/README.md)."""

@@ -1,0 +1,286 @@
+"""`loadgen`: the simulator and its benchmarks::
+
+loadgen sim --workload configs/workloads/rlhf-mix.yaml [--policies ...] [--seed N]
+loadgen bench-scheduler [--items 10000 --workers 200]
+loadgen bench-sim [--gpus 1000 --operators 1000000]
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from engine.scheduler.fleet import Fleet, load_fleet
+from engine.scheduler.policy import PolicyConfig, load_policy_config
+from loadgen.sim.metrics import PolicyResult, comparison, ratios, simulate
+from loadgen.sim.policies import POLICIES
+from loadgen.sim.report import plots, table, write_json
+from loadgen.sim.workload import Workload, load_workload
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_FLEET = REPO / "configs" / "fleet" / "default.yaml"
+DEFAULT_SCHEDULER = REPO / "configs" / "scheduler" / "default.yaml"
+
+console = Console()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("workflows"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@click.group()
+def main() -> None:
+    """FlowMesh load generation: simulator, baselines and benchmarks."""
+
+
+def _workload_options(f: Callable[..., None]) -> Callable[..., None]:
+    """The options every simulating command shares (workload, configs, overrides)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--workload", "workload_path", required=True, type=click.Path(exists=True)
+            ),
+            click.option(
+                "--fleet", "fleet_path", default=str(DEFAULT_FLEET), type=click.Path(exists=True)
+            ),
+            click.option(
+                "--scheduler-config",
+                "scheduler_path",
+                default=str(DEFAULT_SCHEDULER),
+                type=click.Path(exists=True),
+            ),
+            click.option("--policies", default=",".join(POLICIES), show_default=True),
+            click.option("--overlap", type=float, default=None, help="every dataset's overlap"),
+            click.option("--idle-release-s", type=float, default=None),
+            click.option("--target-backlog-s", type=float, default=None, help="autoscaler"),
+            click.option("--max-wait-s", type=float, default=None, help="autoscaler (-1: off)"),
+            click.option("--preempt-rate", type=float, default=None, help="kills/worker-hour"),
+            click.option(
+                "--isolated-per", type=click.Choice(["model", "model-kind"]), default=None
+            ),
+            click.option(
+                "--cpu-runs-gpu-kinds/--no-cpu-runs-gpu-kinds",
+                default=None,
+                help="may CPU workers take generate/score (as their profile allows)?",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _setup(
+    opts: dict[str, Any], seed: int | None
+) -> tuple[Workload, Fleet, PolicyConfig, list[str]]:
+    wl = load_workload(opts["workload_path"]).with_overrides(
+        seed=seed,
+        overlap=opts["overlap"],
+        idle_release_s=opts["idle_release_s"],
+        target_backlog_s=opts["target_backlog_s"],
+        max_wait_s=opts["max_wait_s"],
+        preempt_rate_per_h=opts["preempt_rate"],
+        isolated_per=opts["isolated_per"],
+        cpu_runs_gpu_kinds=opts["cpu_runs_gpu_kinds"],
+    )
+    names = [p.strip() for p in opts["policies"].split(",") if p.strip()]
+    for n in names:
+        if n not in POLICIES:
+            raise click.BadParameter(f"unknown policy {n!r}; known: {', '.join(POLICIES)}")
+    # isolated first: the others are compared with it
+    names.sort(key=lambda n: POLICIES.index(n), reverse=True)
+    fleet = load_fleet(opts["fleet_path"])
+    return wl, fleet, load_policy_config(opts["scheduler_path"]), names
+
+
+@main.command()
+@_workload_options
+@click.option("--seed", type=int, default=None, help="override the workload's seed")
+@click.option("--out", "out_dir", type=click.Path(), default=None, help="[.flowmesh/sim/<name>]")
+@click.option("--no-plots", is_flag=True)
+def sim(seed: int | None, out_dir: str | None, no_plots: bool, **opts: Any) -> None:
+    """Simulate a workload under each policy; print one table, write JSON and plots."""
+    wl, fleet, config, names = _setup(opts, seed)
+    results: list[PolicyResult] = []
+    with _progress() as bar:
+        for name in names:
+            task = bar.add_task(name, total=None)
+
+            def tick(done: int, total: int, task: TaskID = task) -> None:
+                bar.update(task, completed=done, total=total)
+
+            results.append(simulate(wl, fleet, config, name, tick))
+    title = f"{wl.name} (seed {wl.seed})"
+    console.print(table(title, results))
+    out = Path(out_dir) if out_dir else Path(".flowmesh") / "sim" / wl.name
+    s = wl.settings
+    doc = comparison(
+        wl,
+        results,
+        {
+            "workload_file": opts["workload_path"],
+            "fleet_file": opts["fleet_path"],
+            "scheduler_config": opts["scheduler_path"],
+            "settings": {
+                "overlap_override": opts["overlap"],
+                "idle_release_s": s.idle_release_s,
+                "cold_start_s": s.cold_start_s,
+                "target_backlog_s": s.target_backlog_s,
+                "max_wait_s": s.max_wait_s,
+                "min_workers": dict(s.min_workers),
+                "preempt_rate_per_h": s.preempt_rate_per_h,
+                "isolated": {"gpu": s.isolated.gpu, "cpu": s.isolated.cpu, "per": s.isolated.per},
+                "pool": dict(s.fleet),
+            },
+        },
+    )
+    write_json(out / "results.json", doc)
+    written = [out / "results.json"]
+    if not no_plots:
+        written += plots(out, title, results)
+    for r in results:
+        t = r.timing
+        extra = (
+            f", Policy.decide {t['decide_calls']:.0f} calls, {t['decide_ms_mean']:.2f} ms mean"
+            if "decide_calls" in t
+            else ""
+        )
+        console.print(f"[dim]{r.policy}: simulated in {t['wall_s']:.1f} s{extra}[/dim]")
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@main.command()
+@_workload_options
+@click.option("--seeds", default="1,2,3,4,5", show_default=True, help="comma-separated")
+def sweep(seeds: str, **opts: Any) -> None:
+    """The ratios against isolated over several seeds: mean [min-max]."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    wl0, _, _, names = _setup(opts, None)
+    if "isolated" not in names:
+        raise click.BadParameter("sweep compares with isolated: include it in --policies")
+    with _progress() as bar:
+        task = bar.add_task("seeds", total=len(seed_list) * len(names))
+        for seed in seed_list:
+            wl, fleet, config, _ = _setup(opts, seed)
+            results = {}
+            for name in names:
+                results[name] = simulate(wl, fleet, config, name)
+                bar.advance(task)
+            for name, rat in ratios(results).items():
+                rows.setdefault(name, []).append(rat)
+    t = Table(title=f"{wl0.name}: vs isolated over seeds {seeds}", title_justify="left")
+    t.add_column("policy")
+    keys = {
+        "cost_reduction_x": "cost reduction",
+        "energy_reduction_x": "energy reduction",
+        "p50_latency_ratio": "p50 / isolated",
+        "p95_latency_ratio": "p95 / isolated",
+    }
+    for label in keys.values():
+        t.add_column(label, justify="right")
+    for name, rs in rows.items():
+        cells = []
+        for k in keys:
+            v = [r[k] for r in rs]
+            cells.append(f"{statistics.mean(v):.2f} [{min(v):.2f}-{max(v):.2f}]")
+        t.add_row(name, *cells)
+    Console(width=max(console.width, 110)).print(t)
+
+
+@main.command("bench-scheduler")
+@click.option("--fleet", "fleet_path", default=str(DEFAULT_FLEET), type=click.Path(exists=True))
+@click.option(
+    "--scheduler-config",
+    "scheduler_path",
+    default=str(DEFAULT_SCHEDULER),
+    type=click.Path(exists=True),
+)
+@click.option("--items", type=int, default=10_000, show_default=True)
+@click.option("--workers", type=int, default=200, show_default=True)
+@click.option("--groups", type=int, default=200, show_default=True)
+@click.option("--runs", type=int, default=5, show_default=True)
+def bench_scheduler_cmd(
+    fleet_path: str, scheduler_path: str, items: int, workers: int, groups: int, runs: int
+) -> None:
+    """Decision latency of one Policy.decide round (median of --runs)."""
+    from loadgen.sim.bench import bench_scheduler
+
+    b = bench_scheduler(
+        load_fleet(fleet_path), load_policy_config(scheduler_path), items, workers, groups, runs
+    )
+    console.print(
+        f"Policy.decide: {b.items:,} ready operators in {b.groups} batch keys x "
+        f"{b.workers} free workers -> {b.decisions} batches assigned; "
+        f"median {b.median_ms:.0f} ms over {len(b.runs_ms)} runs "
+        f"(min {min(b.runs_ms):.0f}, max {max(b.runs_ms):.0f})"
+    )
+
+
+@main.command("bench-sim")
+@click.option("--fleet", "fleet_path", default=str(DEFAULT_FLEET), type=click.Path(exists=True))
+@click.option(
+    "--scheduler-config",
+    "scheduler_path",
+    default=str(DEFAULT_SCHEDULER),
+    type=click.Path(exists=True),
+)
+@click.option("--gpus", type=int, default=1000, show_default=True)
+@click.option("--operators", type=int, default=1_000_000, show_default=True)
+@click.option("--policy", type=click.Choice(POLICIES), default="flowmesh", show_default=True)
+@click.option("--window-s", type=float, default=60.0, show_default=True, help="arrival window")
+def bench_sim_cmd(
+    fleet_path: str, scheduler_path: str, gpus: int, operators: int, policy: str, window_s: float
+) -> None:
+    """Simulator wall time on a large fleet and operator count."""
+    from loadgen.sim.bench import scale_workload
+
+    wl = scale_workload(gpus, operators, window_s=window_s)
+    fleet = load_fleet(fleet_path)
+    config = load_policy_config(scheduler_path)
+    with _progress() as bar:
+        task = bar.add_task(f"{policy} on {gpus} GPUs", total=None)
+        r = simulate(wl, fleet, config, policy, lambda d, t: bar.update(task, completed=d, total=t))
+    t = r.timing
+    console.print(
+        f"{wl.name}: {r.workflows} workflows, {r.ops_requested:,} operators requested, "
+        f"{r.ops_executed:,} executed in {r.batches:,} batches on a pool of "
+        f"{sum(wl.settings.fleet.values()):,} workers ({gpus} GPUs, {r.peak_gpus} allocated "
+        f"at peak); "
+        f"{t['events']:,.0f} events, {t['rounds']:,.0f} rounds; simulated "
+        f"{r.makespan_s / 3600:.2f} h"
+    )
+    extra = (
+        f"; Policy.decide {t['decide_calls']:,.0f} calls, {t['decide_ms_mean']:.2f} ms mean"
+        if "decide_calls" in t
+        else ""
+    )
+    console.print(
+        f"[bold]simulator wall time: {t['wall_s']:.1f} s[/bold] "
+        f"({r.ops_requested / max(t['wall_s'], 1e-9):,.0f} operators/s{extra})"
+    )
+
+
+if __name__ == "__main__":
+    main()

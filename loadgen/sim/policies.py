@@ -1,0 +1,311 @@
+"""The three ways of running the same workflows that the simulator compares.
+
+- `flowmesh`: one shared elastic pool; content dedup of completed and in-flight
+  operators; ready operators of every workflow grouped by batch key; the batch and the
+  worker of every assignment chosen by engine.scheduler.policy.Policy (the object the
+  live scheduler runs, not a copy), whose LatencyEstimator learns from every batch.
+- `shared-fifo`: the same shared elastic pool, no dedup; the oldest ready operator's
+  batch key goes to the first free worker that can run it (its pool's classes), a batch
+  of that key only, up to the class's max batch.
+- `isolated`: every workflow on its own dedicated workers (one per model it uses, or per
+  model and kind, of the `isolated.gpu` class, plus one `isolated.cpu` worker for CPU
+  kinds), allocated from its arrival to its completion; no dedup, no batching across
+  workflows; batching within the workflow, oldest batch key first, as a pipeline would.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import TYPE_CHECKING
+
+from engine.scheduler.fairness import FairShare
+from engine.scheduler.fleet import Fleet, LatencyEstimator
+from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from loadgen.sim.autoscale import allowance
+from loadgen.sim.pool import SimWorker, can_run, ensure_resident
+from loadgen.sim.readyq import Exec
+from loadgen.sim.workload import SimSettings
+
+if TYPE_CHECKING:
+    from loadgen.sim.simulator import Simulation
+    from loadgen.sim.workload import Stage, WorkflowRun
+
+POLICIES = ("flowmesh", "shared-fifo", "isolated")
+
+
+class SimPolicy:
+    name = "base"
+    dedup = False
+    shared = True  # runs on the shared elastic pool
+
+    def scope(self, run: WorkflowRun) -> str:
+        """Which ready queue a workflow's operators go to ("": the shared one)."""
+        return ""
+
+    def on_arrival(self, sim: Simulation, run: WorkflowRun, now: float) -> None:
+        pass
+
+    def on_workflow_done(self, sim: Simulation, run: WorkflowRun, now: float) -> None:
+        pass
+
+    def on_batch_done(self, sim: Simulation, w: SimWorker, execs: list[Exec]) -> None:
+        pass
+
+    def on_return(self, sim: Simulation, w: SimWorker, now: float) -> None:
+        pass
+
+    def round(self, sim: Simulation, now: float, scopes: list[str]) -> None:
+        raise NotImplementedError
+
+
+class FlowMeshPolicy(SimPolicy):
+    name = "flowmesh"
+    dedup = True
+
+    def __init__(self, fleet: Fleet, config: PolicyConfig, max_groups: int | None = None):
+        self.config = config
+        self.estimator = LatencyEstimator(fleet)
+        self.policy = Policy(fleet, config, self.estimator)
+        self.fair = FairShare(config.tenants)
+        self.max_groups = max_groups
+        self.kind_maxb = {
+            k: max((c.latency[k].max_batch for c in fleet.classes.values() if c.runs(k)), default=1)
+            for k in fleet.kinds
+        }
+        self._executors: dict[str, frozenset[str] | None] = {}
+        self.decide_calls = 0
+        self.decide_s = 0.0  # wall time inside Policy.decide (not part of the results)
+        self.decide_items = 0
+
+    def round(self, sim: Simulation, now: float, scopes: list[str]) -> None:
+        q = sim.queue
+        if q.total and sim.pool.free:
+            self._decide(sim, now, list(sim.pool.free.values()), None)
+        if q.total:
+            allow = allowance(sim)
+            # one cold candidate per class at a time: the policy picks the class (and the
+            # batch) of each new worker; offering k per class at once would make it
+            # spread small batches over workers the autoscaler will not allocate
+            while q.total and any(allow.values()):
+                candidates = [
+                    next(iter(ws.values()))
+                    for cls, ws in sim.pool.unalloc.items()
+                    if ws and allow.get(sim.fleet.classes[cls].kind, 0) > 0
+                ]
+                if not candidates or not self._decide(sim, now, candidates, allow, first=True):
+                    break
+        if self.config.linger_s > 0 and q.total and sim.pool.free:
+            sim.wake_at(now + self.config.linger_s)
+
+    def _decide(
+        self,
+        sim: Simulation,
+        now: float,
+        workers: list[SimWorker],
+        allow: dict[str, int] | None,
+        first: bool = False,
+    ) -> int:
+        """One Policy.decide round over the ready groups and `workers`; returns how many
+        batches started. With `allow`, the workers are unallocated candidates and only
+        the policy's best choices within `allow[pool]` are taken (allocated), with
+        `first` only its best one; the rest are dropped."""
+        q = sim.queue
+        n_workers = len(workers)
+        items: list[ReadyItem] = []
+        by_key: dict[str, Exec] = {}
+        for bk in q.oldest(self.max_groups):
+            # more than maxb x workers of one group cannot change this round
+            limit = self.kind_maxb.get(q.head(bk).item.kind, 1) * n_workers
+            for e in q.first(bk, limit):
+                items.append(e.item)
+                by_key[e.item.key] = e
+        states = [
+            WorkerState(w.id, w.device.name, 1, w.resident, self._advertised(sim, w.device.name))
+            for w in workers
+        ]
+        fair = self.fair if allow is None else copy.deepcopy(self.fair)
+        t0 = time.perf_counter()
+        decisions = self.policy.decide(items, states, now, fair)
+        self.decide_s += time.perf_counter() - t0
+        self.decide_calls += 1
+        self.decide_items += len(items)
+        by_id = {w.id: w for w in workers}
+        started = 0
+        for d in decisions:
+            w = by_id[d.worker]
+            if allow is not None:
+                if allow.get(w.pool, 0) <= 0 or (first and started):
+                    w.resident.clear()  # a candidate not taken: nothing was loaded
+                    continue
+                allow[w.pool] -= 1
+                n = len(d.items)
+                for it in d.items:  # what decide charged to its scratch copy
+                    self.fair.charge(it.tenant, d.seconds / n, d.cost_usd / n, now)
+                sim.allocate(w, now)
+            execs = [by_key[it.key] for it in d.items]
+            sim.start_batch(w, execs, q, now, load=d.load_model is not None)
+            started += 1
+        return started
+
+    def _advertised(self, sim: Simulation, cls: str) -> frozenset[str] | None:
+        """The executors a worker of `cls` advertises: all its profile runs, except that
+        CPU workers leave the GPU pool's kinds out unless cpu_runs_gpu_kinds."""
+        if cls not in self._executors:
+            dev = sim.fleet.classes[cls]
+            if dev.kind == "gpu" or sim.settings.cpu_runs_gpu_kinds:
+                self._executors[cls] = None
+            else:
+                self._executors[cls] = frozenset(
+                    f"{k}@sim1" for k in dev.latency if sim.kind_pool.get(k) == "cpu"
+                )
+        return self._executors[cls]
+
+    def on_batch_done(self, sim: Simulation, w: SimWorker, execs: list[Exec]) -> None:
+        it = execs[0].item
+        # the estimator models a reference-size model; the policy scales by model size
+        sf = sim.emu.size_factor(it.kind, it.model_gb, w.device)
+        self.estimator.observe(w.device.name, it.kind, len(execs), w.exec_s / sf)
+
+
+class SharedFifoPolicy(SimPolicy):
+    name = "shared-fifo"
+
+    def round(self, sim: Simulation, now: float, scopes: list[str]) -> None:
+        q = sim.queue
+        if q.total and sim.pool.free:
+            self._assign(sim, now, None)
+        if q.total:
+            allow = allowance(sim)
+            if any(allow.values()):
+                self._assign(sim, now, allow)
+
+    def _assign(self, sim: Simulation, now: float, allow: dict[str, int] | None) -> None:
+        q = sim.queue
+        for bk in q.oldest():
+            while bk in q.sizes:
+                head = q.head(bk).item
+                w = self._pick(sim, head, allow)
+                if w is None:
+                    break
+                if allow is not None:
+                    allow[w.pool] -= 1
+                    sim.allocate(w, now)
+                n = min(q.sizes[bk], w.device.latency[head.kind].max_batch)
+                execs = q.first(bk, n)
+                load = ensure_resident(w, head.model, head.model_gb)
+                sim.start_batch(w, execs, q, now, load)
+            if (allow is None and not sim.pool.free) or (
+                allow is not None and not any(allow.values())
+            ):
+                return
+
+    @staticmethod
+    def _pick(sim: Simulation, it: ReadyItem, allow: dict[str, int] | None) -> SimWorker | None:
+        pool = sim.kind_pool[it.kind]
+        if allow is None:
+            for w in sim.pool.free.values():
+                if w.pool == pool and can_run(w.device, it.kind, it.model_gb):
+                    return w
+            return None
+        if allow.get(pool, 0) <= 0:
+            return None
+        for cls, ws in sim.pool.unalloc.items():  # the workload's fleet order
+            dev = sim.fleet.classes[cls]
+            if ws and dev.kind == pool and can_run(dev, it.kind, it.model_gb):
+                return next(iter(ws.values()))
+        return None
+
+
+class IsolatedPolicy(SimPolicy):
+    name = "isolated"
+    shared = False
+
+    def __init__(self, fleet: Fleet, gpu: str, cpu: str, per: str = "model") -> None:
+        self.fleet = fleet
+        self.gpu = gpu
+        self.cpu = cpu
+        self.per = per
+        self.workers: dict[str, list[SimWorker]] = {}
+        self._serve: dict[str, str] = {}  # batch key -> serving worker's key
+
+    def scope(self, run: WorkflowRun) -> str:
+        return run.wid
+
+    def _serve_key(self, sim: Simulation, st: Stage) -> str:
+        if sim.kind_pool[st.kind] == "cpu":
+            return "cpu"
+        if self.per == "model-kind" or not st.model:
+            return f"{st.kind}:{st.model or ''}"
+        return st.model
+
+    def _device_for(self, sim: Simulation, st: Stage) -> str:
+        pool = sim.kind_pool[st.kind]
+        first = self.cpu if pool == "cpu" else self.gpu
+        order = [first, *(c for c in self.fleet.classes if c != first)]
+        for c in order:
+            dev = self.fleet.classes[c]
+            if dev.kind == pool and can_run(dev, st.kind, st.model_gb):
+                return c
+        raise ValueError(f"no {pool} class runs {st.kind} with a {st.model_gb} GB model")
+
+    def on_arrival(self, sim: Simulation, run: WorkflowRun, now: float) -> None:
+        # one dedicated worker per model (or model and kind), on a class that runs all
+        # of the stages it serves
+        needs: dict[str, list[Stage]] = {}
+        for st in run.stages:
+            key = self._serve_key(sim, st)
+            self._serve[st.batch_key] = key
+            needs.setdefault(key, []).append(st)
+        ws = []
+        for key, stages in needs.items():
+            cls = self._device_for(sim, max(stages, key=lambda s: s.model_gb))
+            dev = self.fleet.classes[cls]
+            if not all(can_run(dev, s.kind, s.model_gb) for s in stages):
+                raise ValueError(f"isolated: class {cls} cannot run all of {key}'s stages")
+            w = SimWorker(f"{run.wid}/{key}", dev, owner=run.wid, serves=key)
+            sim.pool.add(w)
+            sim.allocate(w, now)
+            ws.append(w)
+        self.workers[run.wid] = ws
+
+    def on_workflow_done(self, sim: Simulation, run: WorkflowRun, now: float) -> None:
+        for w in self.workers.pop(run.wid, []):
+            sim.pool.release(w, now)
+
+    def on_return(self, sim: Simulation, w: SimWorker, now: float) -> None:
+        if w.owner in self.workers:  # its workflow still runs: a replacement
+            sim.allocate(w, now)
+
+    def round(self, sim: Simulation, now: float, scopes: list[str]) -> None:
+        for scope in scopes:
+            ws = self.workers.get(scope)
+            q = sim.queues.get(scope)
+            if not ws or q is None or not q.total:
+                continue
+            for w in ws:
+                if not w.free:
+                    continue
+                for bk in q.oldest():
+                    if self._serve[bk] != w.serves:
+                        continue
+                    head = q.head(bk).item
+                    n = min(q.sizes[bk], w.device.latency[head.kind].max_batch)
+                    load = ensure_resident(w, head.model, head.model_gb)
+                    sim.start_batch(w, q.first(bk, n), q, now, load)
+                    break
+                if not q.total:
+                    break
+
+
+def make_policy(
+    name: str, fleet: Fleet, config: PolicyConfig, sim_settings: SimSettings
+) -> SimPolicy:
+    if name == "flowmesh":
+        return FlowMeshPolicy(fleet, config, sim_settings.max_groups)
+    if name == "shared-fifo":
+        return SharedFifoPolicy()
+    if name == "isolated":
+        iso = sim_settings.isolated
+        return IsolatedPolicy(fleet, iso.gpu, iso.cpu, iso.per)
+    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
