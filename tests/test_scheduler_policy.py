@@ -248,3 +248,20 @@ def test_cpu_takes_small_models_when_that_is_cheaper() -> None:
 
     assert placed(0.3) == "cpu"  # a 135M-parameter model: the CPU is nearly as fast, far cheaper
     assert placed(16.0) == "gpu"  # a 7B model: the CPU would take forever
+
+
+def test_size_factor_matches_what_decide_applies() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0, "min_size_factor": 0.4})
+    policy = Policy(fleet)
+    assert policy.size_factor("generate", 20.0, "gpu") == pytest.approx(2.0)
+    assert policy.size_factor("generate", 1.0, "gpu") == pytest.approx(0.4)  # the floor
+    assert policy.size_factor("generate", 0.0, "gpu") == pytest.approx(1.0)  # no model
+    [d] = policy.decide(
+        [item(i, model="m") for i in range(8)],
+        [WorkerState("w", "gpu", 1, resident={"m": 10.0})],
+        now=0.0,
+    )
+    lat = fleet["gpu"].latency["generate"]
+    assert d.seconds == pytest.approx(
+        lat.seconds(8) * policy.size_factor("generate", 10.0, "gpu"), rel=1e-3
+    )

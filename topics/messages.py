@@ -199,6 +199,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     last_batch_kind: str = ""
     last_batch_size: int = 0
     last_batch_seconds: float = 0.0
+    last_batch_model: str = ""  # its model digest, "" for none
 
 
 # --- workflow status ------------------------------------------------------------------

@@ -83,7 +83,8 @@ class Worker:
         self.executors: dict[str, Executor] = {}
         self.model_digests: dict[str, str] = {}
         self.batches_done = 0
-        self.last_batch: tuple[str, int, float] = ("", 0, 0.0)  # kind, size, seconds
+        # kind, size, seconds, model digest of the last batch run
+        self.last_batch: tuple[str, int, float, str] = ("", 0, 0.0, "")
         self.ops_executed = 0
         self.started_at = time.time()
         self._stopping = asyncio.Event()
@@ -172,6 +173,7 @@ class Worker:
             last_batch_kind=self.last_batch[0],
             last_batch_size=self.last_batch[1],
             last_batch_seconds=self.last_batch[2],
+            last_batch_model=self.last_batch[3],
         )
         await self.kv_workers.put(self.id, codec.encode(info))
 
@@ -314,7 +316,7 @@ class Worker:
                 outcomes = [OpError(f"{p.executor.id} returned {n} results")] * len(todo)
             self.ops_executed += len(todo)
         ended = time.time()
-        self.last_batch = (spec0.kind, len(todo), ended - started)
+        self.last_batch = (spec0.kind, len(todo), ended - started, spec0.model or "")
         # the batch occupied this worker from start to end (inputs were loaded while the
         # previous batch ran); each operator is charged an equal share of that time at
         # this device class's price and power

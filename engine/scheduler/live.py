@@ -145,11 +145,13 @@ class Scheduler:
                     and info.last_batch_size > 0
                     and info.device_class in self.fleet.classes
                 ):
+                    gb = self.model_gb if info.last_batch_model else 0.0
+                    sf = self.policy.size_factor(info.last_batch_kind, gb, info.device_class)
                     self.estimator.observe(
                         info.device_class,
                         info.last_batch_kind,
                         info.last_batch_size,
-                        info.last_batch_seconds,
+                        info.last_batch_seconds / max(sf, 1e-9),
                     )
                 self.workers[info.worker] = WorkerView(info, time.monotonic() - age)
                 self._wake.set()

@@ -122,6 +122,14 @@ class Policy:
         self.memory = np.array([c.memory_gb for c in cls])
         self.min_sf = np.array([c.min_size_factor for c in cls])
 
+    def size_factor(self, kind: str, model_gb: float, device_class: str) -> float:
+        """How a model's size scales a batch's time on a class, relative to the profile
+        (the same factor decide() applies): observed times are divided by it before the
+        estimator learns from them, so they are not scaled twice."""
+        ref = {**self.fleet.ref_model_gb, **self.config.ref_model_gb}.get(kind, 0.0)
+        raw = model_gb / ref if model_gb > 0 and ref > 0 else 1.0
+        return max(raw, self.fleet.classes[device_class].min_size_factor)
+
     # --- per round tables -----------------------------------------------------------
 
     def _latency_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
