@@ -74,37 +74,6 @@ class Selector:
 # --- reading the KV -------------------------------------------------------------------
 
 
-async def _kv_values(bus: Bus, bucket: str) -> list[tuple[str, bytes, int]]:
-    """(key, value, revision) of every live entry of a bucket, in one pass."""
-    # Not kv.keys() + get: one round trip per key. And not nats-py's end marker (None)
-    # alone: the watcher can send it before entries the server already pushed (it counts
-    # only those its callback has seen), which would make a full bucket look empty. The
-    # last entry the server delivers has delta (pending) 0; delete markers are read too,
-    # since the newest message of the bucket may be one.
-    kv = await bus.kv(bucket)
-    watcher = await kv.watchall()
-    out: list[tuple[str, bytes, int]] = []
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=10.0)
-            except TimeoutError as exc:
-                # never a partial answer: gc would take what it did not see for garbage
-                raise RuntimeError(f"timed out reading KV bucket {bucket}") from exc
-            if entry is None:
-                status = await kv.status()
-                if not status.stream_info.state.messages:
-                    break  # an empty bucket: nothing will come
-                continue
-            if entry.operation is None and entry.value:
-                out.append((entry.key, entry.value, entry.revision or 0))
-            if entry.delta == 0:
-                break
-    finally:
-        await watcher.stop()
-    return out
-
-
 async def _op_entries(bus: Bus, sel: Selector) -> list[tuple[OpState, int]]:
     kv = await bus.kv(streams.KV_OPS)
     if sel.key is not None and is_digest(sel.key):
@@ -114,7 +83,7 @@ async def _op_entries(bus: Bus, sel: Selector) -> list[tuple[OpState, int]]:
             return []
         rows = [(sel.key, entry.value, entry.revision or 0)] if entry.value else []
     else:
-        rows = await _kv_values(bus, streams.KV_OPS)
+        rows = await bus.kv_items(streams.KV_OPS)
     out = []
     for _key, value, revision in rows:
         try:
@@ -423,20 +392,20 @@ async def _mark_all(bus: Bus, marker: _Marker) -> list[str]:
     """Mark everything; returns the keys of dangling done operators."""
     report = marker.report
     ops: list[OpState] = []
-    for key, value, _rev in await _kv_values(bus, streams.KV_OPS):
+    for key, value, _rev in await bus.kv_items(streams.KV_OPS):
         try:
             ops.append(codec.decode(value, OpState))
         except codec.DecodeError:
             report.unreadable_entries.append(f"{streams.KV_OPS}/{key}")
     wfs: list[WorkflowStatus] = []
-    for key, value, _rev in await _kv_values(bus, streams.KV_WF):
+    for key, value, _rev in await bus.kv_items(streams.KV_WF):
         try:
             wfs.append(codec.decode(value, WorkflowStatus))
         except codec.DecodeError:
             report.unreadable_entries.append(f"{streams.KV_WF}/{key}")
     models = [
         (key, value.decode(errors="replace").strip())
-        for key, value, _rev in await _kv_values(bus, streams.KV_MODELS)
+        for key, value, _rev in await bus.kv_items(streams.KV_MODELS)
     ]
     oks = await asyncio.gather(*(marker.op(op) for op in ops))
     await asyncio.gather(*(marker.workflow(wf) for wf in wfs))

@@ -80,23 +80,8 @@ class CostReport:
 
 
 async def kv_values(bus: Bus, bucket: str) -> dict[str, bytes]:
-    """Every live key of a bucket with its value, in one ordered pass (a watch), not
-    one round trip per key."""
-    kv = await bus.kv(bucket)
-    watcher = await kv.watchall()
-    out: dict[str, bytes] = {}
-    try:
-        while True:
-            entry = await watcher.updates(timeout=5.0)
-            if entry is None:
-                break  # the end of the current values
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                out.pop(entry.key, None)
-            else:
-                out[entry.key] = entry.value
-    finally:
-        await watcher.stop()
-    return out
+    """Every live key of a bucket with its value, in one pass."""
+    return {key: value for key, value, _ in await bus.kv_items(bucket)}
 
 
 def attribute(

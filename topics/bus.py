@@ -73,6 +73,37 @@ class Bus:
             self._kv[bucket] = await self.js.key_value(bucket)
         return self._kv[bucket]
 
+    async def kv_items(self, bucket: str) -> list[tuple[str, bytes, int]]:
+        """(key, value, revision) of every live entry of a bucket, in one pass."""
+        # Not kv.keys() + get: one round trip per key. And not nats-py's end marker (None)
+        # alone: the watcher can send it before entries the server already pushed (it
+        # counts only those its callback has seen), which would make a full bucket look
+        # empty. The last entry the server delivers has delta (pending) 0; delete markers
+        # are read too, since the newest message of the bucket may be one.
+        kv = await self.kv(bucket)
+        watcher = await kv.watchall()
+        out: list[tuple[str, bytes, int]] = []
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=10.0)
+                except TimeoutError as exc:
+                    # never a partial answer: a caller (gc) would take what it did not
+                    # see for garbage
+                    raise RuntimeError(f"timed out reading KV bucket {bucket}") from exc
+                if entry is None:
+                    status = await kv.status()
+                    if not status.stream_info.state.messages:
+                        break  # an empty bucket: nothing will come
+                    continue
+                if entry.operation is None and entry.value:
+                    out.append((entry.key, entry.value, entry.revision or 0))
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return out
+
     async def publish(self, subject: str, msg: Any, msg_id: str | None = None) -> None:
         """Publish to a stream and wait for the server to store it."""
         headers = {MSG_ID: msg_id} if msg_id else None
