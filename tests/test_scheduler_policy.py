@@ -9,7 +9,13 @@ import pytest
 
 from engine.scheduler.fairness import FairShare, TenantPolicy
 from engine.scheduler.fleet import LatencyEstimator, load_fleet, parse_fleet
-from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from engine.scheduler.policy import (
+    Policy,
+    PolicyConfig,
+    ReadyItem,
+    WorkerState,
+    parse_policy_config,
+)
 from engine.scheduler.utility import Weights, estimate, terms, utility
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,3 +271,75 @@ def test_size_factor_matches_what_decide_applies() -> None:
     assert d.seconds == pytest.approx(
         lat.seconds(8) * policy.size_factor("generate", 10.0, "gpu"), rel=1e-3
     )
+
+
+def test_a_cold_worker_pays_its_startup_and_is_not_idle_capacity() -> None:
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    [d] = Policy(fleet).decide([item(i) for i in range(8)], [WorkerState("w", "gpu", 1)], now=0.0)
+    [cold] = Policy(fleet).decide(
+        [item(i) for i in range(8)], [WorkerState("w", "gpu", 1, startup_s=60.0)], now=0.0
+    )
+    assert cold.seconds == pytest.approx(d.seconds)  # on the device: the same batch
+    assert cold.cost_usd == pytest.approx(d.cost_usd + 60.0 * 2.0 / 3600)  # billed from alloc
+    assert cold.score < d.score
+    # a warm idle worker beats a cold one of the same class
+    ds = Policy(fleet).decide(
+        [item(i) for i in range(8)],
+        [WorkerState("cold", "gpu", 1, startup_s=60.0), WorkerState("idle", "gpu", 1)],
+        now=0.0,
+    )
+    assert [d.worker for d in ds] == ["idle"]
+    # four cold candidates are not four idle workers: no spreading into small batches
+    cold4 = [WorkerState(f"c{i}", "gpu", 1, startup_s=60.0) for i in range(4)]
+    ds = Policy(fleet).decide([item(i) for i in range(64)], cold4, now=0.0)
+    assert sorted(len(d.items) for d in ds) == [32, 32]
+
+
+def test_cold_fast_class_wins_a_backlog_it_will_serve() -> None:
+    """The one-off startup and model load are shared by the batches a new worker is
+    expected to run: for one batch the cheap slow class wins on them, for a backlog the
+    class that is cheaper and faster per operator does."""
+    fleet = fleet_of(
+        fast={"price_per_hour": 2.0, "speed": 1.0}, slow={"price_per_hour": 1.2, "speed": 0.5}
+    )
+
+    def first(n_items: int) -> str:
+        cands = [
+            WorkerState("f", "fast", 1, startup_s=60.0),
+            WorkerState("s", "slow", 1, startup_s=60.0),
+        ]
+        return Policy(fleet).decide([item(i) for i in range(n_items)], cands, now=0.0)[0].worker
+
+    assert first(32) == "s"
+    assert first(1024) == "f"
+
+
+def test_hold_leaves_a_slow_worker_idle_when_a_fast_one_frees_soon() -> None:
+    fleet = fleet_of(
+        fast={"price_per_hour": 2.0, "speed": 1.0}, slow={"price_per_hour": 1.5, "speed": 0.3}
+    )
+    items = [item(i) for i in range(32)]
+
+    def workers(busy_until: float | None) -> list[WorkerState]:
+        return [
+            WorkerState("slow", "slow", 1, resident={"m": 10.0}),
+            WorkerState("fast", "fast", 0, resident={"m": 10.0}, busy_until=busy_until),
+        ]
+
+    held = PolicyConfig(hold_s=10.0)
+    # the fast worker frees in 1 s and finishes the batch long before the slow one would
+    assert Policy(fleet, held).decide(items, workers(1.0), now=0.0) == []
+    # without hold (the default), or when it frees too late, the slow worker takes it
+    assert [d.worker for d in Policy(fleet).decide(items, workers(1.0), now=0.0)] == ["slow"]
+    assert [d.worker for d in Policy(fleet, held).decide(items, workers(30.0), now=0.0)] == ["slow"]
+    # overdue (it should have freed by now): no telling when it will, nothing is held
+    assert [d.worker for d in Policy(fleet, held).decide(items, workers(-1.0), now=0.0)] == ["slow"]
+    # a backlog bigger than the fast worker's batch: the slow one takes the rest
+    more = [item(i) for i in range(64)]
+    ds = Policy(fleet, held).decide(more, workers(1.0), now=0.0)
+    assert [d.worker for d in ds] == ["slow"] and len(ds[0].items) == 32
+
+
+def test_hold_s_is_read_from_the_config() -> None:
+    assert parse_policy_config({"hold_s": 7}).hold_s == 7.0
+    assert parse_policy_config({}).hold_s == 0.0

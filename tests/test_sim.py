@@ -161,3 +161,27 @@ def test_cli_sim_writes_json_and_plots(tmp_path: Path) -> None:
     assert data["ratios_vs_isolated"]["isolated"]["cost_reduction_x"] == 1.0
     assert (out / "cost_energy.png").stat().st_size > 0
     assert (out / "latency_cdf.png").stat().st_size > 0
+
+
+def test_flowmesh_offers_busy_workers_to_the_policy_with_hold(
+    smoke: Workload, fleet: Fleet, config: PolicyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With hold_s, busy workers expected to free within it come with the time the
+    scheduler expects them to free (its own estimate, never in the past)."""
+    seen = {"busy": 0, "overdue": 0}
+    real = Policy.decide
+
+    def spying(self: Policy, items: Any, workers: Any, now: float, *a: Any, **k: Any) -> Any:
+        for w in workers:
+            if w.free_slots == 0 and w.busy_until is not None:
+                seen["busy"] += 1
+                seen["overdue"] += w.busy_until < now
+        return real(self, items, workers, now, *a, **k)
+
+    monkeypatch.setattr(Policy, "decide", spying)
+    fm = simulate(smoke, fleet, replace(config, hold_s=30.0), "flowmesh")
+    assert fm.completed == fm.workflows
+    assert seen["busy"] > 0 and seen["overdue"] == 0
+    seen.update(busy=0)
+    simulate(smoke, fleet, replace(config, hold_s=0.0), "flowmesh")
+    assert seen["busy"] == 0  # no hold: busy workers are not offered

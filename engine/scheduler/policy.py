@@ -9,12 +9,24 @@ assigned; the scores of that worker and that group are refreshed; repeat until n
 worker has a feasible group. A worker may hold several models (memory-aware: loading
 one evicts least-recently-used ones until it fits; a model larger than the device never
 goes there), and warm workers win through the locality term.
+
+Cold workers (`startup_s`: a cold start or an allocation before they can run anything)
+are priced with it (time, $ at their rate, idle energy). One-off costs are shared by the
+work that pays them off: a model load by the worker's share of that group's backlog, a
+startup by its share of all the backlog it could run (it serves more than one batch once
+up), so a cold fast class is not beaten by a cold slow one on one batch's startup alone.
+Cold workers do not count as idle capacity when a backlog is spread.
+
+With `hold_s > 0`, busy workers that free within `hold_s` (`busy_until`, not overdue)
+are scored too, as if free then (the wait counts in their time, not their cost): a batch
+one wins is held for it (not assigned this round), so a slow free worker is left idle
+when a faster one frees soon enough to run the batch sooner and better.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +66,8 @@ class WorkerState:
     executors: frozenset[str] | None = None  # "executor@version" it runs; None: any
     models: frozenset[str] | None = None  # models it can load; None: any
     batch_caps: Mapping[str, int] | None = None  # "executor@version" -> largest batch
+    startup_s: float = 0.0  # before it can start a batch: cold start / allocation (billed)
+    busy_until: float | None = None  # with no free slot: when one is expected to free
 
 
 @dataclass(frozen=True)
@@ -80,11 +94,14 @@ class PolicyConfig:
     tenants: Mapping[str, TenantPolicy] = field(default_factory=dict)
     # reference model size per kind: a model of this size runs at the profiled speed
     ref_model_gb: Mapping[str, float] = field(default_factory=dict)
+    # hold a batch for a busy worker that frees within this long when it would run it
+    # sooner and better than a free one (0: every free worker gets work when it can)
+    hold_s: float = 0.0
 
 
 def parse_policy_config(data: Mapping[str, Any]) -> PolicyConfig:
     """configs/scheduler/*.yaml: weights, linger_s, aging_scale_s, spread_efficiency,
-    tenants: {name: {weight, priority, budget_usd}}."""
+    hold_s, tenants: {name: {weight, priority, budget_usd}}."""
     weights = Weights(**(data.get("weights") or {}))
     tenants = {name: TenantPolicy(**(t or {})) for name, t in (data.get("tenants") or {}).items()}
     return PolicyConfig(
@@ -93,6 +110,7 @@ def parse_policy_config(data: Mapping[str, Any]) -> PolicyConfig:
         linger_s=float(data.get("linger_s", 0.0)),
         aging_scale_s=float(data.get("aging_scale_s", 60.0)),
         spread_efficiency=float(data.get("spread_efficiency", 0.75)),
+        hold_s=float(data.get("hold_s", 0.0)),
     )
 
 
@@ -117,6 +135,7 @@ class Policy:
         cls = [fleet.classes[c] for c in self.classes]
         self.price = np.array([c.price_per_hour for c in cls])
         self.watts = np.array([c.watts_busy for c in cls])
+        self.watts_idle = np.array([c.watts_idle for c in cls])
         self.load_gbps = np.array([c.load_gbps for c in cls])
         self.net_gbps = np.array([c.net_gbps for c in cls])
         self.memory = np.array([c.memory_gb for c in cls])
@@ -170,7 +189,18 @@ class Policy:
         fair: FairShare | None = None,
     ) -> list[Decision]:
         fair = fair or FairShare(self.config.tenants)
+        cfg = self.config
         free = [w for w in workers if w.free_slots > 0 and w.device_class in self._class_idx]
+        # busy workers that free soon: scored as if free then; what they win is held
+        soon = [
+            w
+            for w in workers
+            if cfg.hold_s > 0
+            and w.free_slots <= 0
+            and w.busy_until is not None
+            and 0 <= w.busy_until - now <= cfg.hold_s  # overdue: no telling when
+            and w.device_class in self._class_idx
+        ]
         eligible = [i for i in items if not fair.over_budget(i.tenant) and i.kind in self._kind_idx]
         if not free or not eligible:
             return []
@@ -181,9 +211,10 @@ class Policy:
         deficits = fair.deficits((i.tenant for i in eligible), now)
         fixed_t, per_t, maxb_t = self._latency_tables()
         ref_ops, ref_cost, ref_energy = self._references(fixed_t, per_t, maxb_t)
-        cfg = self.config
 
-        G, W = len(glist), len(free)
+        n_free = len(free)
+        rows_w = free + soon
+        G, W = len(glist), len(rows_w)
         kind = np.array([self._kind_idx[g[0].kind] for g in glist])
         model_gb = np.array([g[0].model_gb if g[0].model else 0.0 for g in glist])
         ref_model_gb = {**self.fleet.ref_model_gb, **cfg.ref_model_gb}
@@ -196,8 +227,19 @@ class Policy:
         n_g = np.array([len(g) for g in glist], dtype=float)
         oldest = np.array([now - g[0].ready_at for g in glist])
         deficit = np.array([float(np.mean([deficits[i.tenant] for i in g])) for g in glist])
-        ci = np.array([self._class_idx[w.device_class] for w in free])
-        slots = np.array([w.free_slots for w in free])
+        ci = np.array([self._class_idx[w.device_class] for w in rows_w])
+        slots = np.array([w.free_slots if i < n_free else 1 for i, w in enumerate(rows_w)])
+        startup = np.array(
+            [max(0.0, w.startup_s) if i < n_free else 0.0 for i, w in enumerate(rows_w)]
+        )
+        wait = np.array(
+            [
+                0.0 if i < n_free else max(0.0, (w.busy_until or now) - now)
+                for i, w in enumerate(rows_w)
+            ]
+        )
+        # idle capacity a backlog is spread over: free now (not cold, not busy)
+        ready = (startup <= 0) & (np.arange(W) < n_free)
         models = sorted({g[0].model for g in glist if g[0].model})
         m_idx = {m: j for j, m in enumerate(models)}
         g_model = np.array([m_idx.get(g[0].model or "", -1) for g in glist])
@@ -205,7 +247,7 @@ class Policy:
         # compatibility that does not change within the round
         compat = maxb_t[ci][:, kind] > 0
         compat &= model_gb[None, :] <= self.memory[ci][:, None]
-        for wi, w in enumerate(free):
+        for wi, w in enumerate(rows_w):
             if w.executors is not None:
                 compat[wi] &= np.array([g[0].executor in w.executors for g in glist])
             if w.models is not None:
@@ -213,13 +255,23 @@ class Policy:
                     [g[0].model is None or g[0].model in w.models for g in glist]
                 )
         cap = np.full((W, G), np.inf)
-        for wi, w in enumerate(free):
+        for wi, w in enumerate(rows_w):
             if w.batch_caps:
                 caps = w.batch_caps
                 cap[wi] = [caps.get(g[0].executor, np.inf) for g in glist]
+        # the work a new worker is expected to do once up: its share of all the backlog
+        # it could run (with the idle workers), in seconds on its class at full batches
+        kk = kind[None, :]
+        full = np.maximum(maxb_t[ci[:, None], kk], 1)
+        work = (
+            np.ceil(n_g[None, :] / full) * fixed_t[ci[:, None], kk]
+            + n_g[None, :] * per_t[ci[:, None], kk]
+        ) * np.maximum(size_factor[None, :], self.min_sf[ci][:, None])
+        n_idle = int(((startup <= 0) & (np.arange(W) < n_free)).sum())
+        backlog_s = np.where(compat, work, 0.0).sum(axis=1) / (n_idle + 1)
         resident = np.zeros((W, len(models) + 1), dtype=bool)
         resident[:, -1] = True  # "no model" is always warm
-        for wi, w in enumerate(free):
+        for wi, w in enumerate(rows_w):
             for m in w.resident:
                 if m in m_idx:
                     resident[wi, m_idx[m]] = True
@@ -231,8 +283,10 @@ class Policy:
             k = kind[cols][None, :]
             maxb = np.minimum(maxb_t[c, k], cap[np.ix_(rows, cols)])
             # spread a backlog over the idle workers that could take it (latency), but
-            # never into batches so small that fixed overhead dominates (cost)
-            idle = (compat[:, cols] & (slots[:, None] > 0)).sum(axis=0)[None, :]
+            # never into batches so small that fixed overhead dominates (cost); cold
+            # workers (they may never be allocated) and busy ones are not idle capacity
+            able = compat[:, cols] & (slots[:, None] > 0)
+            idle = (able & ready[:, None]).sum(axis=0)[None, :]
             spread = np.ceil(n_g[cols][None, :] / np.maximum(idle, 1))
             e = cfg.spread_efficiency
             efficient = np.ceil(
@@ -241,6 +295,14 @@ class Policy:
             n = np.minimum(np.maximum(spread, efficient), np.maximum(maxb, 1))
             n = np.maximum(np.minimum(n, n_g[cols][None, :]), 1)
             warm = resident[rows][:, g_model[cols]]
+            # the batches of this group the worker is expected to run: its share of the
+            # backlog (a cold one joins the idle ones), over which one-off costs spread
+            share = n_g[cols][None, :] / np.maximum(idle + (startup[rows] > 0)[:, None], 1)
+            runs = np.maximum(share / n, 1.0)
+            batch_s = (fixed_t[c, k] + per_t[c, k] * n) * np.maximum(
+                size_factor[cols][None, :], self.min_sf[c]
+            )
+            startup_runs = np.maximum(backlog_s[rows][:, None] / np.maximum(batch_s, 1e-9), runs)
             est = estimate(
                 n,
                 fixed_t[c, k],
@@ -253,6 +315,11 @@ class Policy:
                 self.net_gbps[c],
                 self.price[c],
                 self.watts[c],
+                startup_s=startup[rows][:, None],
+                watts_idle=self.watts_idle[c],
+                wait_s=wait[rows][:, None],
+                runs=runs,
+                startup_runs=startup_runs,
             )
             # references scale with the model: a small model's batch is compared with what
             # a typical device does for a model of that size, not for the reference one
@@ -275,8 +342,7 @@ class Policy:
             ok &= (n_g[cols][None, :] >= maxb) | (oldest[cols][None, :] >= cfg.linger_s)
             return np.where(ok, score, NEG), parts, n
 
-        all_w, all_g = np.arange(W), np.arange(G)
-        scores, _, _ = block(all_w, all_g)
+        scores, _, _ = block(np.arange(W), np.arange(G))
         decisions: list[Decision] = []
         while True:
             flat = int(np.argmax(scores))
@@ -286,9 +352,12 @@ class Policy:
                 break
             _, parts, n_arr = block(np.array([wi]), np.array([gi]))
             n = int(n_arr[0, 0])
-            worker = free[wi]
+            worker = rows_w[wi]
             group = glist[gi]
             chosen, glist[gi] = tuple(group[:n]), group[n:]
+            if wi >= n_free:  # held for a busy worker that frees soon: not assigned now
+                self._after_pick(wi, gi, glist, slots, n_g, oldest, now, scores, block)
+                continue
             c = int(ci[wi])
             k = int(kind[gi])
             model = chosen[0].model
@@ -316,6 +385,8 @@ class Policy:
                 self.net_gbps[c],
                 self.price[c],
                 self.watts[c],
+                startup_s=float(startup[wi]),
+                watts_idle=float(self.watts_idle[c]),
             )
             decisions.append(
                 Decision(
@@ -334,15 +405,30 @@ class Policy:
             for it in chosen:
                 fair.charge(it.tenant, float(est.total_s) / n, float(est.cost_usd) / n, now)
             worker.free_slots -= 1
-            slots[wi] -= 1
-            n_g[gi] = len(glist[gi])
-            if glist[gi]:
-                oldest[gi] = now - glist[gi][0].ready_at
-            row, _, _ = block(np.array([wi]), all_g)
-            scores[wi, :] = row[0]
-            col, _, _ = block(all_w, np.array([gi]))
-            scores[:, gi] = col[:, 0]
+            self._after_pick(wi, gi, glist, slots, n_g, oldest, now, scores, block)
         return decisions
+
+    @staticmethod
+    def _after_pick(
+        wi: int,
+        gi: int,
+        glist: list[list[ReadyItem]],
+        slots: np.ndarray,
+        n_g: np.ndarray,
+        oldest: np.ndarray,
+        now: float,
+        scores: np.ndarray,
+        block: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, Any, np.ndarray]],
+    ) -> None:
+        """A worker slot and part of a group are taken: refresh their scores."""
+        slots[wi] -= 1
+        n_g[gi] = len(glist[gi])
+        if glist[gi]:
+            oldest[gi] = now - glist[gi][0].ready_at
+        row, _, _ = block(np.array([wi]), np.arange(scores.shape[1]))
+        scores[wi, :] = row[0]
+        col, _, _ = block(np.arange(scores.shape[0]), np.array([gi]))
+        scores[:, gi] = col[:, 0]
 
     def _make_room(self, worker: WorkerState, need_gb: float) -> list[str]:
         """Least-recently-used resident models to drop so `need_gb` fits."""

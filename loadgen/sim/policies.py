@@ -80,8 +80,9 @@ class FlowMeshPolicy(SimPolicy):
 
     def round(self, sim: Simulation, now: float, scopes: list[str]) -> None:
         q = sim.queue
+        busy = self._busy(sim, now) if q.total and self.config.hold_s > 0 else []
         if q.total and sim.pool.free:
-            self._decide(sim, now, list(sim.pool.free.values()), None)
+            self._decide(sim, now, list(sim.pool.free.values()), busy, None)
         if q.total:
             allow = allowance(sim)
             # one cold candidate per class at a time: the policy picks the class (and the
@@ -93,7 +94,7 @@ class FlowMeshPolicy(SimPolicy):
                     for cls, ws in sim.pool.unalloc.items()
                     if ws and allow.get(sim.fleet.classes[cls].kind, 0) > 0
                 ]
-                if not candidates or not self._decide(sim, now, candidates, allow, first=True):
+                if not candidates or not self._decide(sim, now, candidates, busy, allow, True):
                     break
         if self.config.linger_s > 0 and q.total and sim.pool.free:
             sim.wake_at(now + self.config.linger_s)
@@ -103,15 +104,17 @@ class FlowMeshPolicy(SimPolicy):
         sim: Simulation,
         now: float,
         workers: list[SimWorker],
+        busy: list[WorkerState],
         allow: dict[str, int] | None,
         first: bool = False,
     ) -> int:
-        """One Policy.decide round over the ready groups and `workers`; returns how many
-        batches started. With `allow`, the workers are unallocated candidates and only
-        the policy's best choices within `allow[pool]` are taken (allocated), with
-        `first` only its best one; the rest are dropped."""
+        """One Policy.decide round over the ready groups and `workers` (and the `busy`
+        workers that free soon, for the policy's hold); returns how many batches
+        started. With `allow`, the workers are unallocated candidates and only the
+        policy's best choices within `allow[pool]` are taken (allocated), with `first`
+        only its best one; the rest are dropped."""
         q = sim.queue
-        n_workers = len(workers)
+        n_workers = len(workers) + len(busy)
         items: list[ReadyItem] = []
         by_key: dict[str, Exec] = {}
         for bk in q.oldest(self.max_groups):
@@ -120,10 +123,14 @@ class FlowMeshPolicy(SimPolicy):
             for e in q.first(bk, limit):
                 items.append(e.item)
                 by_key[e.item.key] = e
+        # candidates are offered without their cold start (startup_s): priced at each
+        # class's $/h it makes the default weights pick the cheapest slow class for a
+        # small backlog, which cost energy and p95 on rlhf-mix (loadgen/README.md)
         states = [
             WorkerState(w.id, w.device.name, 1, w.resident, self._advertised(sim, w.device.name))
             for w in workers
         ]
+        states += busy
         fair = self.fair if allow is None else copy.deepcopy(self.fair)
         t0 = time.perf_counter()
         decisions = self.policy.decide(items, states, now, fair)
@@ -145,8 +152,27 @@ class FlowMeshPolicy(SimPolicy):
                 sim.allocate(w, now)
             execs = [by_key[it.key] for it in d.items]
             sim.start_batch(w, execs, q, now, load=d.load_model is not None)
+            # what a live scheduler would know: its own estimate, not the emulated end
+            w.expected_end = max(now, w.ready_at) + d.seconds
             started += 1
         return started
+
+    def _busy(self, sim: Simulation, now: float) -> list[WorkerState]:
+        """The shared pool's busy workers expected to free within hold_s, as the policy
+        sees them (no free slot, busy_until)."""
+        horizon = now + self.config.hold_s
+        return [
+            WorkerState(
+                w.id,
+                w.device.name,
+                0,
+                w.resident,
+                self._advertised(sim, w.device.name),
+                busy_until=w.expected_end,
+            )
+            for w in sim.pool.workers
+            if w.batch is not None and not w.owner and now <= w.expected_end <= horizon
+        ]
 
     def _advertised(self, sim: Simulation, cls: str) -> frozenset[str] | None:
         """The executors a worker of `cls` advertises: all its profile runs, except that

@@ -38,6 +38,7 @@ class SimWorker:
         "busy_s",
         "device",
         "exec_s",
+        "expected_end",
         "gen",
         "id",
         "idle_token",
@@ -64,6 +65,7 @@ class SimWorker:
         self.batch: list[Exec] | None = None
         self.batch_start = 0.0
         self.exec_s = 0.0  # the running batch's pure execution time (no load/fetch)
+        self.expected_end = 0.0  # when the scheduler expects the running batch to end
         self.batch_token = 0  # invalidates a DONE event of a lost batch
         self.gen = 0  # allocation generation: invalidates KILL/RELEASE of an old one
         self.idle_token = 0
