@@ -82,6 +82,9 @@ class Scheduler:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self.assigned_batches = 0
+        # worker -> when the batches assigned to it are expected to be done (the
+        # policy's estimates, wall clock): lets the policy hold a batch for it
+        self._busy_until: dict[str, float] = {}
         self.reclaimed_ops = 0
 
     @property
@@ -281,15 +284,19 @@ class Scheduler:
         if not workers:
             return 0
         counts = await self._assigned_counts()
+        now = time.time()
         states = []
         for w in workers:
             info = w.info
             self._ensure_class(info)
+            free = max(0, info.slots - counts.get(subjects.assign(info.worker), 0))
+            if free:  # nothing outstanding beyond its slots: forget stale estimates
+                self._busy_until.pop(info.worker, None)
             states.append(
                 WorkerState(
                     id=info.worker,
                     device_class=info.device_class,
-                    free_slots=max(0, info.slots - counts.get(subjects.assign(info.worker), 0)),
+                    free_slots=free,
                     resident=dict.fromkeys(info.resident, self.model_gb),
                     executors=frozenset(f"{k}@{v}" for k, v in info.executors.items()),
                     models=frozenset(info.models.values()),
@@ -298,6 +305,7 @@ class Scheduler:
                         for k, v in info.max_batch.items()
                         if k in info.executors
                     },
+                    busy_until=self._busy_until.get(info.worker) if not free else None,
                 )
             )
         items = [
@@ -315,12 +323,14 @@ class Scheduler:
             )
             for h in self.pool.values()
         ]
-        decisions = self.policy.decide(items, states, now=time.time(), fair=self.fair)
+        decisions = self.policy.decide(items, states, now=now, fair=self.fair)
         self._warn_unschedulable(items)
         by_id = {w.info.worker: w.info for w in workers}
         for d in decisions:
             batch = [self.pool.pop(it.key) for it in d.items]
             await self._send(by_id[d.worker], batch)
+            start = max(now, self._busy_until.get(d.worker, now))
+            self._busy_until[d.worker] = start + d.seconds
             log.info(
                 "batch assigned",
                 worker=d.worker,
