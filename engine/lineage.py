@@ -659,6 +659,15 @@ async def _scan(
     return out
 
 
+def _requests(msgs: Iterable[Any]) -> Iterable[OpRequest]:
+    """The OpRequests among KV messages (a record that does not decode is skipped)."""
+    for data in _kv_values(msgs):
+        try:
+            yield codec.decode(data, OpRequest)
+        except codec.DecodeError:
+            continue
+
+
 def _kv_values(msgs: Iterable[Any]) -> Iterable[bytes]:
     for msg in msgs:
         op = (msg.headers or {}).get("KV-Operation")
@@ -680,11 +689,7 @@ async def _requests_of_ops(bus: Bus, keys: list[str]) -> dict[str, list[OpReques
 
     out: dict[str, list[OpRequest]] = {}
     for msgs in await asyncio.gather(*(one(c) for c in chunks)):
-        for data in _kv_values(msgs):
-            try:
-                req = codec.decode(data, OpRequest)
-            except codec.DecodeError:
-                continue
+        for req in _requests(msgs):
             out.setdefault(req.key, []).append(req)
     for reqs in out.values():
         reqs.sort(key=lambda r: r.at)
@@ -697,11 +702,7 @@ async def _requests_of_workflow(bus: Bus, workflow_id: str) -> dict[str, list[Op
         bus, f"KV_{streams.KV_REQUESTS}", [f"$KV.{streams.KV_REQUESTS}.*.{workflow_id}"]
     )
     by_node: dict[str, list[OpRequest]] = {}
-    for data in _kv_values(msgs):
-        try:
-            req = codec.decode(data, OpRequest)
-        except codec.DecodeError:
-            continue
+    for req in _requests(msgs):
         by_node.setdefault(req.node, []).append(req)
     for reqs in by_node.values():
         reqs.sort(key=lambda r: r.at)

@@ -180,10 +180,8 @@ class Planner:
         if len(data) > streams.MAX_MESSAGE_BYTES:
             await self.bus.dead_letter("planner", subject, "submission too large", data)
             return
-        try:
-            sub = codec.decode(data, SubmitWorkflow)
-        except codec.DecodeError as exc:
-            await self.bus.dead_letter("planner", subject, str(exc), data)
+        sub = await self.bus.decode_or_dead_letter("planner", subject, data, SubmitWorkflow)
+        if sub is None:
             return
         wf_id = sub.workflow_id
         if wf_id in self.runs or not subjects.is_token(wf_id):
@@ -436,10 +434,10 @@ class Planner:
             except TimeoutError:
                 continue
             for msg in msgs:
-                try:
-                    done = codec.decode(msg.data, OpDone)
-                except codec.DecodeError as exc:
-                    await self.bus.dead_letter("planner", msg.subject, str(exc), msg.data)
+                done = await self.bus.decode_or_dead_letter(
+                    "planner", msg.subject, msg.data, OpDone
+                )
+                if done is None:
                     await msg.term()
                     continue
                 await self.complete_key(done)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import structlog
@@ -23,6 +23,7 @@ from topics.messages import DeadLetter
 log = structlog.get_logger("flowmesh.bus")
 
 MSG_ID = "Nats-Msg-Id"
+T = TypeVar("T")
 
 
 class Bus:
@@ -117,6 +118,17 @@ class Bus:
             futures.append(await self.js.publish_async(subject, codec.encode(msg), headers=headers))
         if futures:
             await asyncio.gather(*futures)
+
+    async def decode_or_dead_letter(
+        self, component: str, subject: str, data: bytes, typ: type[T]
+    ) -> T | None:
+        """The message as `typ`, or None after recording why it is not one: a shared
+        component never dies of a bad message, and never drops one silently."""
+        try:
+            return codec.decode(data, typ)
+        except codec.DecodeError as exc:
+            await self.dead_letter(component, subject, str(exc), data)
+            return None
 
     async def dead_letter(self, component: str, subject: str, reason: str, payload: bytes) -> None:
         """Record a message a component could not use; never raises into the caller."""

@@ -225,10 +225,8 @@ class Worker:
         return await self._prepare(msgs[0]) if msgs else None
 
     async def _prepare(self, msg: Any) -> Prepared | None:
-        try:
-            batch = codec.decode(msg.data, Assignment)
-        except codec.DecodeError as exc:
-            await self.bus.dead_letter("worker", msg.subject, str(exc), msg.data)
+        batch = await self.bus.decode_or_dead_letter("worker", msg.subject, msg.data, Assignment)
+        if batch is None:
             await msg.term()
             return None
         keeper = asyncio.create_task(self._keep_claimed(msg))

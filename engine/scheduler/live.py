@@ -31,7 +31,7 @@ from engine.scheduler.fairness import FairShare
 from engine.scheduler.fleet import Fleet, LatencyEstimator
 from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from engine.supervise import guarded
-from topics import Bus, codec, streams, subjects
+from topics import Bus, streams, subjects
 from topics.messages import Assignment, ReadyOp, WorkerInfo
 
 log = structlog.get_logger("flowmesh.scheduler")
@@ -133,10 +133,10 @@ class Scheduler:
                     if entry.key in self.workers:
                         await self._reclaim(entry.key, reason="worker left")
                     continue
-                try:
-                    info = codec.decode(entry.value, WorkerInfo)
-                except codec.DecodeError as exc:
-                    await self.bus.dead_letter("scheduler", entry.key, str(exc), entry.value)
+                info = await self.bus.decode_or_dead_letter(
+                    "scheduler", entry.key, entry.value, WorkerInfo
+                )
+                if info is None:
                     continue
                 # age by the sender's clock so a restarted scheduler does not take a
                 # long-dead worker's last heartbeat for a fresh one
@@ -203,10 +203,10 @@ class Scheduler:
                 except TimeoutError:
                     break
                 for msg in msgs:
-                    try:
-                        batch = codec.decode(msg.data, Assignment)
-                    except codec.DecodeError as exc:
-                        await self.bus.dead_letter("scheduler", msg.subject, str(exc), msg.data)
+                    batch = await self.bus.decode_or_dead_letter(
+                        "scheduler", msg.subject, msg.data, Assignment
+                    )
+                    if batch is None:
                         await msg.ack()
                         continue
                     await self.bus.publish_many(
@@ -256,10 +256,8 @@ class Scheduler:
                 await self.bus.dead_letter("scheduler", msg.subject, "message too large", msg.data)
                 await msg.term()
                 continue
-            try:
-                op = codec.decode(msg.data, ReadyOp)
-            except codec.DecodeError as exc:
-                await self.bus.dead_letter("scheduler", msg.subject, str(exc), msg.data)
+            op = await self.bus.decode_or_dead_letter("scheduler", msg.subject, msg.data, ReadyOp)
+            if op is None:
                 await msg.term()
                 continue
             if op.key in self.pool:
