@@ -18,7 +18,7 @@ from engine.client import FlowMesh
 from engine.spec import parse_spec
 from tests.conftest import MakeFabric, connect
 from topics import codec, streams, subjects
-from topics.messages import OpState
+from topics.messages import OpState, WorkflowSpec
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -44,6 +44,30 @@ def records(n: int) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
+
+
+def slow_spec(name: str, rows: list[dict[str, Any]], delay: float, count: bool) -> WorkflowSpec:
+    """Upper-case each record slowly (so a batch is still running when a test kills
+    something), and optionally count per colour after."""
+    nodes: list[dict[str, Any]] = [
+        {
+            "name": "slow",
+            "op": "map",
+            "fn": "test.slow_upper",
+            "input": "src",
+            "params": {"field": "text", "delay": delay},
+        },
+    ]
+    if count:
+        nodes.append(
+            {
+                "name": "count",
+                "op": "group",
+                "input": "slow",
+                "params": {"by": "colour", "agg": "count"},
+            }
+        )
+    return parse_spec({"name": name, "datasets": {"src": {"records": rows}}, "nodes": nodes})
 
 
 async def test_three_node_workflow_matches_python(make_fabric: MakeFabric) -> None:
@@ -98,21 +122,7 @@ async def test_three_node_workflow_matches_python(make_fabric: MakeFabric) -> No
 async def test_two_workers_share_the_load(make_fabric: MakeFabric) -> None:
     fabric = make_fabric(workers=2)
     rows = records(40)
-    spec = parse_spec(
-        {
-            "name": "share",
-            "datasets": {"src": {"records": rows}},
-            "nodes": [
-                {
-                    "name": "slow",
-                    "op": "map",
-                    "fn": "test.slow_upper",
-                    "input": "src",
-                    "params": {"field": "text", "delay": 0.05},
-                }
-            ],
-        }
-    )
+    spec = slow_spec("share", rows, delay=0.05, count=False)
     async with await connect(fabric, 2) as fm:
         wf = await fm.submit(spec)
         await fm.wait(wf, timeout=120)
@@ -125,27 +135,7 @@ async def test_two_workers_share_the_load(make_fabric: MakeFabric) -> None:
 async def test_worker_killed_mid_batch_workflow_completes(make_fabric: MakeFabric) -> None:
     fabric = make_fabric(workers=2)
     rows = records(40)
-    spec = parse_spec(
-        {
-            "name": "kill",
-            "datasets": {"src": {"records": rows}},
-            "nodes": [
-                {
-                    "name": "slow",
-                    "op": "map",
-                    "fn": "test.slow_upper",
-                    "input": "src",
-                    "params": {"field": "text", "delay": 0.3},
-                },
-                {
-                    "name": "count",
-                    "op": "group",
-                    "input": "slow",
-                    "params": {"by": "colour", "agg": "count"},
-                },
-            ],
-        }
-    )
+    spec = slow_spec("kill", rows, delay=0.3, count=True)
     victim_id = fabric.worker_ids[0]
     async with await connect(fabric, 2) as fm:
         wf = await fm.submit(spec)
@@ -243,27 +233,7 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
 async def test_engine_killed_mid_run_restarts_and_completes(make_fabric: MakeFabric) -> None:
     fabric = make_fabric(workers=2)
     rows = records(40)
-    spec = parse_spec(
-        {
-            "name": "engine-kill",
-            "datasets": {"src": {"records": rows}},
-            "nodes": [
-                {
-                    "name": "slow",
-                    "op": "map",
-                    "fn": "test.slow_upper",
-                    "input": "src",
-                    "params": {"field": "text", "delay": 0.1},
-                },
-                {
-                    "name": "count",
-                    "op": "group",
-                    "input": "slow",
-                    "params": {"by": "colour", "agg": "count"},
-                },
-            ],
-        }
-    )
+    spec = slow_spec("engine-kill", rows, delay=0.1, count=True)
     async with await connect(fabric, 2) as fm:
         wf = await fm.submit(spec)
         for _ in range(300):
