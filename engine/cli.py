@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.cli_options import _cas, _run, cas_option, console, data_option, nats_option
+from engine.cli_options import (
+    _cas,
+    _run,
+    cas_option,
+    console,
+    creds_option,
+    data_option,
+    nats_option,
+    tenant_creds_option,
+)
 from engine.client import FlowMesh
 from engine.local import LocalFabric, free_port
 from engine.spec import SpecError, load_spec
+from engine.tenant_client import TenantClient
 from topics import codec, logs
 from topics.cas import records_to_arrow
 from topics.messages import WorkflowStatus
@@ -65,6 +77,21 @@ def main(log_level: str | None) -> None:
     default=lambda: str(POLICY) if POLICY.exists() else None,
     help="utility weights, fair-share tenants, linger",
 )
+@creds_option
+@click.option(
+    "--metrics-port",
+    default=lambda: int(os.environ.get("FLOWMESH_METRICS_PORT", "0")),
+    type=int,
+    show_default="$FLOWMESH_METRICS_PORT or 0 (off)",
+    help="serve Prometheus /metrics on this port (0: off)",
+)
+@click.option(
+    "--console-port",
+    default=lambda: int(os.environ.get("FLOWMESH_CONSOLE_PORT", "0")),
+    type=int,
+    show_default="$FLOWMESH_CONSOLE_PORT or 0 (off)",
+    help="serve the web console on this port (0: off)",
+)
 def engine(
     nats_url: str,
     data_dir: Path,
@@ -72,11 +99,29 @@ def engine(
     dead_after: float,
     fleet_path: Path | None,
     policy_path: Path | None,
+    creds_path: str,
+    metrics_port: int,
+    console_port: int,
 ) -> None:
-    """Run the engine (planner + scheduler) in the foreground."""
+    """Run the engine (planner + scheduler + tenant gateway) in the foreground."""
+    from engine.auth import CredsError, resolve_url
     from engine.service import serve
 
-    asyncio.run(serve(nats_url, _cas(cas_url, data_dir), dead_after, fleet_path, policy_path))
+    try:
+        url = resolve_url(nats_url, creds_path)
+    except CredsError as exc:
+        raise click.UsageError(str(exc)) from exc
+    asyncio.run(
+        serve(
+            url,
+            _cas(cas_url, data_dir),
+            dead_after,
+            fleet_path,
+            policy_path,
+            metrics_port=metrics_port,
+            console_port=console_port,
+        )
+    )
 
 
 @main.command()
@@ -92,22 +137,78 @@ def engine(
     show_default=True,
     help="model sources the workers serve (tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/path)",
 )
+@creds_option
+@click.option(
+    "--nats-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="config for the nats-server started here (auth init's nats-server.conf)",
+)
+@click.option(
+    "--metrics-port",
+    default=9464,
+    show_default=True,
+    help="engine's Prometheus /metrics port; worker i serves on the port + 1 + i (0: off)",
+)
+@click.option("--console-port", default=8470, show_default=True, help="web console (0: off)")
+@click.option(
+    "--autoscale",
+    is_flag=True,
+    help="add workers while operators wait, retire idle ones (--workers is then the minimum)",
+)
+@click.option("--max-workers", default=4, show_default=True, help="with --autoscale: the most")
+@click.option(
+    "--idle-grace",
+    default=30.0,
+    show_default=True,
+    help="with --autoscale: seconds a worker sits idle before it retires",
+)
 def up(
-    nats_url: str, data_dir: Path, cas_url: str | None, n_workers: int, models: tuple[str, ...]
+    nats_url: str,
+    data_dir: Path,
+    cas_url: str | None,
+    n_workers: int,
+    models: tuple[str, ...],
+    creds_path: str,
+    nats_config: Path | None,
+    metrics_port: int,
+    console_port: int,
+    autoscale: bool,
+    max_workers: int,
+    idle_grace: float,
 ) -> None:
     """Run engine + N local workers (and a nats-server if none is reachable) until Ctrl-C."""
     fabric = LocalFabric(
         data_dir=data_dir,
         nats_url=nats_url,
         cas_url=_cas(cas_url, data_dir),
-        workers=n_workers,
+        workers=0 if autoscale else n_workers,  # the autoscaler starts its own
         worker_args=[a for m in models for a in ("--model", m)],
+        creds=Path(creds_path) if creds_path else None,
+        nats_config=nats_config,
+        metrics_port=metrics_port,
+        console_port=console_port,
     )
     with fabric:
         console.print(
             f"FlowMesh up: nats {nats_url}, CAS {fabric.cas_url}, {n_workers} workers; "
             f"logs in {fabric.log_dir}. Ctrl-C to stop."
         )
+        if console_port:
+            console.print(f"console http://127.0.0.1:{console_port}/  (or: flowmesh top)")
+        if metrics_port:
+            console.print(
+                f"metrics http://127.0.0.1:{metrics_port}/metrics (engine), "
+                f"ports {metrics_port + 1}.. (workers)"
+            )
+        scaler = None
+        if autoscale:
+            from engine.providers.local import LocalAutoscaler
+
+            scaler = LocalAutoscaler(
+                fabric, n_workers, max(n_workers, max_workers), idle_grace
+            ).start()
+            console.print(f"autoscaling {n_workers}..{max(n_workers, max_workers)} workers")
         try:
             while True:
                 time.sleep(1)
@@ -117,6 +218,8 @@ def up(
                     break
         except KeyboardInterrupt:
             console.print("stopping...")
+        if scaler is not None:
+            scaler.stop()
 
 
 @main.command()
@@ -205,7 +308,7 @@ async def _wait_for_workers(fm: FlowMesh, n: int, timeout: float = 120.0) -> Non
 
 
 async def _wait_with_progress(
-    fm: FlowMesh, wf: str, timeout: float | None = None
+    fm: FlowMesh | TenantClient, wf: str, timeout: float | None = None
 ) -> WorkflowStatus:
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -242,6 +345,7 @@ async def _wait_with_progress(
 )
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait with a progress bar")
 @click.option("--timeout", default=None, type=float)
+@tenant_creds_option
 def submit(
     nats_url: str,
     data_dir: Path,
@@ -251,11 +355,22 @@ def submit(
     workflow_id: str | None,
     wait: bool,
     timeout: float | None,
+    tenant_creds: Path | None,
 ) -> None:
     """Submit a workflow spec (YAML); print its id."""
+    if tenant_creds and tenant:
+        raise click.UsageError("--tenant-creds names the tenant; drop --tenant")
 
     async def go() -> None:
         spec = load_spec(workflow)  # inside _run, so a bad spec gets the exit code 2
+        if tenant_creds:
+            async with await TenantClient.from_creds(tenant_creds) as tc:
+                # the credentials name the tenant, whatever the spec file says
+                wf = await tc.submit(msgspec.structs.replace(spec, tenant=tc.tenant), workflow_id)
+                click.echo(wf)
+                if wait:
+                    _print_status(await _wait_with_progress(tc, wf, timeout))
+            return
         async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
             wf = await fm.submit(spec, workflow_id, tenant=tenant)
             click.echo(wf)
@@ -271,12 +386,21 @@ def submit(
 @cas_option
 @click.argument("workflow_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@tenant_creds_option
 def status(
-    nats_url: str, data_dir: Path, cas_url: str | None, workflow_id: str | None, as_json: bool
+    nats_url: str,
+    data_dir: Path,
+    cas_url: str | None,
+    workflow_id: str | None,
+    as_json: bool,
+    tenant_creds: Path | None,
 ) -> None:
     """Show all workflows, or one workflow's nodes."""
 
     async def go() -> None:
+        if tenant_creds:
+            await _tenant_status(tenant_creds, workflow_id, as_json)
+            return
         async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
             if workflow_id:
                 st = await fm.status(workflow_id)
@@ -325,6 +449,7 @@ def status(
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), default=None, help="write to a file"
 )
+@tenant_creds_option
 def result(
     nats_url: str,
     data_dir: Path,
@@ -333,10 +458,14 @@ def result(
     node: str,
     fmt: str,
     output: Path | None,
+    tenant_creds: Path | None,
 ) -> None:
     """Print (or save) the records a node produced, in order."""
 
     async def go() -> list[dict[str, Any]]:
+        if tenant_creds:
+            async with await TenantClient.from_creds(tenant_creds) as tc:
+                return await tc.result(workflow_id, node)
         async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
             return await fm.result(workflow_id, node)
 
@@ -358,6 +487,31 @@ def result(
         click.echo(text, nl=False)
 
 
+async def _tenant_status(creds: Path, workflow_id: str | None, as_json: bool) -> None:
+    """`status` as a tenant: its own workflows only, through the gateway."""
+    async with await TenantClient.from_creds(creds) as tc:
+        if workflow_id:
+            st = await tc.status(workflow_id)
+            if st is None:
+                raise KeyError(f"no workflow {workflow_id!r}")
+            if as_json:
+                click.echo(codec.encode(st).decode())
+            else:
+                _print_status(st)
+            return
+        summaries = await tc.workflows()
+        if as_json:
+            click.echo(json.dumps([codec.to_builtins(s) for s in summaries]))
+            return
+        table = Table("workflow", "name", "state", "ops done", "seconds")
+        for s in summaries:
+            secs = (s.ended_at or time.time()) - s.submitted_at
+            table.add_row(
+                s.workflow_id, s.name, s.state, f"{s.ops_done}/{s.ops_total}", f"{secs:.1f}"
+            )
+        Console().print(table)
+
+
 def _print_status(st: WorkflowStatus) -> None:
     table = Table(title=escape(f"{st.workflow_id}  {st.name}  tenant={st.tenant}  [{st.state}]"))
     for col in ("node", "ops", "done", "failed", "reused", "outputs", "complete"):
@@ -374,19 +528,37 @@ def _print_status(st: WorkflowStatus) -> None:
         )
     Console(stderr=True).print(table)
     if st.error:
-        Console(stderr=True).print(f"[red]error:[/red] {st.error}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(st.error)}")
+    if st.failure is not None:
+        f = st.failure
+        Console(stderr=True).print(
+            escape(
+                f"failed operator: node {f.node}, key {f.key}, "
+                f"{f.attempts} attempt(s), last on worker {f.worker or '?'}"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        if f.traceback:
+            Console(stderr=True).print(
+                escape(f.traceback.rstrip()), highlight=False, soft_wrap=True
+            )
 
 
 def _register_subcommands() -> None:
     # in their own modules so each stays small; registered here so `flowmesh --help`
     # lists them
+    from engine.auth import auth_group
     from engine.cache import cache_group
     from engine.cost import cost_command
     from engine.lineage import lineage_command
+    from engine.top import top_command
 
     main.add_command(lineage_command)
+    main.add_command(top_command)
     main.add_command(cache_group)
     main.add_command(cost_command)
+    main.add_command(auth_group)
 
 
 _register_subcommands()

@@ -13,6 +13,7 @@ from typing import TypeVar
 import click
 from rich.console import Console
 
+from engine.auth import CredsError
 from engine.client import WorkflowFailed
 from engine.spec import SpecError
 
@@ -42,7 +43,23 @@ cas_option = click.option(
     "--cas",
     "cas_url",
     default=None,
-    help="CAS URL: file:///path or nats: (default $FLOWMESH_CAS or file://DATA_DIR/cas)",
+    help="CAS URL: file:///path, nats: or s3://bucket/prefix?endpoint=host:port "
+    "(default $FLOWMESH_CAS or file://DATA_DIR/cas)",
+)
+
+creds_option = click.option(
+    "--creds",
+    "creds_path",
+    default=_env("FLOWMESH_CREDS", ""),
+    show_default="$FLOWMESH_CREDS",
+    help="fabric credentials file (flowmesh auth init) for a server that requires them",
+)
+tenant_creds_option = click.option(
+    "--tenant-creds",
+    "tenant_creds",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="act as a tenant through the gateway, with its credentials file (auth init)",
 )
 
 
@@ -62,6 +79,6 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except WorkflowFailed as exc:
         console.print(f"[red]{exc}[/red]")
         sys.exit(1)
-    except (KeyError, RuntimeError, TimeoutError) as exc:
+    except (KeyError, RuntimeError, TimeoutError, CredsError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)

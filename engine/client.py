@@ -12,6 +12,7 @@ idempotent by workflow id: submitting the same id twice runs the workflow once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
@@ -199,7 +200,10 @@ class FlowMesh:
             except KeyNotFoundError:
                 continue
             if entry.value:
-                infos.append(codec.decode(entry.value, WorkerInfo))
+                try:
+                    infos.append(codec.decode(entry.value, WorkerInfo))
+                except codec.DecodeError:
+                    continue  # not a worker's heartbeat (the scheduler dead-letters it)
         return infos
 
     async def wait(
@@ -211,6 +215,7 @@ class FlowMesh:
     ) -> WorkflowStatus:
         """Wait until the workflow completes or fails, calling on_update on progress."""
         kv = await self.bus.kv(streams.KV_WF)
+        seen = self.bus.reconnects
         watcher = await kv.watch(workflow_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -218,6 +223,13 @@ class FlowMesh:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"workflow {workflow_id} still running after {timeout}s")
+                if self.bus.reconnects != seen:
+                    # a nats restart took the watcher's consumer with it: watch again
+                    # (the new one starts with the latest status)
+                    seen = self.bus.reconnects
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+                    watcher = await self.bus.retrying("watch", lambda: kv.watch(workflow_id))
                 try:
                     entry = await watcher.updates(timeout=min(left or 1.0, 1.0))
                 except TimeoutError:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +62,15 @@ class LocalFabric:
     worker_args: list[str] = field(default_factory=list)
     engine_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
+    # a server that requires credentials (flowmesh auth init): the fabric user's file,
+    # given to the engine and workers through $FLOWMESH_CREDS (never on a command line),
+    # and the config a nats-server started here runs with
+    creds: Path | None = None
+    nats_config: Path | None = None
+    # Prometheus exporters (engine on this port, worker i on port + 1 + i) and the web
+    # console; 0: off
+    metrics_port: int = 0
+    console_port: int = 0
     nats_proc: subprocess.Popen[bytes] | None = None
     engine_proc: subprocess.Popen[bytes] | None = None
     worker_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -77,6 +87,8 @@ class LocalFabric:
         env = dict(
             os.environ, FLOWMESH_LOG_JSON="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
         )
+        if self.creds is not None:
+            env["FLOWMESH_CREDS"] = str(Path(self.creds).resolve())
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def ensure_nats(self) -> None:
@@ -90,8 +102,10 @@ class LocalFabric:
             )
         host, port = nats_address(self.nats_url)
         store = self.data_dir / "nats"
+        config = ["-c", str(self.nats_config)] if self.nats_config else []
         self.nats_proc = self._spawn(
-            "nats-server", [binary, "-a", host, "-p", str(port), "-js", "-sd", str(store)]
+            "nats-server",
+            [binary, *config, "-a", host, "-p", str(port), "-js", "-sd", str(store)],
         )
         deadline = time.monotonic() + 10
         while not reachable(self.nats_url):
@@ -113,11 +127,15 @@ class LocalFabric:
                 "--cas",
                 self.cas_url,
                 *self.engine_args,
+                *(["--metrics-port", str(self.metrics_port)] if self.metrics_port else []),
+                *(["--console-port", str(self.console_port)] if self.console_port else []),
             ],
         )
         return self.engine_proc
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """One more worker; `extra_args` (device class, price...) come after the
+        fabric's own worker_args, so they win (the autoscaler starts classes this way)."""
         index = len(self.worker_procs)
         # a fresh id per process: a restarted worker must not inherit the consumer (and
         # the unacked batches) of the one that died
@@ -137,11 +155,18 @@ class LocalFabric:
                 "--id",
                 wid,
                 *self.worker_args,
+                *self._worker_metrics_args(index),
+                *extra_args,
             ],
         )
         self.worker_procs.append(proc)
         self.worker_ids.append(wid)
         return proc
+
+    def _worker_metrics_args(self, index: int) -> list[str]:
+        if not self.metrics_port:
+            return []
+        return ["--metrics-port", str(self.metrics_port + 1 + index)]
 
     def start(self) -> LocalFabric:
         self.ensure_nats()

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 import structlog
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from engine import keys
+from engine import keys, metrics
 from engine.spec import SpecError, topo_order, validate
 from engine.supervise import guarded
 from topics import Bus, codec, streams, subjects
@@ -32,6 +35,7 @@ from topics.messages import (
     NodeSpec,
     NodeStatus,
     OpDone,
+    OpFailure,
     OpRequest,
     OpSpec,
     OpState,
@@ -41,10 +45,29 @@ from topics.messages import (
     WorkflowStatus,
 )
 from topics.operators import KINDS, NONDETERMINISTIC, OperatorKind, executor_id, parse_params
+from topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.planner")
 
 Pos = tuple[int, ...]
+
+FANOUT_WINDOW = 512  # operators a fan-out starts concurrently
+
+
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+def max_attempts_from_env() -> int:
+    """Executions an operator may fail before it is committed `failed`
+    ($FLOWMESH_MAX_ATTEMPTS, default 3; 1 turns retries off)."""
+    raw = os.environ.get("FLOWMESH_MAX_ATTEMPTS", "")
+    try:
+        value = int(raw) if raw else DEFAULT_MAX_ATTEMPTS
+    except ValueError:
+        raise ValueError(f"FLOWMESH_MAX_ATTEMPTS={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"FLOWMESH_MAX_ATTEMPTS={raw!r} must be at least 1")
+    return value
 
 
 class Unresolved(Exception):
@@ -81,6 +104,7 @@ class WorkflowRun:
     state: str = "running"
     error: str | None = None
     ended_at: float | None = None
+    failure: OpFailure | None = None
 
     def to_status(self) -> WorkflowStatus:
         return WorkflowStatus(
@@ -98,6 +122,7 @@ class WorkflowRun:
             },
             dedup_scope=self.spec.dedup_scope,
             tables={name: ds.digest for name, ds in self.spec.datasets.items() if ds.digest},
+            failure=self.failure,
         )
 
 
@@ -125,10 +150,15 @@ class Planner:
         *,
         resolve_wait_s: float = 60.0,
         status_interval_s: float = 0.25,
+        max_attempts: int | None = None,
     ) -> None:
         self.bus = bus
         self.cas = cas
         self.resolve_wait_s = resolve_wait_s
+        self.max_attempts = max_attempts or max_attempts_from_env()
+        # the stream sequence of the last submission handled: where a re-created
+        # submissions consumer resumes after a nats restart
+        self._submit_seq = 0
         self.status_interval_s = status_interval_s
         self.runs: dict[str, WorkflowRun] = {}
         self.waiters: dict[str, list[Waiter]] = {}
@@ -165,21 +195,58 @@ class Planner:
     # --- submissions ----------------------------------------------------------------
 
     async def _submissions_loop(self) -> None:
+        if self.bus.kafka is not None:
+            await self._kafka_submissions_loop()
+            return
         # An ordered consumer from the first message: replaying every submission is how
-        # a restarted planner finds the workflows still running.
-        sub = await self.bus.js.subscribe(
-            subjects.SUBMIT, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
+        # a restarted planner finds the workflows still running. It lives in the
+        # server's memory, so a nats restart kills it: after a reconnect it is made
+        # again from the next sequence (nats-py would only notice after two missed
+        # idle heartbeats, and its own re-creation is not retried if that one fails).
+        while not self._stopping.is_set():
+            reconnects = self.bus.reconnects
+            if self._submit_seq:
+                sub = await self.bus.js.subscribe(
+                    subjects.SUBMIT,
+                    ordered_consumer=True,
+                    config=ConsumerConfig(
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                        opt_start_seq=self._submit_seq + 1,
+                    ),
+                )
+            else:
+                sub = await self.bus.js.subscribe(
+                    subjects.SUBMIT, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+                )
+            try:
+                while self.bus.reconnects == reconnects and not self._stopping.is_set():
+                    try:
+                        msg = await sub.next_msg(timeout=1.0)
+                    except TimeoutError:
+                        continue
+                    await self.handle_submission(msg.subject, msg.data)
+                    self._submit_seq = max(self._submit_seq, msg.metadata.sequence.stream)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _kafka_submissions_loop(self) -> None:
+        # The same replay on Kafka: the submit topic from its first offset, in no group
+        # (every planner start reads all of it); aiokafka reconnects by itself.
+        assert self.bus.kafka is not None
+        sub = await self.bus.kafka.consumer([subjects.SUBMIT], group=None)
         try:
-            async for msg in sub.messages:
-                await self.handle_submission(msg.subject, msg.data)
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(64, timeout=1.0)
+                except TimeoutError:
+                    continue
+                for msg in msgs:
+                    await self.handle_submission(msg.subject, msg.data)
         finally:
             await sub.unsubscribe()
 
     async def handle_submission(self, subject: str, data: bytes) -> None:
-        if len(data) > streams.MAX_MESSAGE_BYTES:
-            await self.bus.dead_letter("planner", subject, "submission too large", data)
-            return
         sub = await self.bus.decode_or_dead_letter("planner", subject, data, SubmitWorkflow)
         if sub is None:
             return
@@ -189,7 +256,8 @@ class Planner:
                 await self.bus.dead_letter("planner", subject, f"bad workflow id {wf_id!r}", data)
             return
         try:
-            entry = await self.kv_wf.get(wf_id)
+            get = functools.partial(self.kv_wf.get, wf_id)
+            entry = await self.bus.retrying("read workflow", get)
             if entry.value and codec.decode(entry.value, WorkflowStatus).state != "running":
                 return  # finished before this planner started
         except KeyNotFoundError:
@@ -200,10 +268,18 @@ class Planner:
         except SpecError as exc:
             await self._reject(sub, str(exc))
             return
+        except Exception as exc:
+            # a validator bug must cost one submission, never the submissions loop: it
+            # would re-read this message after its restart and stall every tenant
+            log.exception("spec validation crashed", workflow=wf_id)
+            await self._reject(sub, f"spec could not be validated: {type(exc).__name__}: {exc}")
+            return
         run = self._new_run(sub, order)
         self.runs[wf_id] = run
         self._dirty.add(wf_id)
         log.info("workflow accepted", workflow=wf_id, tenant=sub.spec.tenant, nodes=len(order))
+        metrics.workflow_submitted(sub.spec.tenant)
+        metrics.workflows_running(len(self.runs))
         for name, ds in sub.spec.datasets.items():
             try:
                 if ds.digest is None:
@@ -263,6 +339,7 @@ class Planner:
         )
         await self.kv_wf.put(sub.workflow_id, codec.encode(status))
         log.warning("workflow rejected", workflow=sub.workflow_id, error=error)
+        metrics.workflow_finished(sub.spec.tenant, "rejected")
 
     # --- expansion ------------------------------------------------------------------
 
@@ -274,16 +351,24 @@ class Planner:
             child = run.nodes[child_name]
             if child.kind is None or child.kind.fanout != "record":
                 continue
-            starts = []
+            starts: list[tuple[Pos, str]] = []
             for pos, records in slots:
                 for j, rec in enumerate(records):
                     cpos = (*pos, j)
                     child.outputs[cpos] = None
                     child.pending += 1
                     child.status.total += 1
-                    starts.append(self._start_op(run, child_name, cpos, [rec]))
-            if starts:
-                await asyncio.gather(*starts)
+                    starts.append((cpos, rec))
+            # in waves: 20k operators started at once put ~80k requests in flight on one
+            # connection; the event loop cannot read their replies fast enough, and
+            # nats-server cuts the engine off as a slow consumer (loadgen overhead)
+            for i in range(0, len(starts), FANOUT_WINDOW):
+                await asyncio.gather(
+                    *(
+                        self._start_op(run, child_name, cpos, [rec])
+                        for cpos, rec in starts[i : i + FANOUT_WINDOW]
+                    )
+                )
 
     async def _start_op(self, run: WorkflowRun, name: str, pos: Pos, inputs: list[str]) -> None:
         if run.state != "running":
@@ -320,18 +405,9 @@ class Planner:
         )
         # the revision tells incarnations of a key apart: once `flowmesh cache invalidate`
         # deleted an entry, the ready message of the new one is not a duplicate
-        revision = 0
-        try:
-            revision = await self.kv_ops.create(key, codec.encode(state))
-            existing = None
-        except KeyWrongLastSequenceError:
-            try:
-                entry = await self.kv_ops.get(key)
-                revision = entry.revision or 0
-                existing = codec.decode(entry.value, OpState) if entry.value else None
-            except KeyNotFoundError:
-                existing = None
-        if existing is None:
+        revision, existing = await self._claim(key, state, run.wf_id)
+        if existing is None or (existing.state == "pending" and existing.workflow_id == run.wf_id):
+            # ours (a create whose reply was lost in a nats restart reads back as ours)
             role: RequestRole = "ran"
         else:
             role = "joined" if existing.state == "pending" else "reused"
@@ -340,6 +416,7 @@ class Planner:
         # the request is recorded before the workflow can complete, so its lineage and
         # its share of the cost are there when it does
         await self._record_request(run, name, key, role)
+        metrics.op_requested(op.kind, run.spec.tenant, role)
         if existing is not None:
             if existing.state != "pending":
                 await self.complete_key(existing.to_done())
@@ -352,10 +429,51 @@ class Planner:
             batch_key=keys.batch_key(op),
             workflow_id=run.wf_id,
             tenant=run.spec.tenant,
+            max_attempts=self.max_attempts,
         )
         await self.bus.publish(
             subjects.ready(node.kind.pool), ready, msg_id=f"ready-{key}-{revision}"
         )
+
+    async def _claim(self, key: str, fresh: OpState, wf_id: str) -> tuple[int, OpState | None]:
+        """Create the key's `pending` entry, or find what is there: (revision, None) when
+        this request claimed it and must publish it, else (revision, the entry).
+
+        A `failed` entry left by another workflow is claimed again (compare-and-set on
+        its revision, so of several requests exactly one re-runs it): a failure, which
+        may have been transient, is reported to the workflows that asked for it while
+        it ran, never served from the cache to later ones. The workflow that created it
+        gets it back (a planner replaying its submission must not run it again)."""
+        for _ in range(8):
+            try:
+                created = await self.bus.retrying(
+                    "create op", functools.partial(self.kv_ops.create, key, codec.encode(fresh))
+                )
+                return created, None
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await self.bus.retrying("read op", functools.partial(self.kv_ops.get, key))
+            except KeyNotFoundError:
+                continue  # invalidated between the two calls: create it again
+            revision = entry.revision or 0
+            existing = codec.decode(entry.value, OpState) if entry.value else None
+            if existing is None:
+                continue
+            if existing.state != "failed" or existing.workflow_id == wf_id:
+                return revision, existing
+            try:
+                updated = await self.bus.retrying(
+                    "re-claim failed op",
+                    functools.partial(
+                        self.kv_ops.update, key, codec.encode(fresh), last=revision
+                    ),
+                )
+            except KeyWrongLastSequenceError:
+                continue  # another request re-claimed it first: look again
+            log.info("re-running a failed operator", key=key[:12], workflow=wf_id)
+            return updated, None
+        raise RuntimeError(f"operator {key[:12]}: its KV entry keeps changing")
 
     async def _record_request(
         self, run: WorkflowRun, node: str, key: str, role: RequestRole
@@ -371,7 +489,12 @@ class Planner:
         # create, not put: after a planner restart the replayed request must not turn
         # the original "ran" into "reused"
         with contextlib.suppress(KeyWrongLastSequenceError):
-            await self.kv_requests.create(f"{key}.{run.wf_id}", codec.encode(request))
+            await self.bus.retrying(
+                "record request",
+                functools.partial(
+                    self.kv_requests.create, f"{key}.{run.wf_id}", codec.encode(request)
+                ),
+            )
 
     async def _op_spec(
         self, node: NodeSpec, kind: OperatorKind, inputs: list[str], adapter: str | None
@@ -422,16 +545,25 @@ class Planner:
     # --- completions ----------------------------------------------------------------
 
     async def _done_loop(self) -> None:
-        psub = await self.bus.js.pull_subscribe(
-            subjects.DONE,
-            durable=streams.PLANNER_DONE,
-            stream=streams.STREAM_DONE,
-            config=streams.planner_done_consumer(),
-        )
+        psub: Consumer
+        if self.bus.kafka is not None:  # a committed offset in group planner-done
+            psub = await self.bus.kafka.consumer([subjects.DONE], streams.PLANNER_DONE)
+        else:
+            psub = await self.bus.js.pull_subscribe(
+                subjects.DONE,
+                durable=streams.PLANNER_DONE,
+                stream=streams.STREAM_DONE,
+                config=streams.planner_done_consumer(),
+            )
         while not self._stopping.is_set():
             try:
                 msgs = await psub.fetch(256, timeout=1.0)
             except TimeoutError:
+                continue
+            except nats.errors.Error as exc:
+                # a nats restart: the durable consumer survives it; fetch again
+                log.warning("fetching completions failed", error=repr(exc))
+                await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
                 done = await self.bus.decode_or_dead_letter(
@@ -459,7 +591,18 @@ class Planner:
             node = w.run.nodes[w.node]
             if done.status == "failed":
                 node.status.failed += 1
-                await self._fail(w.run, f"node {w.node!r} operator {done.key[:12]}: {done.error}")
+                w.run.failure = OpFailure(
+                    node=w.node,
+                    key=done.key,
+                    error=done.error or "unknown error",
+                    traceback=done.traceback,
+                    attempts=done.attempts,
+                    worker=done.worker,
+                )
+                tries = f" after {done.attempts} attempts" if done.attempts > 1 else ""
+                await self._fail(
+                    w.run, f"node {w.node!r} operator {done.key[:12]} failed{tries}: {done.error}"
+                )
                 continue
             await self._slot_done(w.run, w.node, w.pos, outputs or [])
 
@@ -539,6 +682,7 @@ class Planner:
         run.state = "failed"
         run.error = error
         run.ended_at = time.time()
+        self._dirty.add(run.wf_id)  # the status loop writes it if this write fails
         await self._write_status(run)
         log.warning("workflow failed", workflow=run.wf_id, error=error)
 
@@ -578,11 +722,20 @@ class Planner:
         dirty, self._dirty = self._dirty, set()
         for wf_id in dirty:
             run = self.runs.get(wf_id)
-            if run is not None:
+            if run is None:
+                continue
+            try:
                 await self._write_status(run)
+            except nats.errors.Error as exc:
+                # a nats restart: written on a later round
+                self._dirty.add(wf_id)
+                log.warning("status write failed", workflow=wf_id, error=repr(exc))
 
     async def _write_status(self, run: WorkflowRun) -> None:
-        await self.kv_wf.put(run.wf_id, codec.encode(run.to_status()))
-        if run.state != "running":
-            # finished: its status lives in the KV; a replayed submission is skipped there
-            self.runs.pop(run.wf_id, None)
+        data = codec.encode(run.to_status())
+        await self.bus.retrying("write status", functools.partial(self.kv_wf.put, run.wf_id, data))
+        self._dirty.discard(run.wf_id)
+        # finished: its status lives in the KV; a replayed submission is skipped there
+        if run.state != "running" and self.runs.pop(run.wf_id, None) is not None:
+            metrics.workflow_finished(run.spec.tenant, run.state)
+            metrics.workflows_running(len(self.runs))

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import structlog
 
+from engine import metrics
+from engine.auth import redact_url
+from engine.gateway import Gateway
 from engine.planner import Planner
 from engine.scheduler import Scheduler
 from engine.scheduler.fleet import load_fleet
@@ -20,10 +23,13 @@ log = structlog.get_logger("flowmesh.engine")
 
 
 class Engine:
-    def __init__(self, planner: Planner, scheduler: Scheduler, bus: Bus) -> None:
+    def __init__(
+        self, planner: Planner, scheduler: Scheduler, bus: Bus, gateway: Gateway | None = None
+    ) -> None:
         self.planner = planner
         self.scheduler = scheduler
         self.bus = bus
+        self.gateway = gateway  # the tenant-facing API (fm.api.<tenant>.<verb>)
 
     @classmethod
     async def start(
@@ -42,10 +48,15 @@ class Engine:
         scheduler = Scheduler(bus, dead_after_s=dead_after_s, fleet=fleet, config=config)
         await planner.start()
         await scheduler.start()
-        log.info("engine started", nats=nats_url, cas=cas_url)
-        return cls(planner, scheduler, bus)
+        gateway = Gateway(bus, cas)
+        await gateway.start()
+        # the URL may carry the fabric user's password
+        log.info("engine started", nats=redact_url(nats_url), cas=cas_url)
+        return cls(planner, scheduler, bus, gateway)
 
     async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
         await self.scheduler.stop()
         await self.planner.stop()
         await self.bus.close()
@@ -57,12 +68,25 @@ async def serve(
     dead_after_s: float = 5.0,
     fleet_path: Path | None = None,
     policy_path: Path | None = None,
+    metrics_port: int = 0,
+    console_port: int = 0,
 ) -> None:
     engine = await Engine.start(nats_url, cas_url, dead_after_s, fleet_path, policy_path)
+    metrics.serve(metrics_port)
+    web = None
+    if console_port:
+        from engine.console import start_console
+
+        try:
+            web = await start_console(engine.bus, engine.planner.cas, console_port)
+        except OSError as exc:  # port taken: the engine runs on without its console
+            log.warning("console not started", port=console_port, error=str(exc))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if web is not None:
+        await web.stop()
     await engine.stop()

@@ -61,6 +61,10 @@ def load_spec(path: str | Path) -> WorkflowSpec:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise SpecError([f"cannot read {path}: {exc}"]) from exc
+    except (RecursionError, ValueError) as exc:
+        # PyYAML builds some documents it parsed into errors of its own: nesting deeper
+        # than Python's recursion limit, a date like 2024-13-45
+        raise SpecError([f"cannot read {path}: {type(exc).__name__}: {exc}"]) from exc
     spec = parse_spec(data)
     datasets = {
         name: DatasetSpec(path=str((path.parent / ds.path).resolve()))
@@ -159,30 +163,30 @@ def _check_node(node: NodeSpec, spec: WorkflowSpec) -> list[str]:
 
 
 def find_cycle(spec: WorkflowSpec) -> list[str] | None:
-    """A cycle among nodes as a path that returns to its start, or None."""
+    """A cycle among nodes as a path that returns to its start, or None.
+
+    Iterative depth-first search: a spec is untrusted input, and a recursive walk of a
+    long chain would hit Python's recursion limit instead of giving an answer."""
     edges = {n.name: [i for i in _parents(n) if i not in spec.datasets] for n in spec.nodes}
-    state: dict[str, int] = {}  # 1 visiting, 2 done
-    stack: list[str] = []
-
-    def visit(name: str) -> list[str] | None:
-        state[name] = 1
-        stack.append(name)
-        for nxt in edges.get(name, []):
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    for root in edges:
+        if state.get(root) is not None:
+            continue
+        path: list[str] = [root]
+        todo: list[list[str]] = [list(edges[root])]  # per path entry: edges left to follow
+        state[root] = 1
+        while path:
+            if not todo[-1]:
+                state[path.pop()] = 2
+                todo.pop()
+                continue
+            nxt = todo[-1].pop(0)
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt) :], nxt]
+                return list(reversed([*path[path.index(nxt) :], nxt]))
             if state.get(nxt) is None and nxt in edges:
-                found = visit(nxt)
-                if found:
-                    return found
-        stack.pop()
-        state[name] = 2
-        return None
-
-    for name in edges:
-        if state.get(name) is None:
-            found = visit(name)
-            if found:
-                return list(reversed(found))
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(list(edges[nxt]))
     return None
 
 

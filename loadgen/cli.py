@@ -3,6 +3,8 @@
 loadgen sim --workload configs/workloads/rlhf-mix.yaml [--policies ...] [--seed N]
 loadgen bench-scheduler [--items 10000 --workers 200]
 loadgen bench-sim [--gpus 1000 --operators 1000000]
+loadgen run --workload configs/workloads/real-8tenants.yaml [--modes fabric,isolated,ray]
+loadgen overhead [--ops 20000]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.table import Table
 
 from engine.scheduler.fleet import Fleet, load_fleet
 from engine.scheduler.policy import PolicyConfig, load_policy_config
+from loadgen.real import commands as real_commands
 from loadgen.sim.metrics import PolicyResult, comparison, ratios, simulate
 from loadgen.sim.policies import POLICIES
 from loadgen.sim.report import plots, table, write_json
@@ -280,6 +283,12 @@ def bench_sim_cmd(
         f"[bold]simulator wall time: {t['wall_s']:.1f} s[/bold] "
         f"({r.ops_requested / max(t['wall_s'], 1e-9):,.0f} operators/s{extra})"
     )
+
+
+# real execution on the fabric / isolated / Ray, and the per-operator overhead
+# (loadgen/real/commands.py)
+main.add_command(real_commands.run_cmd)
+main.add_command(real_commands.overhead_cmd)
 
 
 if __name__ == "__main__":

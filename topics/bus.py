@@ -9,29 +9,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from topics import codec, streams, subjects
+from topics import codec, streams, subjects, transport
 from topics.messages import DeadLetter
+
+if TYPE_CHECKING:
+    from topics.kafka_bus import KafkaStreams
 
 log = structlog.get_logger("flowmesh.bus")
 
 MSG_ID = "Nats-Msg-Id"
 T = TypeVar("T")
 
+# Errors that mean "the server is not reachable right now" (a restart, a lost link),
+# not "the request was wrong": worth retrying once the client has reconnected. API
+# errors such as KeyWrongLastSequenceError are answers and are never retried.
+TRANSIENT: tuple[type[Exception], ...] = (
+    TimeoutError,  # nats.errors.TimeoutError is one too
+    nats.errors.NoRespondersError,  # JetStream not up yet after a server restart
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+)
+# How long an operation keeps retrying through an outage before giving up.
+RETRY_S = 60.0
+
+
+@dataclass
+class Link:
+    """What the connection callbacks observed (they run before the Bus exists)."""
+
+    closing: bool = False
+    reconnects: int = 0
+
 
 class Bus:
-    def __init__(self, nc: Client, js: JetStreamContext) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, link: Link | None = None) -> None:
         self.nc = nc
         self.js = js
         self._kv: dict[str, KeyValue] = {}
-        self._closing = {"now": False}  # read by the disconnect callback
+        self.link = link or Link()
+        # the five streams on Kafka instead of JetStream ($FLOWMESH_BUS=kafka, issue 9);
+        # KV and the CAS stay on NATS either way (topics/kafka_bus.py says why)
+        self.kafka: KafkaStreams | None = None
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection came back after a loss. Push consumers (KV
+        watchers, ordered consumers) live in the server's memory and die with it: a loop
+        that holds one re-creates it when this number changes."""
+        return self.link.reconnects
 
     @classmethod
     async def connect(
@@ -44,14 +83,15 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc), client=name)
 
-        closing = {"now": False}
+        link = Link()
 
         async def on_disconnect() -> None:
-            if not closing["now"]:
+            if not link.closing:
                 log.warning("nats disconnected", client=name)
 
         async def on_reconnect() -> None:
-            log.info("nats reconnected", client=name)
+            link.reconnects += 1
+            log.info("nats reconnected", client=name, reconnects=link.reconnects)
 
         nc = await nats.connect(
             url,
@@ -65,8 +105,16 @@ class Bus:
         )
         js = nc.jetstream(timeout=10.0)
         await streams.ensure(js, layout)
-        bus = cls(nc, js)
-        bus._closing = closing
+        bus = cls(nc, js, link)
+        kafka = transport.kafka_from_env()
+        if kafka is not None:
+            from topics.kafka_bus import KafkaStreams  # the kafka extra, only when used
+
+            try:
+                bus.kafka = await KafkaStreams.connect(kafka, name)
+            except BaseException:
+                await nc.close()
+                raise
         return bus
 
     async def kv(self, bucket: str) -> KeyValue:
@@ -105,25 +153,63 @@ class Bus:
             await watcher.stop()
         return out
 
+    async def retrying(
+        self, what: str, call: Callable[[], Awaitable[T]], retry_s: float = RETRY_S
+    ) -> T:
+        """`call()`, retried through a lost connection for up to `retry_s` seconds.
+
+        Only for calls that are safe to repeat: publishes with a message id (JetStream
+        drops the duplicate), reads, and compare-and-set writes (a repeat of one that
+        landed fails its revision check, which the caller already handles)."""
+        deadline = time.monotonic() + retry_s
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except TRANSIENT as exc:
+                if self.link.closing or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("nats unavailable; retrying", what=what, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def publish(self, subject: str, msg: Any, msg_id: str | None = None) -> None:
-        """Publish to a stream and wait for the server to store it."""
+        """Publish to a stream and wait for the server to store it (through a short
+        outage: with a msg_id a repeat is dropped by the server as a duplicate)."""
         headers = {MSG_ID: msg_id} if msg_id else None
-        await self.js.publish(subject, codec.encode(msg), headers=headers)
+        data = codec.encode(msg)
+        if self.kafka is not None:
+            await self.kafka.publish(subject, data, msg_id)
+            return
+        await self.retrying(subject, lambda: self.js.publish(subject, data, headers=headers))
 
     async def publish_many(self, items: list[tuple[str, Any, str | None]]) -> None:
         """Publish several messages pipelined, then wait until all are stored."""
-        futures = []
-        for subject, msg, msg_id in items:
-            headers = {MSG_ID: msg_id} if msg_id else None
-            futures.append(await self.js.publish_async(subject, codec.encode(msg), headers=headers))
-        if futures:
-            await asyncio.gather(*futures)
+        encoded = [(subject, codec.encode(msg), msg_id) for subject, msg, msg_id in items]
+
+        async def send() -> None:
+            futures = []
+            for subject, data, msg_id in encoded:
+                headers = {MSG_ID: msg_id} if msg_id else None
+                futures.append(await self.js.publish_async(subject, data, headers=headers))
+            if futures:
+                await asyncio.gather(*futures)
+
+        if encoded and self.kafka is not None:
+            await self.kafka.publish_many(encoded)
+        elif encoded:
+            await self.retrying(f"{len(encoded)} messages", send)
 
     async def decode_or_dead_letter(
         self, component: str, subject: str, data: bytes, typ: type[T]
     ) -> T | None:
         """The message as `typ`, or None after recording why it is not one: a shared
-        component never dies of a bad message, and never drops one silently."""
+        component never dies of a bad message, and never drops one silently. Oversized
+        ones are refused before decoding: every consumer gets the same limit."""
+        if len(data) > streams.MAX_MESSAGE_BYTES:
+            reason = f"message too large: {len(data)} bytes > {streams.MAX_MESSAGE_BYTES}"
+            await self.dead_letter(component, subject, reason, data)
+            return None
         try:
             return codec.decode(data, typ)
         except codec.DecodeError as exc:
@@ -147,9 +233,11 @@ class Bus:
             log.error("dead letter publish failed", error=str(exc))
 
     async def close(self) -> None:
-        self._closing["now"] = True
+        self.link.closing = True
         # Not drain(): components stop their loops first, and anything still queued is
         # unacked and will be redelivered, so waiting for queues to empty only hangs.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.flush(), 2.0)
+        if self.kafka is not None:
+            await self.kafka.close()
         await self.nc.close()

@@ -9,6 +9,11 @@ digests; a table (source datasets, exported results) is Arrow IPC.
 
 Backends (the `BlobBackend` protocol): local files (the embedded default) and the NATS
 JetStream object store. Issue 8 adds S3.
+
+Safety: a blob's name is its digest and nothing else (`check_name`: 64 lowercase hex
+characters), checked by the CAS *and* again by every backend, so no name can reach a path
+outside the store, a second object for the same content, or another object's name. A put
+that claims a digest its content does not have is refused; a get verifies the digest.
 """
 
 from __future__ import annotations
@@ -48,6 +53,21 @@ class CorruptBlob(CASError):
     pass
 
 
+class DigestMismatch(CASError):
+    """A put claimed a digest its content does not have."""
+
+
+def check_name(name: object) -> str:
+    """The name of a blob, which must be a content digest (64 lowercase hex characters):
+    no separators, dots, NULs, newlines or upper case, so no path traversal, no absolute
+    path, and no second spelling of an object. Every backend calls this before touching
+    storage, whoever its caller is."""
+    if not is_digest(name):
+        raise CASError(f"not a content digest: {name!r}"[:200])
+    assert isinstance(name, str)  # is_digest checked it
+    return name
+
+
 class BlobBackend(Protocol):
     async def put(self, name: str, data: bytes) -> None: ...
     async def get(self, name: str) -> bytes | None: ...
@@ -67,7 +87,9 @@ class FileBackend:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, name: str) -> Path:
-        # names are validated digests (CAS._check), so no path can escape root
+        # a validated digest cannot name anything outside root/ab/cd/; checked here too,
+        # not only in CAS, because gc and other backends' callers reach us directly
+        name = check_name(name)
         return self.root / name[:2] / name[2:4] / f"{name}.zst"
 
     async def put(self, name: str, data: bytes) -> None:
@@ -133,13 +155,13 @@ class NatsObjectBackend:
     async def put(self, name: str, data: bytes) -> None:
         if await self.exists(name):
             return
-        await self.store.put(name, data)
+        await self.store.put(check_name(name), data)
 
     async def get(self, name: str) -> bytes | None:
         from nats.js.errors import ObjectNotFoundError
 
         try:
-            res = await self.store.get(name)
+            res = await self.store.get(check_name(name))
         except ObjectNotFoundError:
             return None
         data: bytes = res.data or b""
@@ -149,7 +171,7 @@ class NatsObjectBackend:
         from nats.js.errors import ObjectNotFoundError
 
         try:
-            info = await self.store.get_info(name)
+            info = await self.store.get_info(check_name(name))
         except ObjectNotFoundError:
             return False
         return not getattr(info, "deleted", False)
@@ -158,7 +180,7 @@ class NatsObjectBackend:
         from nats.js.errors import ObjectNotFoundError
 
         with contextlib.suppress(ObjectNotFoundError):
-            await self.store.delete(name)
+            await self.store.delete(check_name(name))
 
     async def list(self) -> AsyncIterator[tuple[str, float]]:
         """Every live object whose name is a digest, with the time it was put."""
@@ -176,6 +198,8 @@ class NatsObjectBackend:
                 yield name, _parse_mtime(getattr(info, "mtime", None))
 
 
+# what JetStream accepts as an object store name
+_BUCKET_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FRACTION_RE = re.compile(r"(\.\d{6})\d+")
 
 
@@ -203,16 +227,22 @@ class CAS:
 
     @staticmethod
     def _check(digest: str) -> str:
-        if not isinstance(digest, str) or not is_digest(digest):
-            raise CASError(f"not a content digest: {digest!r}")
-        return digest
+        return check_name(digest)
 
-    async def put(self, data: bytes) -> str:
+    async def put(self, data: bytes, digest: str | None = None) -> str:
+        """Store `data`; its digest is returned. A caller that names the digest it expects
+        (a copy from another store, an upload) gets DigestMismatch instead of a blob
+        stored under a name its content does not have."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise CASError(f"a blob is bytes, not {type(data).__name__}")
+        data = bytes(data)
         if len(data) > self.max_blob_bytes:
             raise CASError(f"blob of {len(data)} bytes exceeds the {self.max_blob_bytes} limit")
-        digest = sha256_hex(data)
-        await self.backend.put(digest, self._cctx.compress(data))
-        return digest
+        actual = sha256_hex(data)
+        if digest is not None and check_name(digest) != actual:
+            raise DigestMismatch(f"content has digest {actual}, not the claimed {digest}")
+        await self.backend.put(actual, self._cctx.compress(data))
+        return actual
 
     async def get(self, digest: str) -> bytes:
         raw = await self.backend.get(self._check(digest))
@@ -243,9 +273,7 @@ class CAS:
         return await self.put(canonical(record))
 
     async def get_record(self, digest: str) -> Record:
-        import msgspec
-
-        value = msgspec.json.decode(await self.get(digest))
+        value = _json(digest, await self.get(digest))
         if not isinstance(value, dict):
             raise CorruptBlob(f"{digest} is not a record")
         return value
@@ -254,9 +282,7 @@ class CAS:
         return await self.put(canonical(digests))
 
     async def get_manifest(self, digest: str) -> builtins.list[str]:
-        import msgspec
-
-        value = msgspec.json.decode(await self.get(digest))
+        value = _json(digest, await self.get(digest))
         if not isinstance(value, list) or not all(
             isinstance(d, str) and is_digest(d) for d in value
         ):
@@ -273,6 +299,18 @@ class CAS:
         return arrow_to_records(await self.get(digest))
 
 
+def _json(digest: str, data: bytes) -> Any:
+    """A blob's JSON: a blob that is intact but is not JSON (a table's digest given where
+    a record's belongs) is a CASError like any other unusable blob, so callers that
+    handle CASError never die of it."""
+    import msgspec
+
+    try:
+        return msgspec.json.decode(data)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise CorruptBlob(f"{digest} is not JSON: {exc}") from exc
+
+
 def records_to_arrow(records: list[Record]) -> bytes:
     try:
         table = pa.Table.from_pylist(records)
@@ -287,9 +325,11 @@ def records_to_arrow(records: list[Record]) -> bytes:
 def arrow_to_records(data: bytes) -> list[Record]:
     try:
         table = ipc.open_stream(pa.py_buffer(data)).read_all()
-    except pa.ArrowInvalid as exc:
+        rows: list[Record] = table.to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        # odd bytes give ArrowInvalid, ArrowTypeError, or a bare OSError
+        # (b"\x00\x00\x00\x80": "negative continuation token")
         raise CorruptBlob(f"not an Arrow IPC stream: {exc}") from exc
-    rows: list[Record] = table.to_pylist()
     return rows
 
 
@@ -304,5 +344,12 @@ async def open_cas(url: str, js: Any | None = None) -> CAS:
         from topics.streams import OBJ_CAS
 
         bucket = parsed.netloc or parsed.path.strip("/") or OBJ_CAS
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise CASError(f"object store bucket {bucket!r} must match {_BUCKET_RE.pattern}")
         return CAS(NatsObjectBackend(await js.object_store(bucket)))
-    raise CASError(f"unknown CAS url {url!r} (use file:///path or nats:)")
+    if parsed.scheme == "s3":
+        # S3 / MinIO / SeaweedFS; credentials from the environment (topics/cas_s3.py)
+        from topics.cas_s3 import S3Backend
+
+        return CAS(await S3Backend.open(url))
+    raise CASError(f"unknown CAS url {url!r} (use file:///path, nats: or s3://bucket/prefix)")

@@ -16,7 +16,9 @@ import msgspec
 
 T = TypeVar("T")
 
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+# Matched with fullmatch, never match: `$` also matches before a trailing newline, and a
+# digest with a newline on its end would name a second object for the same content.
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 _encoder = msgspec.json.Encoder()
 _canonical_encoder = msgspec.json.Encoder(order="sorted")
@@ -31,9 +33,15 @@ def encode(msg: Any) -> bytes:
 
 
 def decode(data: bytes, typ: type[T]) -> T:
+    """`data` as `typ`, or DecodeError with the reason: the only error bad bytes give."""
     try:
         return msgspec.json.decode(data, type=typ)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError(f"cannot decode {typ.__name__}: {exc}") from exc
+    except (RecursionError, UnicodeDecodeError) as exc:
+        # msgspec raises these, not DecodeError, for JSON nested ~1000 deep (2 kB of
+        # brackets) and for a key that is not UTF-8 (b'{"\x80":'). Left as they are they
+        # escape every consumer's dead-letter path and the message comes back forever.
         raise DecodeError(f"cannot decode {typ.__name__}: {exc}") from exc
 
 
@@ -51,8 +59,9 @@ def digest_of(obj: Any) -> str:
     return sha256_hex(canonical(obj))
 
 
-def is_digest(value: str) -> bool:
-    return bool(DIGEST_RE.match(value))
+def is_digest(value: object) -> bool:
+    """A SHA-256 hex digest: exactly 64 lowercase hex characters, nothing else."""
+    return isinstance(value, str) and DIGEST_RE.fullmatch(value) is not None
 
 
 def to_builtins(obj: Any) -> Any:
@@ -65,3 +74,5 @@ def convert(obj: Any, typ: type[T]) -> T:
         return msgspec.convert(obj, type=typ)
     except msgspec.ValidationError as exc:
         raise DecodeError(str(exc)) from exc
+    except RecursionError as exc:  # see decode
+        raise DecodeError(f"nested too deeply: {exc}") from exc

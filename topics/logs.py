@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import structlog
+
+from topics.messages import Assignment
 
 
 def configure(level: str | None = None, json: bool | None = None) -> None:
@@ -28,3 +32,21 @@ def configure(level: str | None = None, json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+@contextmanager
+def bound(**ids: object) -> Iterator[None]:
+    """Every log line inside carries these ids (tenant, workflow, operator, batch...),
+    whichever module writes it: executors and model loaders need not be passed them."""
+    with structlog.contextvars.bound_contextvars(**ids):
+        yield
+
+
+def assignment_ids(batch: Assignment, max_ops: int = 16) -> dict[str, object]:
+    """The ids a batch's log lines are bound to: a batch mixes workflows and tenants."""
+    return {
+        "batch": batch.batch_id,
+        "tenants": sorted({op.tenant for op in batch.ops}),
+        "workflows": sorted({op.workflow_id for op in batch.ops}),
+        "ops": [op.key[:16] for op in batch.ops[:max_ops]],
+    }

@@ -81,7 +81,10 @@ class ReadyOp(msgspec.Struct, frozen=True):
     batch_key: str  # operators with the same batch_key may share a batch
     workflow_id: str
     tenant: str
-    attempt: int = 0
+    attempt: int = 0  # deliveries before this one (a reclaim or a retry adds one)
+    failures: int = 0  # executions of it that failed so far
+    # executions that may fail before it is committed `failed`; set by the planner
+    max_attempts: int = 3
 
 
 class Assignment(msgspec.Struct, frozen=True):
@@ -109,6 +112,8 @@ class OpDone(msgspec.Struct, frozen=True):
     device_class: str = ""
     started_at: float = 0.0
     ended_at: float = 0.0
+    traceback: str = ""  # where a failed operator's executor raised
+    attempts: int = 0
 
 
 class OpState(msgspec.Struct, frozen=True):
@@ -138,6 +143,7 @@ class OpState(msgspec.Struct, frozen=True):
     watts: float = 0.0  # the worker class's busy power when it ran
     cost_usd: float = 0.0  # device_seconds x price_per_hour
     energy_j: float = 0.0  # device_seconds x watts
+    traceback: str = ""  # failed: where the executor raised (last attempt)
 
     def to_done(self) -> OpDone:
         """The completion event that announces this (final) state."""
@@ -152,6 +158,8 @@ class OpState(msgspec.Struct, frozen=True):
             device_class=self.device_class,
             started_at=self.started_at,
             ended_at=self.ended_at,
+            traceback=self.traceback,
+            attempts=self.attempts,
         )
 
 
@@ -200,6 +208,10 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     last_batch_size: int = 0
     last_batch_seconds: float = 0.0
     last_batch_model: str = ""  # its model digest, "" for none
+    # weights digest -> size in GB of the models it has on disk (loaded or fetched):
+    # the scheduler packs device memory and scales batch times by these; a model not
+    # listed is assumed to be the scheduler's default size
+    model_gb: dict[str, float] = {}
 
 
 # --- workflow status ------------------------------------------------------------------
@@ -217,6 +229,17 @@ class NodeStatus(msgspec.Struct):
     spec: NodeSpec | None = None  # the node as submitted (its inputs name its parents)
 
 
+class OpFailure(msgspec.Struct, frozen=True):
+    """The operator that failed a workflow: which node, which key, what it raised."""
+
+    node: str
+    key: str
+    error: str
+    traceback: str = ""
+    attempts: int = 0
+    worker: str = ""
+
+
 class WorkflowStatus(msgspec.Struct):
     """Value of the workflow KV entry (bucket fm_wf, key = workflow id)."""
 
@@ -232,6 +255,7 @@ class WorkflowStatus(msgspec.Struct):
     datasets: dict[str, str] = {}  # source dataset name -> manifest of its record digests
     tables: dict[str, str] = {}  # source dataset name -> the Arrow table digest submitted
     dedup_scope: DedupScope = "global"
+    failure: OpFailure | None = None  # set when an operator failed the workflow
 
 
 # --- dead letters ---------------------------------------------------------------------

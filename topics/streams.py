@@ -6,6 +6,7 @@ first one up sets the bus up and none depends on start order.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
@@ -63,6 +64,20 @@ class Layout:
     replicas: int = 1  # 3 on a NATS cluster (deploy/)
     submit_max_age_s: float = 30 * DAY
     done_max_age_s: float = 7 * DAY
+
+    @classmethod
+    def from_env(cls) -> Layout:
+        """The layout a deployment asks for: FLOWMESH_REPLICAS=3 on a 3-server NATS cluster
+        (deploy/k8s/config.yaml sets it). Whichever component starts first creates the
+        streams, so every component must see the same value."""
+        raw = os.environ.get("FLOWMESH_REPLICAS", "1")
+        try:
+            replicas = int(raw)
+        except ValueError:
+            raise ValueError(f"FLOWMESH_REPLICAS must be 1..5, not {raw!r}") from None
+        if not 1 <= replicas <= 5:
+            raise ValueError(f"FLOWMESH_REPLICAS must be 1..5, not {replicas}")
+        return cls(replicas=replicas)
 
 
 def stream_configs(layout: Layout) -> list[StreamConfig]:
@@ -150,7 +165,7 @@ def worker_consumer(worker: str, slots: int) -> ConsumerConfig:
 
 
 async def ensure(js: JetStreamContext, layout: Layout | None = None) -> None:
-    layout = layout or Layout()
+    layout = layout or Layout.from_env()
     for cfg in stream_configs(layout):
         try:
             await js.stream_info(cfg.name or "")

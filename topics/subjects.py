@@ -41,3 +41,46 @@ def worker_of_assign_subject(subject: str) -> str:
 
 def dlq(component: str) -> str:
     return f"{DLQ_PREFIX}.{check_token(component, 'component')}"
+
+
+# --- the tenant-facing gateway (engine/gateway.py) ---------------------------------------
+# Core NATS request/reply, no JetStream: a tenant's credentials allow publishing under
+# its own fm.api.<tenant>.> and reading its own inbox, nothing else, so the subject's
+# tenant token is an identity the server vouches for.
+API_PREFIX = "fm.api"
+API_ALL = f"{API_PREFIX}.*.*"  # what the gateway serves: fm.api.<tenant>.<verb>
+API_VERBS = ("submit", "status", "list", "result", "lineage", "cost")
+INBOX_PREFIX = "_INBOX"
+# Tenant names on the gateway: a subject token without "_", which separates the tenant
+# from its own id in a gateway workflow id ("<tenant>_<id>").
+_TENANT_RE = re.compile(r"^[A-Za-z0-9-]{1,32}$")
+
+
+def check_tenant(value: str) -> str:
+    if not _TENANT_RE.match(value):
+        raise ValueError(f"tenant {value!r} must match {_TENANT_RE.pattern}")
+    return value
+
+
+def api(tenant: str, verb: str) -> str:
+    if verb not in API_VERBS:
+        raise ValueError(f"unknown API verb {verb!r} (one of {', '.join(API_VERBS)})")
+    return f"{API_PREFIX}.{check_tenant(tenant)}.{verb}"
+
+
+def api_of_tenant(tenant: str) -> str:
+    """Every API subject of one tenant: what its credentials may publish to."""
+    return f"{API_PREFIX}.{check_tenant(tenant)}.>"
+
+
+def parse_api(subject: str) -> tuple[str, str] | None:
+    """(tenant, verb) of an API subject, None for anything else."""
+    parts = subject.split(".")
+    if len(parts) != 4 or ".".join(parts[:2]) != API_PREFIX:
+        return None
+    return parts[2], parts[3]
+
+
+def tenant_inbox_prefix(tenant: str) -> str:
+    """The reply-subject prefix a tenant's client uses, and the only one it may read."""
+    return f"{INBOX_PREFIX}.{check_tenant(tenant)}"

@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
 import click
 
 from topics import Bus, logs
 from topics.cas import open_cas
+from workers import metrics
 from workers.runtime import Worker, WorkerConfig
+
+
+def with_creds(url: str, creds_path: str) -> str:
+    """`url` with the user/password of a credentials file (`flowmesh auth init`) as its
+    userinfo, which is how nats-py takes them; a file rather than the URL keeps the
+    password off the command line. (Read here, not via engine/auth.py: workers never
+    import the engine.)"""
+    if not creds_path:
+        return url
+    try:
+        creds = json.loads(Path(creds_path).read_text())
+        user, password = str(creds["user"]), str(creds["password"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.BadParameter(f"{creds_path}: not a credentials file ({exc})") from exc
+    parsed = urlparse(url)
+    netloc = f"{user}:{password}@{parsed.hostname or '127.0.0.1'}"
+    if parsed.port:
+        netloc += f":{parsed.port}"
+    return urlunparse(parsed._replace(netloc=netloc))
 
 
 async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
@@ -46,6 +68,13 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
     show_default="$FLOWMESH_CAS or file://.flowmesh/cas",
 )
 @click.option(
+    "--creds",
+    "creds_path",
+    default=lambda: os.environ.get("FLOWMESH_CREDS", ""),
+    show_default="$FLOWMESH_CREDS",
+    help="fabric credentials file (flowmesh auth init) for a server that requires them",
+)
+@click.option(
     "--data-dir",
     default=lambda: os.environ.get("FLOWMESH_DATA", ".flowmesh"),
     type=click.Path(path_type=Path),
@@ -73,9 +102,17 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
     show_default=True,
     help="auto: vLLM when it imports and a GPU is visible, else transformers",
 )
+@click.option(
+    "--metrics-port",
+    default=lambda: int(os.environ.get("FLOWMESH_WORKER_METRICS_PORT", "0")),
+    type=int,
+    show_default="$FLOWMESH_WORKER_METRICS_PORT or 0 (off)",
+    help="serve Prometheus /metrics on this port (0: off)",
+)
 def main(
     nats_url: str,
     cas_url: str,
+    creds_path: str,
     data_dir: Path,
     device_class: str,
     price_per_hour: float,
@@ -87,9 +124,11 @@ def main(
     plugins: tuple[str, ...],
     worker_id: str | None,
     generate_backend: str,
+    metrics_port: int,
 ) -> None:
     """Run a FlowMesh worker: executes batches the scheduler assigns to it."""
     logs.configure()
+    metrics.serve(metrics_port)
     config = WorkerConfig(
         device_class=device_class,
         price_per_hour=price_per_hour,
@@ -102,7 +141,7 @@ def main(
         worker_id=worker_id,
         generate_backend=generate_backend,  # type: ignore[arg-type]
     )
-    asyncio.run(serve(nats_url, cas_url, config))
+    asyncio.run(serve(with_creds(nats_url, creds_path), cas_url, config))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 import traceback
@@ -20,13 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import structlog
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from topics import Bus, codec, streams, subjects
+from topics import Bus, codec, logs, streams, subjects
 from topics.cas import CAS, CASError
 from topics.messages import Assignment, OpDone, OpState, ReadyOp, WorkerInfo
 from topics.operators import KINDS
+from topics.transport import Consumer
+from workers import metrics
 from workers.executors.base import Executor, OpError, OpInput, Outcome
 from workers.models.adapters import store_artifacts
 
@@ -55,6 +59,9 @@ class Prepared:
     error: OpError | None = None
     inputs: list[OpInput] = field(default_factory=list)
     model: Any = None
+    # failed operators with attempts left: (ready subject, op, msg id), republished
+    # instead of committed
+    retries: list[tuple[str, ReadyOp, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Worker:
         self.id = config.worker_id or f"{config.device_class}-{uuid.uuid4().hex[:10]}"
         subjects.check_token(self.id, "worker id")
         self.executors: dict[str, Executor] = {}
+        self.versions: dict[str, str] = {}  # executor id -> version, fixed at start
         self.model_digests: dict[str, str] = {}
         self.batches_done = 0
         # kind, size, seconds, model digest of the last batch run
@@ -97,6 +105,10 @@ class Worker:
         from workers.models import ModelCache
 
         self.executors = builtin_executors(self.config.plugins, self.config.generate_backend)
+        # an executor's version hashes its source (inspect.getsource: milliseconds per
+        # executor); once per process, not on every heartbeat and batch, where it took
+        # a third of a worker's time on no-op operators (loadgen overhead --profile)
+        self.versions = {ex.id: ex.version for ex in self.executors.values()}
         self.models = ModelCache(self.cas, self.config.model_dir)
         for source in self.config.models:
             name, digest = await self._publish_model(source)
@@ -105,16 +117,24 @@ class Worker:
         self.kv_workers = await self.bus.kv(streams.KV_WORKERS)
         kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
         for ex in self.executors.values():
-            await kv_exec.put(ex.id, ex.version.encode())
+            await kv_exec.put(ex.id, self.versions[ex.id].encode())
         kv_models = await self.bus.kv(streams.KV_MODELS)
         for name, digest in self.model_digests.items():
             await kv_models.put(name, digest.encode())
-        self.psub = await self.bus.js.pull_subscribe(
-            subjects.assign(self.id),
-            durable=streams.worker_consumer_name(self.id),
-            stream=streams.STREAM_ASSIGN,
-            config=streams.worker_consumer(self.id, self.config.slots),
-        )
+        self.psub: Consumer
+        if self.bus.kafka is not None:
+            # our own topic, committed in our own group only after results are committed
+            # and completions published: a kill before that replays the assignment
+            self.psub = await self.bus.kafka.consumer(
+                [subjects.assign(self.id)], streams.worker_consumer_name(self.id)
+            )
+        else:
+            self.psub = await self.bus.js.pull_subscribe(
+                subjects.assign(self.id),
+                durable=streams.worker_consumer_name(self.id),
+                stream=streams.STREAM_ASSIGN,
+                config=streams.worker_consumer(self.id, self.config.slots),
+            )
         await self.heartbeat()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop()),
@@ -158,7 +178,7 @@ class Worker:
             worker=self.id,
             device_class=self.config.device_class,
             pools=sorted({KINDS[ex.kind].pool for ex in self.executors.values()}),
-            executors={ex.id: ex.version for ex in self.executors.values()},
+            executors=dict(self.versions),
             max_batch={ex.id: ex.max_batch for ex in self.executors.values()},
             models=dict(self.model_digests),
             resident=self.models.resident(),
@@ -174,7 +194,14 @@ class Worker:
             last_batch_size=self.last_batch[1],
             last_batch_seconds=self.last_batch[2],
             last_batch_model=self.last_batch[3],
+            # what each of its models weighs (files fetched under model_dir/<digest>/)
+            model_gb={
+                d: sum(f.stat().st_size for f in mdir.iterdir() if f.is_file()) / 1e9
+                for d in self.model_digests.values()
+                if (mdir := Path(self.config.model_dir) / d).is_dir()
+            },
         )
+        metrics.resident_models(len(info.resident))
         await self.kv_workers.put(self.id, codec.encode(info))
 
     async def _heartbeat_loop(self) -> None:
@@ -202,7 +229,8 @@ class Worker:
                     continue
                 if not self._stopping.is_set():
                     upcoming = asyncio.create_task(self._fetch_and_prepare())
-                await self._finish(current)
+                with logs.bound(worker=self.id, **logs.assignment_ids(current.batch)):
+                    await self._finish(current)
         finally:
             if upcoming is not None:
                 upcoming.cancel()
@@ -212,17 +240,49 @@ class Worker:
             msgs = await self.psub.fetch(1, timeout=1.0)
         except TimeoutError:
             return None
-        except NotFoundError:
-            # our consumer was deleted: the scheduler took us for dead and reclaimed
-            # our work; leave so a fresh worker takes our place
-            log.error("assignment consumer gone; stopping", worker=self.id)
-            self._stopping.set()
-            return None
         except Exception as exc:
-            log.warning("fetch failed", worker=self.id, error=str(exc))
+            # a fetch from a deleted consumer fails like one during a nats restart (no
+            # responders): ask the server which it is
+            log.warning("fetch failed", worker=self.id, error=repr(exc))
             await asyncio.sleep(0.5)
+            if await self._consumer_gone():
+                await self._rejoin()
             return None
         return await self._prepare(msgs[0]) if msgs else None
+
+    async def _consumer_gone(self) -> bool:
+        if self.bus.kafka is not None:
+            return False  # a Kafka topic is not deleted by a reclaim: we read on
+        name = streams.worker_consumer_name(self.id)
+        try:
+            await self.bus.js.consumer_info(streams.STREAM_ASSIGN, name)
+        except NotFoundError:
+            return True
+        except Exception:
+            return False  # the server is unreachable: nothing is known yet
+        return False
+
+    async def _rejoin(self) -> None:
+        """Our consumer was deleted: the scheduler took us for dead (SIGSTOP, a long
+        pause, a partition) and reclaimed what we held, which now runs elsewhere. We are
+        alive, so we take new work under a fresh consumer; a late commit of the old work
+        changes nothing (compare-and-set)."""
+        log.warning("assignment consumer gone; rejoining", worker=self.id)
+        with contextlib.suppress(Exception):
+            await self.psub.unsubscribe()
+        try:
+            self.psub = await self.bus.js.pull_subscribe(
+                subjects.assign(self.id),
+                durable=streams.worker_consumer_name(self.id),
+                stream=streams.STREAM_ASSIGN,
+                config=streams.worker_consumer(self.id, self.config.slots),
+            )
+        except Exception as exc:
+            # the scheduler may still be reading our old assignments back: next fetch
+            log.warning("rejoin failed; will retry", worker=self.id, error=repr(exc))
+            return
+        with contextlib.suppress(Exception):
+            await self.heartbeat()
 
     async def _prepare(self, msg: Any) -> Prepared | None:
         batch = await self.bus.decode_or_dead_letter("worker", msg.subject, msg.data, Assignment)
@@ -232,8 +292,14 @@ class Worker:
         keeper = asyncio.create_task(self._keep_claimed(msg))
         prepared = Prepared(msg=msg, batch=batch, keeper=keeper)
         try:
-            for op in batch.ops:
-                state, revision = await self._state(op.key)
+            # concurrently: one round trip's wait for the batch, not one per operator
+            states = await asyncio.gather(
+                *(
+                    self.bus.retrying("read op state", functools.partial(self._state, op.key))
+                    for op in batch.ops
+                )
+            )
+            for op, (state, revision) in zip(batch.ops, states, strict=True):
                 if state is not None and state.state != "pending":
                     prepared.done.append(state.to_done())  # committed by an earlier attempt
                 else:
@@ -241,7 +307,7 @@ class Worker:
             if prepared.todo:
                 spec0 = prepared.todo[0].op.spec
                 executor = self.executors.get(spec0.executor)
-                if executor is None or executor.version != spec0.version:
+                if executor is None or self.versions.get(spec0.executor) != spec0.version:
                     prepared.error = OpError(
                         f"worker {self.id} has no executor {spec0.executor}@{spec0.version}"
                     )
@@ -260,31 +326,43 @@ class Worker:
             # infrastructure trouble (nats/CAS): leave it for redelivery
             log.exception("batch preparation failed; it will be retried", error=str(exc))
             keeper.cancel()
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=1.0)
+            await self._nak(msg)
             return None
         return prepared
+
+    async def _nak(self, msg: Any) -> None:
+        """Hand an assignment back for redelivery; through an outage, once the link is
+        back (else the server redelivers it anyway after its ack wait)."""
+        with contextlib.suppress(Exception):
+            await self.bus.retrying("nak", lambda: msg.nak(delay=1.0), retry_s=20.0)
 
     async def _finish(self, p: Prepared) -> None:
         try:
             if p.todo:
                 p.done.extend(await self._execute(p))
             # ended_at tells commits of one key apart (it runs again after an
-            # invalidation); a replay of the same commit keeps its id: a duplicate
+            # invalidation); a replay of the same commit keeps its id: a duplicate.
+            # Retries go out before the ack too: a kill in between replays the batch,
+            # and the retry's msg id makes its second publish a duplicate.
             await self.bus.publish_many(
                 [(subjects.DONE, d, f"done-{d.key}-{d.ended_at:.6f}") for d in p.done]
+                + [(subject, op, msg_id) for subject, op, msg_id in p.retries]
             )
         except Exception as exc:
             # infrastructure trouble: leave the assignment unacked so it is redelivered;
             # the compare-and-set commit makes the retry safe
             log.exception("batch failed; it will be retried", worker=self.id, error=str(exc))
             p.keeper.cancel()
-            with contextlib.suppress(Exception):
-                await p.msg.nak(delay=1.0)
+            await self._nak(p.msg)
             return
         finally:
             p.keeper.cancel()
-        await p.msg.ack()
+        try:
+            await p.msg.ack()
+        except Exception as exc:
+            # unacked, it is redelivered after the ack wait and finds every key final
+            log.warning("ack failed", worker=self.id, error=repr(exc))
+            return
         self.batches_done += 1
         with contextlib.suppress(Exception):
             await self.heartbeat()  # tell the scheduler at once that a slot is free
@@ -307,22 +385,51 @@ class Worker:
                 outcomes = await asyncio.to_thread(p.executor.run, p.inputs, p.model)
             except Exception as exc:
                 # the executor failed as a whole: every op of the batch fails with it
-                tb = traceback.format_exc(limit=5)
-                outcomes = [OpError(f"{type(exc).__name__}: {exc}\n{tb}") for _ in todo]
+                outcomes = [_batch_error(exc) for _ in todo]
             if len(outcomes) != len(todo):
                 n = len(outcomes)
                 outcomes = [OpError(f"{p.executor.id} returned {n} results")] * len(todo)
             self.ops_executed += len(todo)
         ended = time.time()
         self.last_batch = (spec0.kind, len(todo), ended - started, spec0.model or "")
+        metrics.batch_ran(spec0.kind, self.config.device_class, len(todo), ended - started)
         # the batch occupied this worker from start to end (inputs were loaded while the
         # previous batch ran); each operator is charged an equal share of that time at
         # this device class's price and power
         share = (ended - started) / len(todo)
-        results = []
+        commits = []
         for t, outcome in zip(todo, outcomes, strict=True):
-            results.append(await self._commit(t, outcome, started, ended, share, len(todo)))
-        return results
+            if isinstance(outcome, OpError) and t.op.failures + 1 < t.op.max_attempts:
+                p.retries.append(self._retry(t, outcome))
+                continue
+            # the CAS write is safe to repeat through a nats restart: a repeat of a
+            # commit that landed finds it and returns it
+            commits.append(
+                self.bus.retrying(
+                    "commit",
+                    functools.partial(self._commit, t, outcome, started, ended, share, len(todo)),
+                )
+            )
+        # concurrently: each commit is its own compare-and-set on its own key, so their
+        # order does not matter, and a batch of 256 waits one round trip, not 256
+        return list(await asyncio.gather(*commits))
+
+    def _retry(self, t: Todo, error: OpError) -> tuple[str, ReadyOp, str]:
+        """A failure with attempts left is not committed: the operator goes back to the
+        ready queue (the scheduler may give it to another worker). Only the last
+        failure commits, so `failed` is still one compare-and-set."""
+        op = msgspec.structs.replace(t.op, attempt=t.op.attempt + 1, failures=t.op.failures + 1)
+        log.warning(
+            "operator failed; retrying",
+            worker=self.id,
+            key=op.key[:12],
+            failures=op.failures,
+            max_attempts=op.max_attempts,
+            error=str(error)[:300],
+        )
+        kind = KINDS.get(op.spec.kind)
+        subject = subjects.ready(kind.pool if kind else "cpu")
+        return subject, op, f"retry-{op.key}-{t.revision}-{op.failures}"
 
     async def _inputs(self, op: ReadyOp) -> OpInput:
         try:
@@ -350,8 +457,10 @@ class Worker:
         self, t: Todo, outcome: Outcome, started: float, ended: float, share: float, size: int
     ) -> OpDone:
         op, revision = t.op, t.revision
+        tb = ""
         if isinstance(outcome, OpError):
             status, error, digests = "failed", str(outcome), []
+            tb = _traceback_of(outcome)
         else:
             status, error = "done", None
             # what executors return besides records (a trained adapter's files) is
@@ -381,6 +490,7 @@ class Worker:
             watts=self.config.watts,
             cost_usd=share * self.config.price_per_hour / 3600.0,
             energy_j=share * self.config.watts,
+            traceback=tb,
         )
         try:
             if revision:
@@ -391,9 +501,30 @@ class Worker:
             # someone committed first (a replay raced us): theirs stands, ours is dropped
             current, _ = await self._state(op.key)
             if current is not None and current.state != "pending":
+                if current.worker != self.id or current.ended_at != ended:
+                    log.info("commit lost to an earlier one", worker=self.id, key=op.key[:12])
                 return current.to_done()
             raise
+        metrics.op_committed(state)  # only a commit that won is counted (and charged)
         return state.to_done()
+
+
+def _batch_error(exc: Exception) -> OpError:
+    err = OpError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc  # its traceback is reported with the failure
+    return err
+
+
+TRACEBACK_CHARS = 4000
+
+
+def _traceback_of(err: OpError) -> str:
+    """Where the executor (or the user's transform) raised: the cause's traceback, the
+    innermost frames kept when it is long (the message must stay small)."""
+    cause = err.__cause__ if isinstance(err.__cause__, BaseException) else err
+    if cause.__traceback__ is None:
+        return ""
+    return "".join(traceback.format_exception(cause))[-TRACEBACK_CHARS:]
 
 
 def default_model_dir(data_dir: str | os.PathLike[str]) -> Path:

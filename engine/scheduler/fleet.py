@@ -195,7 +195,15 @@ class LatencyEstimator:
             return
         per_item = (fit.sxy - fit.sx * fit.sy / fit.w) / var
         fixed = (fit.sy - per_item * fit.sx) / fit.w
-        self._cache[key] = replace(base, fixed_s=max(0.0, fixed), per_item_s=max(1e-9, per_item))
+        # Keep the line on the data when the sizes barely vary (nearly all batches full):
+        # a steep slope with a negative intercept is refitted through the origin, a
+        # falling one becomes flat at the mean; clipping the intercept alone would keep
+        # the steep slope and overshoot at the sizes actually run.
+        if fixed < 0:
+            fixed, per_item = 0.0, fit.sxy / max(fit.sxx, 1e-12)
+        elif per_item <= 0:
+            fixed, per_item = fit.sy / fit.w, 1e-9
+        self._cache[key] = replace(base, fixed_s=fixed, per_item_s=max(1e-9, per_item))
 
     @staticmethod
     def _add(fit: _Fit, x: float, y: float, weight: float) -> None:

@@ -21,18 +21,22 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import structlog
 from nats.js.errors import NotFoundError
 
+from engine import metrics
 from engine.scheduler.fairness import FairShare
 from engine.scheduler.fleet import Fleet, LatencyEstimator
 from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from engine.supervise import guarded
 from topics import Bus, streams, subjects
 from topics.messages import Assignment, ReadyOp, WorkerInfo
+from topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.scheduler")
 
@@ -72,7 +76,7 @@ class Scheduler:
         self.estimator = LatencyEstimator(self.fleet)
         self.policy = Policy(self.fleet, self.config, self.estimator)
         self.fair = FairShare(self.config.tenants)
-        # live workers do not announce model sizes yet: assume this for memory packing
+        # the size of a model no worker has announced (WorkerInfo.model_gb)
         self.model_gb = model_gb
         self.workers: dict[str, WorkerView] = {}
         self.pool: dict[str, Held] = {}  # operator key -> held ready message
@@ -93,12 +97,7 @@ class Scheduler:
 
     async def start(self) -> None:
         self.kv_workers = await self.bus.kv(streams.KV_WORKERS)
-        self.psub = await self.bus.js.pull_subscribe(
-            subjects.READY_ALL,
-            durable=streams.SCHEDULER,
-            stream=streams.STREAM_READY,
-            config=streams.scheduler_consumer(),
-        )
+        self.psub = await self._ready_source()
         self._tasks = [
             asyncio.create_task(
                 guarded("scheduler", "workers", self._watch_workers, self._stopping)
@@ -111,6 +110,17 @@ class Scheduler:
             ),
         ]
 
+    async def _ready_source(self) -> Consumer:
+        """Where ready operators come from (engine/scheduler/faust_app.py feeds its own)."""
+        if self.bus.kafka is not None:  # every pool's topic, committed in group `scheduler`
+            return await self.bus.kafka.consumer(self.bus.kafka.ready_topics(), streams.SCHEDULER)
+        return await self.bus.js.pull_subscribe(  # type: ignore[no-any-return]
+            subjects.READY_ALL,
+            durable=streams.SCHEDULER,
+            stream=streams.STREAM_READY,
+            config=streams.scheduler_consumer(),
+        )
+
     async def stop(self) -> None:
         self._stopping.set()
         for t in self._tasks:
@@ -120,9 +130,17 @@ class Scheduler:
     # --- workers --------------------------------------------------------------------
 
     async def _watch_workers(self) -> None:
+        seen = self.bus.reconnects
         watcher = await self.kv_workers.watchall()
         try:
             while not self._stopping.is_set():
+                if self.bus.reconnects != seen:
+                    # the watcher's consumer died with the server (a nats restart):
+                    # watch again; its initial values re-announce every worker
+                    seen = self.bus.reconnects
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+                    watcher = await self.kv_workers.watchall()
                 try:
                     entry = await watcher.updates(timeout=1.0)
                 except TimeoutError:
@@ -134,7 +152,7 @@ class Scheduler:
                         await self._reclaim(entry.key, reason="worker left")
                     continue
                 info = await self.bus.decode_or_dead_letter(
-                    "scheduler", entry.key, entry.value, WorkerInfo
+                    "scheduler", f"$KV.{streams.KV_WORKERS}.{entry.key}", entry.value, WorkerInfo
                 )
                 if info is None:
                     continue
@@ -148,7 +166,11 @@ class Scheduler:
                     and info.last_batch_size > 0
                     and info.device_class in self.fleet.classes
                 ):
-                    gb = self.model_gb if info.last_batch_model else 0.0
+                    gb = (
+                        info.model_gb.get(info.last_batch_model, self.model_gb)
+                        if info.last_batch_model
+                        else 0.0
+                    )
                     sf = self.policy.size_factor(info.last_batch_kind, gb, info.device_class)
                     self.estimator.observe(
                         info.device_class,
@@ -156,7 +178,12 @@ class Scheduler:
                         info.last_batch_size,
                         info.last_batch_seconds / max(sf, 1e-9),
                     )
-                self.workers[info.worker] = WorkerView(info, time.monotonic() - age)
+                seen_at = time.monotonic() - age
+                if prev is not None:
+                    # never backwards: a re-created watcher replays the last value,
+                    # which may predate the grace given after a reconnect
+                    seen_at = max(seen_at, prev.last_seen)
+                self.workers[info.worker] = WorkerView(info, seen_at)
                 self._wake.set()
         finally:
             await watcher.stop()
@@ -170,9 +197,17 @@ class Scheduler:
         ]
 
     async def _liveness_loop(self) -> None:
+        seen = self.bus.reconnects
         while not self._stopping.is_set():
             await asyncio.sleep(min(1.0, self.dead_after_s / 2))
             now = time.monotonic()
+            if not self.bus.nc.is_connected or self.bus.reconnects != seen:
+                # we were cut off, so silence proves nothing: every worker gets a fresh
+                # dead_after_s from now (one that really died is reclaimed after it)
+                seen = self.bus.reconnects
+                for w in self.workers.values():
+                    w.last_seen = max(w.last_seen, now)
+                continue
             for wid, w in list(self.workers.items()):
                 if now - w.last_seen > self.dead_after_s:
                     await self._reclaim(wid, reason="heartbeat lost")
@@ -187,6 +222,9 @@ class Scheduler:
     async def _reclaim(self, wid: str, reason: str) -> None:
         """Take back every batch a dead worker holds and make its operators ready again."""
         self.workers.pop(wid, None)
+        if self.bus.kafka is not None:
+            await self._reclaim_kafka(wid, reason)
+            return
         js = self.bus.js
         try:
             await js.delete_consumer(streams.STREAM_ASSIGN, streams.worker_consumer_name(wid))
@@ -209,18 +247,13 @@ class Scheduler:
                     if batch is None:
                         await msg.ack()
                         continue
+                    # every field carried over (failures, max_attempts): a reclaim is
+                    # a new delivery, not a failure of the operator
                     await self.bus.publish_many(
                         [
                             (
                                 subjects.ready(_pool_of(op)),
-                                ReadyOp(
-                                    key=op.key,
-                                    spec=op.spec,
-                                    batch_key=op.batch_key,
-                                    workflow_id=op.workflow_id,
-                                    tenant=op.tenant,
-                                    attempt=op.attempt + 1,
-                                ),
+                                msgspec.structs.replace(op, attempt=op.attempt + 1),
                                 f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
                             )
                             for op in batch.ops
@@ -229,15 +262,54 @@ class Scheduler:
                     n_ops += len(batch.ops)
                     await msg.ack()
         finally:
+            # deleted now, not after its inactivity threshold: on a work-queue stream
+            # it would keep the worker (resumed after a pause) from re-creating its own
+            with contextlib.suppress(Exception):
+                name = (await sub.consumer_info()).name
+                await js.delete_consumer(streams.STREAM_ASSIGN, name)
             await sub.unsubscribe()
         with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway
             await self.kv_workers.delete(wid)
         self.reclaimed_ops += n_ops
+        metrics.ops_reclaimed(n_ops)
+        log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
+
+    async def _reclaim_kafka(self, wid: str, reason: str) -> None:
+        """The same on Kafka: the worker's uncommitted assignments (topics/kafka_bus.py)."""
+        assert self.bus.kafka is not None
+        if not subjects.is_token(wid):
+            return  # not a worker id we could have assigned to
+        n_ops = 0
+
+        async def republish(subject: str, data: bytes) -> None:
+            nonlocal n_ops
+            batch = await self.bus.decode_or_dead_letter("scheduler", subject, data, Assignment)
+            if batch is None:
+                return
+            await self.bus.publish_many(
+                [
+                    (
+                        subjects.ready(_pool_of(op)),
+                        msgspec.structs.replace(op, attempt=op.attempt + 1),
+                        f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
+                    )
+                    for op in batch.ops
+                ]
+            )
+            n_ops += len(batch.ops)
+
+        await self.bus.kafka.take_back(wid, republish)
+        with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway
+            await self.kv_workers.delete(wid)
+        self.reclaimed_ops += n_ops
+        metrics.ops_reclaimed(n_ops)
         log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
 
     # --- scheduling -----------------------------------------------------------------
 
     async def _assigned_counts(self) -> dict[str, int]:
+        if self.bus.kafka is not None:
+            return await self.bus.kafka.assigned_counts()
         info = await self.bus.js.stream_info(
             streams.STREAM_ASSIGN, subjects_filter=subjects.ASSIGN_ALL
         )
@@ -271,6 +343,9 @@ class Scheduler:
             fetched = await self._fill_pool()
             assigned = await self.assign_once() if self.held else 0
             await self._keep_alive()
+            if metrics.due("scheduler", 0.5):
+                metrics.ready_depth(Counter(h.op.spec.kind for h in self.pool.values()))
+                metrics.live_workers(Counter(w.info.device_class for w in self.live_workers()))
             if not fetched and not assigned:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -283,6 +358,8 @@ class Scheduler:
             return 0
         counts = await self._assigned_counts()
         now = time.time()
+        # model sizes as the workers announce them (self.model_gb for the rest)
+        sizes = {d: gb for w in workers for d, gb in w.info.model_gb.items()}
         states = []
         for w in workers:
             info = w.info
@@ -295,7 +372,7 @@ class Scheduler:
                     id=info.worker,
                     device_class=info.device_class,
                     free_slots=free,
-                    resident=dict.fromkeys(info.resident, self.model_gb),
+                    resident={m: sizes.get(m, self.model_gb) for m in info.resident},
                     executors=frozenset(f"{k}@{v}" for k, v in info.executors.items()),
                     models=frozenset(info.models.values()),
                     batch_caps={
@@ -313,7 +390,7 @@ class Scheduler:
                 kind=h.op.spec.kind,
                 executor=f"{h.op.spec.executor}@{h.op.spec.version}",
                 model=h.op.spec.model,
-                model_gb=self.model_gb if h.op.spec.model else 0.0,
+                model_gb=sizes.get(h.op.spec.model, self.model_gb) if h.op.spec.model else 0.0,
                 input_bytes=0,
                 tenant=h.op.tenant,
                 workflow_id=h.op.workflow_id,
@@ -341,6 +418,8 @@ class Scheduler:
                 est_s=round(d.seconds, 4),
                 load=d.load_model,
             )
+            wf_ids = [it.workflow_id for it in d.items]
+            metrics.batch_assigned(d.items[0].kind, d.device_class, wf_ids)
         return len(decisions)
 
     def _warn_unschedulable(self, items: list[ReadyItem]) -> None:

@@ -97,11 +97,30 @@ class PolicyConfig:
     # hold a batch for a busy worker that frees within this long when it would run it
     # sooner and better than a free one (0: every free worker gets work when it can)
     hold_s: float = 0.0
+    # the elastic pool (engine/scheduler/rightsize.py): "fixed" releases an idle worker
+    # after the pool's idle_release_s; "forecast" releases it at once unless the
+    # accepted workflows' remaining work needs it within the break-even horizon
+    release: str = "fixed"
+    # "backlog": grow to backlog / target_backlog_s workers; "after-startup": count only
+    # the backlog the allocated workers will not have done when a new one is up
+    scale_up: str = "backlog"
+
+    def __post_init__(self) -> None:
+        if self.release not in RELEASE_MODES:
+            raise ValueError(f"release must be one of {', '.join(RELEASE_MODES)}")
+        if self.scale_up not in SCALE_UP_MODES:
+            raise ValueError(f"scale_up must be one of {', '.join(SCALE_UP_MODES)}")
+        if self.linger_s < 0 or self.hold_s < 0:
+            raise ValueError("linger_s and hold_s must be >= 0")
+
+
+RELEASE_MODES = ("fixed", "forecast")
+SCALE_UP_MODES = ("backlog", "after-startup")
 
 
 def parse_policy_config(data: Mapping[str, Any]) -> PolicyConfig:
     """configs/scheduler/*.yaml: weights, linger_s, aging_scale_s, spread_efficiency,
-    hold_s, tenants: {name: {weight, priority, budget_usd}}."""
+    hold_s, release, scale_up, tenants: {name: {weight, priority, budget_usd}}."""
     weights = Weights(**(data.get("weights") or {}))
     tenants = {name: TenantPolicy(**(t or {})) for name, t in (data.get("tenants") or {}).items()}
     return PolicyConfig(
@@ -111,6 +130,8 @@ def parse_policy_config(data: Mapping[str, Any]) -> PolicyConfig:
         aging_scale_s=float(data.get("aging_scale_s", 60.0)),
         spread_efficiency=float(data.get("spread_efficiency", 0.75)),
         hold_s=float(data.get("hold_s", 0.0)),
+        release=str(data.get("release", "fixed")),
+        scale_up=str(data.get("scale_up", "backlog")),
     )
 
 

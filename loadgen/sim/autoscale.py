@@ -16,13 +16,17 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from engine.scheduler import rightsize
 from loadgen.sim.pool import can_run
 
 if TYPE_CHECKING:
     from loadgen.sim.simulator import Simulation
 
 
-def allowance(sim: Simulation) -> dict[str, int]:
+def allowance(sim: Simulation, scale_up: str = "backlog") -> dict[str, int]:
+    """New workers each pool may allocate this round. `scale_up="after-startup"`
+    (flowmesh's option, engine.scheduler.rightsize.scale_up) counts only the backlog the
+    allocated workers will not have done by the time a new one is up."""
     q = sim.queue
     backlog = {"gpu": 0.0, "cpu": 0.0}
     starving = {"gpu": False, "cpu": False}
@@ -50,7 +54,12 @@ def allowance(sim: Simulation) -> dict[str, int]:
         if secs <= 0:
             out[pool] = 0
             continue
-        k = math.ceil(secs / target) - sim.pool.allocated[pool]
+        if scale_up == "after-startup":
+            k = rightsize.scale_up(
+                secs, sim.pool.allocated[pool], sim.settings.cold_start_s, target
+            )
+        else:
+            k = math.ceil(secs / target) - sim.pool.allocated[pool]
         if starving[pool]:
             k = max(k, 1)
         elif aged[pool] and k <= 0:

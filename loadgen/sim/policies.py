@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from engine.scheduler.fairness import FairShare
 from engine.scheduler.fleet import Fleet, LatencyEstimator
 from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from engine.scheduler.rightsize import idle_to_keep
 from loadgen.sim.autoscale import allowance
 from loadgen.sim.pool import SimWorker, can_run, ensure_resident
 from loadgen.sim.readyq import Exec
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from loadgen.sim.workload import Stage, WorkflowRun
 
 POLICIES = ("flowmesh", "shared-fifo", "isolated")
+RIGHT_AFTER = 1e-3  # s: after the current instant's scheduling round
+RECHECKS = 6  # forecast release: re-checks of a kept idle worker per break-even horizon
 
 
 class SimPolicy:
@@ -54,6 +57,16 @@ class SimPolicy:
 
     def on_return(self, sim: Simulation, w: SimWorker, now: float) -> None:
         pass
+
+    def release_check_s(self, sim: Simulation) -> float:
+        """How long after its batch an idle shared-pool worker is first considered for
+        release (a fixed idle tail by default)."""
+        return sim.settings.idle_release_s
+
+    def keep_idle(self, sim: Simulation, w: SimWorker, now: float) -> float | None:
+        """At a release check: None releases the idle worker now; a time keeps it until
+        the next check then."""
+        return None
 
     def round(self, sim: Simulation, now: float, scopes: list[str]) -> None:
         raise NotImplementedError
@@ -84,7 +97,7 @@ class FlowMeshPolicy(SimPolicy):
         if q.total and sim.pool.free:
             self._decide(sim, now, list(sim.pool.free.values()), busy, None)
         if q.total:
-            allow = allowance(sim)
+            allow = allowance(sim, self.config.scale_up)
             # one cold candidate per class at a time: the policy picks the class (and the
             # batch) of each new worker; offering k per class at once would make it
             # spread small batches over workers the autoscaler will not allocate
@@ -98,6 +111,31 @@ class FlowMeshPolicy(SimPolicy):
                     break
         if self.config.linger_s > 0 and q.total and sim.pool.free:
             sim.wake_at(now + self.config.linger_s)
+
+    def release_check_s(self, sim: Simulation) -> float:
+        if self.config.release == "forecast":
+            return RIGHT_AFTER  # once this instant's round has had its chance to use it
+        return sim.settings.idle_release_s
+
+    def keep_idle(self, sim: Simulation, w: SimWorker, now: float) -> float | None:
+        """Forecast release: keep the idle worker only while the accepted workflows'
+        remaining work for its pool needs it within the break-even horizon (its cold
+        start), never longer than the pool's idle_release_s; of several idle workers the
+        most recently busy are kept (their models are the freshest)."""
+        if self.config.release != "forecast":
+            return None
+        cap = w.idle_since + sim.settings.idle_release_s
+        if now >= cap:
+            return None
+        idle = [x for x in sim.pool.free.values() if x.pool == w.pool and not x.owner]
+        horizon = max(sim.settings.cold_start_s, RIGHT_AFTER)
+        keep = idle_to_keep(
+            sim.pending_s[w.pool], sim.pool.allocated[w.pool] - len(idle), len(idle), horizon
+        )
+        newer = sum(1 for x in idle if (x.idle_since, x.id) > (w.idle_since, w.id))
+        if newer >= keep:
+            return None
+        return min(cap, now + horizon / RECHECKS)
 
     def _decide(
         self,

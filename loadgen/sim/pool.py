@@ -41,6 +41,7 @@ class SimWorker:
         "expected_end",
         "gen",
         "id",
+        "idle_since",
         "idle_token",
         "owner",
         "pool",
@@ -69,6 +70,7 @@ class SimWorker:
         self.batch_token = 0  # invalidates a DONE event of a lost batch
         self.gen = 0  # allocation generation: invalidates KILL/RELEASE of an old one
         self.idle_token = 0
+        self.idle_since = 0.0  # when its last batch ended (shared pool)
 
     @property
     def free(self) -> bool:

@@ -25,7 +25,15 @@ from engine.scheduler.policy import PolicyConfig, ReadyItem
 from loadgen.sim.clock import Clock, Ev
 from loadgen.sim.pool import Emulator, SimWorker, WorkerPool, can_run, kind_pools
 from loadgen.sim.readyq import DONE, Exec, ReadyQueue
-from loadgen.sim.workload import Op, WorkflowInstance, WorkflowRun, Workload, expand, instances
+from loadgen.sim.workload import (
+    Op,
+    Stage,
+    WorkflowInstance,
+    WorkflowRun,
+    Workload,
+    expand,
+    instances,
+)
 
 if TYPE_CHECKING:
     from loadgen.sim.policies import SimPolicy
@@ -74,6 +82,10 @@ class Simulation:
         self.aged_scale_at: dict[str, float] = {}  # autoscaler: last scale-up for age
         self.finished = False  # every workflow done: the pool may shrink to nothing
         self._wake_at = -1.0
+        # the work accepted workflows still have to do per pool (not done, ready or not),
+        # in seconds on the pool's fastest class: what the planner knows of the future
+        self.pending_s: dict[str, float] = {"gpu": 0.0, "cpu": 0.0}
+        self._op_work: dict[tuple[str, float], float] = {}
         # counters
         self.requested = 0
         self.executed = 0
@@ -158,7 +170,11 @@ class Simulation:
                     and w.idle_token == token
                     and (self.finished or self.pool.by_class.get(w.device.name, 0) > keep)
                 ):
-                    self.pool.release(w, now)
+                    until = None if self.finished else self.policy.keep_idle(self, w, now)
+                    if until is None:
+                        self.pool.release(w, now)
+                    else:
+                        self.clock.at(until, Ev.RELEASE, w, token)
             elif ev == Ev.KILL:
                 self._on_kill(obj, token, now)
             elif ev == Ev.RETURN:
@@ -187,6 +203,8 @@ class Simulation:
     def _on_arrive(self, inst: WorkflowInstance, now: float) -> None:
         run = expand(self.workload, inst)
         self.runs[run.wid] = run
+        for st in run.stages:
+            self.pending_s[self.kind_pool[st.kind]] += len(st.ops) * self.op_work(st)
         self.arrivals[run.wid] = now
         self._keep_min(now)
         self.policy.on_arrival(self, run, now)
@@ -255,6 +273,7 @@ class Simulation:
                 continue
             op.done = True
             st = op.stage
+            self.pending_s[self.kind_pool[st.kind]] -= self.op_work(st)
             run = op.run
             st.remaining -= 1
             run.remaining -= 1
@@ -292,6 +311,7 @@ class Simulation:
             spare = list(self.pool.unalloc.get(cls, {}).values())
             for w in spare[: max(0, n - self.pool.by_class.get(cls, 0))]:
                 self.allocate(w, now)
+                w.idle_since = now
                 self.clock.at(now + self.settings.idle_release_s, Ev.RELEASE, w, w.idle_token)
                 self.dirty[""] = None
 
@@ -310,7 +330,9 @@ class Simulation:
         stat[1] += len(execs)
         stat[2] += now - w.batch_start
         if self.policy.shared:
-            self.clock.at(now + self.settings.idle_release_s, Ev.RELEASE, w, w.idle_token)
+            w.idle_since = now
+            delay = self.policy.release_check_s(self)
+            self.clock.at(now + delay, Ev.RELEASE, w, w.idle_token)
         self.policy.on_batch_done(self, w, execs)
         ops: list[Op] = []
         for e in execs:
@@ -348,6 +370,22 @@ class Simulation:
         self.clock.at(now + self.settings.restart_s, Ev.RETURN, w)
 
     # --- what policies call ---------------------------------------------------------
+
+    def op_work(self, st: Stage) -> float:
+        """One operator of `st` in seconds on its pool's fastest class (full batches,
+        the model-size factor applied), as the autoscaler measures a backlog."""
+        key = (st.kind, st.model_gb)
+        w = self._op_work.get(key)
+        if w is None:
+            m = self.fastest.get(st.kind)
+            w = (
+                0.0
+                if m is None
+                else (m.fixed_s / max(m.max_batch, 1) + m.per_item_s)
+                * self.emu.size_factor(st.kind, st.model_gb)
+            )
+            self._op_work[key] = w
+        return w
 
     def allocate(self, w: SimWorker, now: float) -> None:
         self.pool.allocate(w, now, self.settings.cold_start_s)

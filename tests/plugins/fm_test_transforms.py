@@ -24,3 +24,32 @@ def count_upper(record: dict[str, Any], field: str) -> dict[str, Any]:
     with open(os.environ["FM_COUNT_FILE"], "a") as fh:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
     return {**record, field: str(record[field]).upper()}
+
+
+def _log_execution(record: dict[str, Any]) -> None:
+    # one line per execution (with the worker's pid) in $FM_COUNT_FILE, when set
+    path = os.environ.get("FM_COUNT_FILE")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"record": record, "pid": os.getpid()}, sort_keys=True) + "\n")
+
+
+@transform("test.fail_on", kind="map")
+def fail_on(record: dict[str, Any], field: str, bad: str) -> dict[str, Any]:
+    """Upper-cases `field`, but raises on a record whose `field` equals `bad`: poison."""
+    _log_execution(record)
+    if record[field] == bad:
+        raise ValueError(f"poison record {record[field]!r}")
+    return {**record, field: str(record[field]).upper()}
+
+
+@transform("test.fail_first", kind="map")
+def fail_first(record: dict[str, Any], field: str, times: int) -> dict[str, Any]:
+    """Raises on the first `times` executions of each record, then upper-cases it: a
+    transient failure. Executions are counted in $FM_COUNT_FILE, across workers."""
+    _log_execution(record)
+    with open(os.environ["FM_COUNT_FILE"]) as fh:
+        seen = sum(json.loads(line).get("record") == record for line in fh)
+    if seen <= times:
+        raise RuntimeError(f"transient failure {seen} of {times}")
+    return {**record, field: str(record[field]).upper()}

@@ -1,0 +1,207 @@
+"""The web console: an aiohttp app the engine serves on `--console-port`.
+
+One static page (static/index.html, plain HTML + JS, no build step) and a small API:
+
+    GET /                               the page
+    GET /api/events                     Server-Sent Events: a snapshot every interval
+    GET /api/snapshot                   the same snapshot once (engine.monitor.Snapshot)
+    GET /api/workflows                  workflows with their DAGs and operator counts
+    GET /api/workflows/{id}             one workflow
+    GET /api/workflows/{id}/lineage     its lineage graph (?node=NAME: that node and its
+                                        ancestors), operator by operator (engine/lineage.py)
+    GET /api/workers                    workers
+    GET /api/cost                       per-workflow and per-tenant bills (engine/cost.py)
+
+Snapshots are computed at most once per interval however many browsers watch, so the
+console's load on the bus does not grow with its audience. A request that fails answers
+a JSON error; it never takes the engine down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from engine.cost import cost_report
+from engine.lineage import LineageError, build_lineage
+from engine.monitor import Snapshot, snapshot
+from topics import Bus
+from topics.cas import CAS
+
+log = structlog.get_logger("flowmesh.console")
+
+STATIC = Path(__file__).resolve().parent / "static"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class _Fabric:
+    """What build_lineage needs: a bus and a CAS."""
+
+    bus: Bus
+    cas: CAS
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(data), status=status, content_type="application/json"
+    )
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.warning("console request failed", path=request.path, error=str(exc))
+        return _json({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+
+
+class ConsoleServer:
+    def __init__(self, bus: Bus, cas: CAS, interval_s: float = 1.0) -> None:
+        self.bus = bus
+        self.cas = cas
+        self.interval_s = interval_s
+        self._latest: Snapshot | None = None
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- data -------------------------------------------------------------------------
+
+    async def latest(self) -> Snapshot:
+        """A snapshot no older than the interval, shared by every caller."""
+        async with self._lock:
+            if self._latest is None or time.time() - self._latest.at >= self.interval_s:
+                self._latest = await snapshot(self.bus)
+            return self._latest
+
+    # --- handlers ---------------------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def get_snapshot(self, request: web.Request) -> web.Response:
+        return _json((await self.latest()).to_dict())
+
+    async def workflows(self, request: web.Request) -> web.Response:
+        return _json((await self.latest()).to_dict()["workflows"])
+
+    async def workflow(self, request: web.Request) -> web.Response:
+        wf_id = request.match_info["wf"]
+        for w in (await self.latest()).to_dict()["workflows"]:
+            if w["workflow_id"] == wf_id:
+                return _json(w)
+        return _json({"error": f"no workflow {wf_id!r}"}, status=404)
+
+    async def lineage(self, request: web.Request) -> web.Response:
+        wf_id = request.match_info["wf"]
+        node = request.query.get("node") or None
+        try:
+            lin = await build_lineage(_Fabric(self.bus, self.cas), wf_id, node)
+        except LineageError as exc:
+            return _json({"error": str(exc)}, status=404)
+        return _json(lin.to_dict())
+
+    async def workers(self, request: web.Request) -> web.Response:
+        return _json((await self.latest()).to_dict()["workers"])
+
+    async def cost(self, request: web.Request) -> web.Response:
+        report = await cost_report(self.bus)
+        return _json(
+            {
+                "workflows": {k: {"id": k, **b.as_dict()} for k, b in report.workflows.items()},
+                "tenants": {k: b.as_dict() for k, b in report.tenants.items()},
+                "total_usd": report.total_usd,
+                "total_energy_j": report.total_energy_j,
+                "total_device_seconds": report.total_device_seconds,
+                "operators": report.operators,
+            }
+        )
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # a reverse proxy must not hold events back
+            }
+        )
+        await resp.prepare(request)
+        # the browser reconnects on its own after a drop; tell it how soon
+        await resp.write(f"retry: {int(self.interval_s * 1000)}\n\n".encode())
+        try:
+            while not self._stopping.is_set():
+                try:
+                    body = msgspec.json.encode((await self.latest()).to_dict())
+                    await resp.write(b"event: snapshot\ndata: " + body + b"\n\n")
+                except (ConnectionResetError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # the bus hiccuped: say so, keep the stream
+                    err = msgspec.json.encode({"error": str(exc)})
+                    await resp.write(b"event: failure\ndata: " + err + b"\n\n")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+        except ConnectionResetError:
+            pass  # the browser went away
+        return resp
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_errors])
+        app.add_routes(
+            [
+                web.get("/", self.index),
+                web.get("/api/snapshot", self.get_snapshot),
+                web.get("/api/events", self.events),
+                web.get("/api/workflows", self.workflows),
+                web.get("/api/workflows/{wf}", self.workflow),
+                web.get("/api/workflows/{wf}/lineage", self.lineage),
+                web.get("/api/workers", self.workers),
+                web.get("/api/cost", self.cost),
+                web.static("/static", STATIC),
+            ]
+        )
+        return app
+
+    async def start(self, port: int, host: str | None = None) -> int:
+        """Listen on `port` (0: any free port); returns the port bound.
+
+        Loopback unless $FLOWMESH_CONSOLE_HOST says otherwise: the console shows every
+        tenant's workflows and has no login, so reaching it from elsewhere is a choice
+        (a port-forward, or an authenticating proxy in front of 0.0.0.0)."""
+        host = host or os.environ.get("FLOWMESH_CONSOLE_HOST", "127.0.0.1")
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, shutdown_timeout=2.0)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        log.info("console listening", url=f"http://{host}:{self.port}/")
+        return self.port
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def start_console(bus: Bus, cas: CAS, port: int, interval_s: float = 1.0) -> ConsoleServer:
+    server = ConsoleServer(bus, cas, interval_s)
+    await server.start(port)
+    return server

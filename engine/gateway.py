@@ -1,0 +1,378 @@
+"""The tenant-facing gateway: request/reply on `fm.api.<tenant>.<verb>`.
+
+Tenants never touch JetStream: KV and object-store permissions cannot be cut per key, so
+a tenant's NATS user may only publish under its own `fm.api.<tenant>.>` and read its own
+inbox (engine/auth.py). The subject's tenant token is therefore the caller's identity,
+vouched for by the server, and every verb here answers only for that tenant's workflows.
+Another tenant's workflow is answered exactly like a missing one ("not found"), so a
+tenant cannot even learn that it exists.
+
+Engines serve the API in one queue group, so any number of them share the load.
+
+Verbs (request body -> reply data, all JSON):
+  submit   {spec, workflow_id?} -> {workflow_id}   datasets inline as records only
+  status   {workflow_id}        -> WorkflowStatus
+  list     {}                   -> [WorkflowSummary]
+  result   {workflow_id, node, offset?, limit?} -> ResultPage
+  lineage  {workflow_id, node?} -> lineage dict, other tenants' requests redacted
+  cost     {}                   -> {tenant: bill, workflows: {id: bill}}
+Every reply is an ApiReply: {ok, data} or {ok: false, code, error}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from engine.client import FlowMesh
+from engine.cost import cost_report
+from engine.lineage import LineageError, build_lineage
+from engine.spec import SpecError
+from topics import Bus, codec, streams, subjects
+from topics.cas import CAS, CASError, Record
+from topics.messages import WorkflowSpec, WorkflowStatus
+
+log = structlog.get_logger("flowmesh.gateway")
+
+QUEUE = "fm-gateway"
+# Below NATS's default max_payload (1 MiB), with room for the envelope.
+MAX_REQUEST_BYTES = 768 * 1024
+MAX_REPLY_BYTES = 768 * 1024
+RESULT_PAGE_ROWS = 1000
+LIST_MAX = 1000  # newest workflows a list answers with
+CONCURRENCY = 32  # requests handled at once per engine
+# How long submit waits for the planner to accept the workflow, so that a status right
+# after it finds it; past that the submission (stored in its stream) is still run.
+ACCEPT_WAIT_S = 10.0
+
+ErrorCode = Literal["not_found", "bad_request", "too_large", "internal"]
+
+
+class ApiError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+# --- the wire ---------------------------------------------------------------------------
+
+
+class ApiReply(msgspec.Struct, omit_defaults=True):
+    ok: bool
+    data: Any = None
+    code: ErrorCode | None = None
+    error: str | None = None
+
+
+class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True):
+    spec: WorkflowSpec
+    workflow_id: str | None = None
+
+
+class WorkflowRequest(msgspec.Struct, forbid_unknown_fields=True):
+    workflow_id: str
+
+
+class ResultRequest(msgspec.Struct, forbid_unknown_fields=True):
+    workflow_id: str
+    node: str
+    offset: int = 0
+    limit: int = RESULT_PAGE_ROWS
+
+
+class LineageRequest(msgspec.Struct, forbid_unknown_fields=True):
+    workflow_id: str
+    node: str | None = None
+
+
+class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class SubmitReply(msgspec.Struct):
+    workflow_id: str
+
+
+class WorkflowSummary(msgspec.Struct):
+    workflow_id: str
+    name: str
+    state: str
+    submitted_at: float
+    ended_at: float | None
+    ops_total: int
+    ops_done: int
+
+
+class ResultPage(msgspec.Struct):
+    records: list[Record]
+    offset: int
+    total: int
+    next_offset: int | None  # None: this was the last page
+
+
+def gateway_workflow_id(tenant: str, given: str | None) -> str:
+    """A tenant's workflow ids live in its own namespace ("<tenant>_<id>"), so one tenant
+    can neither collide with nor probe for another's ids by submitting them."""
+    prefix = f"{tenant}_"
+    own = given if given and given.startswith(prefix) else prefix + (given or _new_id())
+    if not subjects.is_token(own):
+        raise ApiError("bad_request", f"workflow id {own!r} must match [A-Za-z0-9_-]{{1,64}}")
+    return own
+
+
+def _new_id() -> str:
+    return f"wf-{uuid.uuid4().hex[:16]}"
+
+
+def _decode(data: bytes, typ: type[Any]) -> Any:
+    try:
+        return codec.decode(data or b"{}", typ)
+    except codec.DecodeError as exc:
+        raise ApiError("bad_request", str(exc)) from exc
+
+
+# --- the server -------------------------------------------------------------------------
+
+
+class Gateway:
+    def __init__(self, bus: Bus, cas: CAS, concurrency: int = CONCURRENCY) -> None:
+        self.bus = bus
+        self.cas = cas
+        self.fm = FlowMesh(bus, cas)  # submit/validation/upload as the SDK does them
+        self._sem = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.bus.nc.subscribe(subjects.API_ALL, queue=QUEUE, cb=self._on_msg)
+        log.info("gateway serving", subject=subjects.API_ALL, queue=QUEUE)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # the connection may already be gone
+                log.debug("gateway unsubscribe failed", error=str(exc))
+            self._sub = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        # one task per request: a slow result read must not hold up everyone's status
+        task = asyncio.create_task(self._handle(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        parsed = subjects.parse_api(msg.subject)
+        if parsed is None or not msg.reply:
+            log.warning("gateway request without reply or verb", subject=msg.subject)
+            return
+        tenant, verb = parsed
+        # Answers go only to the asking tenant's own inbox: a tenant cannot direct the
+        # gateway to publish into someone else's.
+        try:
+            inbox = subjects.tenant_inbox_prefix(tenant) + "."
+        except ValueError:
+            inbox = None
+        if inbox is None or not msg.reply.startswith(inbox):
+            log.warning("gateway reply subject outside the tenant's inbox", subject=msg.subject)
+            return
+        started = time.monotonic()
+        async with self._sem:
+            try:
+                if len(msg.data) > MAX_REQUEST_BYTES:
+                    raise ApiError(
+                        "too_large",
+                        f"request of {len(msg.data)} bytes exceeds the gateway's "
+                        f"{MAX_REQUEST_BYTES}-byte limit",
+                    )
+                reply = ApiReply(ok=True, data=await self.dispatch(tenant, verb, msg.data))
+            except ApiError as exc:
+                reply = ApiReply(ok=False, code=exc.code, error=str(exc))
+            except Exception:
+                # never a crash of the shared engine, and no internals in the answer
+                ref = uuid.uuid4().hex[:8]
+                log.exception("gateway request failed", ref=ref, verb=verb, tenant=tenant)
+                reply = ApiReply(ok=False, code="internal", error=f"internal error (ref {ref})")
+        body = codec.encode(reply)
+        if len(body) > MAX_REPLY_BYTES:
+            body = codec.encode(
+                ApiReply(
+                    ok=False,
+                    code="too_large",
+                    error=f"the answer ({len(body)} bytes) is too large for one reply; "
+                    "ask for less (one node, or a smaller result page)",
+                )
+            )
+        try:
+            await self.bus.nc.publish(msg.reply, body)
+        except Exception as exc:
+            log.warning("gateway reply failed", error=str(exc), verb=verb, tenant=tenant)
+        log.debug(
+            "gateway request",
+            tenant=tenant,
+            verb=verb,
+            ok=reply.ok,
+            code=reply.code,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    async def dispatch(self, tenant: str, verb: str, data: bytes) -> Any:
+        """Answer one request of `tenant` (the identity the subject carries)."""
+        try:
+            subjects.check_tenant(tenant)
+        except ValueError as exc:
+            raise ApiError("bad_request", str(exc)) from exc
+        if verb == "submit":
+            return await self.submit(tenant, _decode(data, SubmitRequest))
+        if verb == "status":
+            return await self._owned(tenant, _decode(data, WorkflowRequest).workflow_id)
+        if verb == "list":
+            _decode(data, NoArgs)
+            return await self.list(tenant)
+        if verb == "result":
+            return await self.result(tenant, _decode(data, ResultRequest))
+        if verb == "lineage":
+            return await self.lineage(tenant, _decode(data, LineageRequest))
+        if verb == "cost":
+            _decode(data, NoArgs)
+            return await self.cost(tenant)
+        verbs = ", ".join(subjects.API_VERBS)
+        raise ApiError("bad_request", f"unknown verb {verb!r} (one of {verbs})")
+
+    # --- verbs ------------------------------------------------------------------------
+
+    async def _owned(self, tenant: str, workflow_id: str) -> WorkflowStatus:
+        """The workflow's status if it is this tenant's; "not found" in every other case,
+        worded the same whether it exists or not."""
+        status = await self.fm.status(workflow_id) if subjects.is_token(workflow_id) else None
+        if status is None or status.tenant != tenant:
+            raise ApiError("not_found", f"no workflow {workflow_id!r}")
+        return status
+
+    async def submit(self, tenant: str, req: SubmitRequest) -> SubmitReply:
+        spec = req.spec
+        # "default" is the schema's value when a spec names no tenant
+        if spec.tenant not in ("default", tenant):
+            raise ApiError(
+                "bad_request",
+                f"the spec's tenant {spec.tenant!r} is not yours ({tenant!r}); "
+                "leave it out or set it to your tenant",
+            )
+        for name, ds in spec.datasets.items():
+            # a path or digest would be resolved on the engine's side: its files, and a
+            # probe of what others stored in the CAS
+            if ds.records is None or ds.path is not None or ds.digest is not None:
+                raise ApiError(
+                    "bad_request",
+                    f"dataset {name!r}: give its records inline (path and digest datasets "
+                    "are not accepted through the gateway)",
+                )
+        workflow_id = gateway_workflow_id(tenant, req.workflow_id)
+        try:
+            await self.fm.submit(spec, workflow_id, tenant=tenant)
+        except SpecError as exc:
+            raise ApiError("bad_request", str(exc)) from exc
+        except CASError as exc:
+            raise ApiError("bad_request", f"cannot store the datasets: {exc}") from exc
+        log.info("gateway submission", tenant=tenant, workflow=workflow_id, name=spec.name)
+        deadline = time.monotonic() + ACCEPT_WAIT_S
+        while await self.fm.status(workflow_id) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return SubmitReply(workflow_id=workflow_id)
+
+    async def list(self, tenant: str) -> list[WorkflowSummary]:
+        out = []
+        for _, value, _ in await self.bus.kv_items(streams.KV_WF):
+            try:
+                st = codec.decode(value, WorkflowStatus)
+            except codec.DecodeError:
+                continue
+            if st.tenant != tenant:
+                continue
+            out.append(
+                WorkflowSummary(
+                    workflow_id=st.workflow_id,
+                    name=st.name,
+                    state=st.state,
+                    submitted_at=st.submitted_at,
+                    ended_at=st.ended_at,
+                    ops_total=sum(n.total for n in st.nodes.values()),
+                    ops_done=sum(n.done for n in st.nodes.values()),
+                )
+            )
+        out.sort(key=lambda s: s.submitted_at)
+        return out[-LIST_MAX:]
+
+    async def result(self, tenant: str, req: ResultRequest) -> ResultPage:
+        status = await self._owned(tenant, req.workflow_id)
+        ns = status.nodes.get(req.node)
+        if ns is None:
+            raise ApiError(
+                "not_found",
+                f"workflow {req.workflow_id} has no node {req.node!r} "
+                f"(nodes: {', '.join(status.nodes)})",
+            )
+        if not ns.complete or ns.output is None:
+            raise ApiError(
+                "not_found",
+                f"node {req.node!r} of {req.workflow_id} is not complete ({ns.done}/{ns.total})",
+            )
+        if req.offset < 0 or req.limit < 1:
+            raise ApiError("bad_request", "offset must be >= 0 and limit >= 1")
+        digests = await self.cas.get_manifest(ns.output)
+        page = digests[req.offset : req.offset + min(req.limit, RESULT_PAGE_ROWS)]
+        records = await self.cas.get_records(page)
+        # keep the page under one reply: cut it where the records' size says so
+        budget, kept = MAX_REPLY_BYTES - 4096, 0
+        for rec in records:
+            budget -= len(codec.encode(rec)) + 1
+            if budget < 0 and kept:
+                break
+            kept += 1
+        end = req.offset + kept
+        return ResultPage(
+            records=records[:kept],
+            offset=req.offset,
+            total=len(digests),
+            next_offset=end if end < len(digests) else None,
+        )
+
+    async def lineage(self, tenant: str, req: LineageRequest) -> dict[str, Any]:
+        await self._owned(tenant, req.workflow_id)
+        try:
+            lin = await build_lineage(self.fm, req.workflow_id, req.node)
+        except LineageError as exc:
+            raise ApiError("not_found", str(exc)) from exc
+        return redact_lineage(lin.to_dict(), tenant)
+
+    async def cost(self, tenant: str) -> dict[str, Any]:
+        report = await cost_report(self.bus)
+        own = {wf: b for wf, b in report.workflows.items() if b.tenant == tenant}
+        bill = report.tenants.get(tenant)
+        return {
+            "tenant": bill.as_dict() if bill else None,
+            "workflows": {wf: b.as_dict() for wf, b in sorted(own.items())},
+        }
+
+
+def redact_lineage(lin: dict[str, Any], tenant: str) -> dict[str, Any]:
+    """A shared (global-scope) operator lists every workflow that asked for it; a tenant
+    sees its own requests and only a count of the others, never their ids or tenants."""
+    for op in lin.get("ops", {}).values():
+        requests = op.get("requests", [])
+        own = [r for r in requests if r.get("tenant") == tenant]
+        op["requests"] = own
+        op["other_requests"] = len(requests) - len(own)
+        if op.get("created_by") not in {r.get("workflow_id") for r in own}:
+            op["created_by"] = ""
+    return lin

@@ -1,0 +1,255 @@
+"""The tenant SDK: everything a tenant does, through the gateway (engine/gateway.py).
+
+    async with await TenantClient.from_creds("creds/acme.json") as fm:
+        wf = await fm.submit(load_spec("configs/workflows/demo.yaml"))
+        status = await fm.wait(wf)
+        rows = await fm.result(wf, "answers")
+
+A tenant's credentials allow nothing but requests on `fm.api.<tenant>.>` and replies in
+its own inbox, so this client speaks core NATS request/reply only: no JetStream, no KV,
+no CAS. Datasets given by path are read here and sent inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from engine.auth import load_creds
+from engine.client import WorkflowFailed, read_records
+from engine.gateway import (
+    MAX_REQUEST_BYTES,
+    ApiReply,
+    ResultPage,
+    SubmitReply,
+    SubmitRequest,
+    WorkflowSummary,
+)
+from engine.spec import SpecError, validate
+from topics import codec, subjects
+from topics.cas import Record
+from topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
+
+log = structlog.get_logger("flowmesh.tenant")
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+ACCEPT_GRACE_S = 30.0
+
+
+class GatewayError(RuntimeError):
+    """The gateway refused or failed a request; `code` says how."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class NotFound(GatewayError):
+    """No such workflow or node, as far as this tenant may know."""
+
+
+class TenantClient:
+    def __init__(self, nc: Client, tenant: str, timeout: float = 30.0) -> None:
+        self.nc = nc
+        self.tenant = subjects.check_tenant(tenant)
+        self.timeout = timeout
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        tenant: str,
+        user: str | None = None,
+        password: str | None = None,
+        timeout: float = 30.0,
+    ) -> TenantClient:
+        async def on_error(exc: Exception) -> None:
+            # a permission violation lands here: the server refused a publish/subscribe
+            log.warning("nats error", error=str(exc), tenant=tenant)
+
+        nc = await nats.connect(
+            url,
+            user=user,
+            password=password,
+            name=f"flowmesh-tenant-{tenant}",
+            # replies come to _INBOX.<tenant>.…: the only subjects it may subscribe to
+            inbox_prefix=subjects.tenant_inbox_prefix(tenant),
+            connect_timeout=5.0,
+            error_cb=on_error,
+        )
+        return cls(nc, tenant, timeout)
+
+    @classmethod
+    async def from_creds(
+        cls, path: str | Path, url: str | None = None, timeout: float = 30.0
+    ) -> TenantClient:
+        """Connect with a tenant's credentials file (from `flowmesh auth init`)."""
+        creds = load_creds(path)
+        if creds.tenant is None:
+            raise SpecError([f"{path} holds no tenant's credentials (no 'tenant' in it)"])
+        target = url or creds.url or DEFAULT_URL
+        # credentials come from the file; any userinfo in the URL would compete with them
+        parsed = urlparse(target)
+        netloc = parsed.hostname or "127.0.0.1"
+        if parsed.port:
+            netloc += f":{parsed.port}"
+        target = urlunparse(parsed._replace(netloc=netloc))
+        return await cls.connect(target, creds.tenant, creds.user, creds.password, timeout)
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+    async def __aenter__(self) -> TenantClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def call(self, verb: str, body: Any = None) -> Any:
+        """One request to the gateway; the reply's data, or GatewayError/NotFound."""
+        subject = subjects.api(self.tenant, verb)
+        payload = codec.encode(body if body is not None else {})
+        try:
+            msg = await self.nc.request(subject, payload, timeout=self.timeout)
+        except NoRespondersError as exc:
+            raise GatewayError(
+                "unavailable", f"no engine serves {subject}: is the engine running?"
+            ) from exc
+        except (TimeoutError, NatsTimeoutError) as exc:
+            raise GatewayError(
+                "timeout",
+                f"no answer on {subject} within {self.timeout:.0f}s (engine busy, or these "
+                "credentials may not publish there)",
+            ) from exc
+        reply = codec.decode(msg.data, ApiReply)
+        if reply.ok:
+            return reply.data
+        message = reply.error or reply.code or "request failed"
+        if reply.code == "not_found":
+            raise NotFound("not_found", message)
+        raise GatewayError(reply.code or "error", message)
+
+    # --- verbs ------------------------------------------------------------------------
+
+    async def submit(self, spec: WorkflowSpec, workflow_id: str | None = None) -> str:
+        """Submit a workflow as this tenant; returns its id (namespaced "<tenant>_…")."""
+        if spec.tenant not in ("default", self.tenant):
+            raise SpecError(
+                [f"the spec's tenant {spec.tenant!r} is not this client's ({self.tenant!r})"]
+            )
+        validate(spec)
+        datasets = {}
+        for name, ds in spec.datasets.items():
+            if ds.digest is not None:
+                raise SpecError(
+                    [f"dataset {name!r}: a digest cannot be submitted through the gateway"]
+                )
+            records = ds.records if ds.records is not None else read_records(ds.path or "")
+            datasets[name] = DatasetSpec(records=records)
+        inline = WorkflowSpec(
+            name=spec.name,
+            nodes=spec.nodes,
+            datasets=datasets,
+            tenant=self.tenant,
+            dedup_scope=spec.dedup_scope,
+        )
+        request = SubmitRequest(spec=inline, workflow_id=workflow_id)
+        size = len(codec.encode(request))
+        if size > MAX_REQUEST_BYTES:
+            raise SpecError(
+                [
+                    f"the workflow with its datasets inline is {size} bytes; the gateway "
+                    f"takes at most {MAX_REQUEST_BYTES} (split the datasets, or ask the "
+                    "operator to load them)"
+                ]
+            )
+        try:
+            data = await self.call("submit", request)
+        except NotFound:
+            raise
+        except GatewayError as exc:
+            if exc.code in ("bad_request", "too_large"):
+                raise SpecError([str(exc)]) from exc
+            raise
+        return codec.convert(data, SubmitReply).workflow_id
+
+    async def status(self, workflow_id: str) -> WorkflowStatus | None:
+        try:
+            data = await self.call("status", {"workflow_id": workflow_id})
+        except NotFound:
+            return None
+        return codec.convert(data, WorkflowStatus)
+
+    async def workflows(self) -> list[WorkflowSummary]:
+        return [codec.convert(d, WorkflowSummary) for d in await self.call("list")]
+
+    async def wait(
+        self,
+        workflow_id: str,
+        timeout: float | None = None,
+        on_update: Callable[[WorkflowStatus], Any] | None = None,
+        raise_on_failure: bool = True,
+        poll_s: float = 0.5,
+    ) -> WorkflowStatus:
+        """Poll until the workflow completes or fails (tenants cannot watch the KV)."""
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        last: float | None = None
+        while True:
+            status = await self.status(workflow_id)
+            if status is None:
+                # the gateway answers submit once the planner accepted the workflow, or
+                # after a while without it (engine restarting): give it that long again
+                if time.monotonic() - started > ACCEPT_GRACE_S:
+                    raise NotFound("not_found", f"no workflow {workflow_id!r}")
+                await asyncio.sleep(poll_s)
+                continue
+            if on_update is not None and status.updated_at != last:
+                on_update(status)
+            last = status.updated_at
+            if status.state == "failed" and raise_on_failure:
+                raise WorkflowFailed(status)
+            if status.state != "running":
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"workflow {workflow_id} still running after {timeout}s")
+            await asyncio.sleep(poll_s)
+
+    async def result(self, workflow_id: str, node: str) -> list[Record]:
+        """A node's records in order, fetched page by page."""
+        rows: list[Record] = []
+        offset: int | None = 0
+        while offset is not None:
+            data = await self.call(
+                "result", {"workflow_id": workflow_id, "node": node, "offset": offset}
+            )
+            page = codec.convert(data, ResultPage)
+            rows.extend(page.records)
+            offset = page.next_offset
+        return rows
+
+    async def lineage(self, workflow_id: str, node: str | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = await self.call(
+            "lineage", {"workflow_id": workflow_id, "node": node}
+        )
+        return data
+
+    async def cost(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self.call("cost")
+        return data

@@ -1,0 +1,216 @@
+"""`fabric` and `isolated`: the workload on real FlowMesh processes.
+
+fabric: one shared fabric (a nats-server, the engine, `workers` worker processes) takes
+every tenant's workflows with the default `dedup_scope: global`: identical operators run
+once, compatible ones are batched across workflows.
+
+isolated (the published baseline): each tenant gets its own fabric (its own nats-server,
+engine and workers/tenants worker processes, at least one) and submits with
+`dedup_scope: workflow`, so nothing is shared between workflows and no batch mixes two
+tenants. Every fabric runs concurrently on the same machine; the total number of worker
+processes is the same as in fabric mode (or the number of tenants if that is larger),
+and every worker is limited to one compute thread in both modes (OMP_NUM_THREADS=1, as
+Ray does for its one-CPU tasks) so the CPU is shared the same way.
+
+Worker-seconds, $ and J come from each operator's committed KV entry (the batch time its
+worker measured around the executor, split across the batch) via engine/cost.py, so
+both modes are billed by the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from engine.client import FlowMesh
+from engine.cost import cost_report
+from engine.local import LocalFabric, free_port
+from loadgen.real.results import ModeResult, Progress, WorkflowResult, no_progress
+from loadgen.real.workload import RealWorkload, Submission
+from topics.messages import DedupScope
+
+log = structlog.get_logger("flowmesh.loadgen")
+
+REGISTER_TIMEOUT_S = 600.0  # workers build/load their model before they register
+
+
+@dataclass
+class Group:
+    """One fabric and the submissions it receives."""
+
+    name: str
+    fabric: LocalFabric
+    submissions: list[Submission]
+    scope: DedupScope
+    client: FlowMesh | None = None
+
+
+@contextlib.contextmanager
+def _one_thread_each() -> Iterator[None]:
+    """Spawned workers compute on one thread each, like Ray's one-CPU tasks."""
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _fabric(data_dir: Path, workers: int, model: str, extra: list[str]) -> LocalFabric:
+    return LocalFabric(
+        data_dir=data_dir,
+        nats_url=f"nats://127.0.0.1:{free_port()}",
+        cas_url=f"file://{data_dir / 'cas'}",
+        workers=workers,
+        worker_args=["--model", model, *extra],
+        engine_args=["--dead-after", "10"],  # a busy 2-core box delays heartbeats
+    )
+
+
+def plan_groups(
+    wl: RealWorkload, mode: str, out_dir: Path, worker_args: list[str] | None = None
+) -> list[Group]:
+    extra = list(worker_args or [])
+    if mode == "fabric":
+        fab = _fabric(out_dir / "fabric", wl.workers, wl.model, extra)
+        return [Group("fabric", fab, list(wl.submissions), "global")]
+    if mode == "isolated":
+        per = max(1, wl.workers // len(wl.tenants))
+        return [
+            Group(
+                t,
+                _fabric(out_dir / "isolated" / t, per, wl.model, extra),
+                [s for s in wl.submissions if s.tenant == t],
+                "workflow",
+            )
+            for t in wl.tenants
+        ]
+    raise ValueError(f"not a fabric mode: {mode!r}")
+
+
+async def _registered(group: Group, deadline: float) -> FlowMesh:
+    fab = group.fabric
+    fm = await FlowMesh.connect(fab.nats_url, fab.cas_url)
+    while len(await fm.workers()) < fab.workers:
+        dead = [n for n, ok in fab.alive().items() if not ok]
+        if dead or time.monotonic() > deadline:
+            await fm.close()
+            why = f"{', '.join(dead)} exited" if dead else "workers did not register in time"
+            raise RuntimeError(f"{group.name}: {why}; logs in {fab.log_dir}")
+        await asyncio.sleep(0.2)
+    return fm
+
+
+async def run_fabric_mode(
+    wl: RealWorkload,
+    mode: str,
+    out_dir: Path,
+    progress: Progress = no_progress,
+    timeout_s: float = 1800.0,
+    worker_args: list[str] | None = None,
+) -> ModeResult:
+    groups = plan_groups(wl, mode, out_dir, worker_args)
+    t_setup = time.monotonic()
+    try:
+        with _one_thread_each():
+            for g in groups:
+                g.fabric.start()
+        deadline = time.monotonic() + REGISTER_TIMEOUT_S
+        clients = await asyncio.gather(*(_registered(g, deadline) for g in groups))
+        for g, c in zip(groups, clients, strict=True):
+            g.client = c
+        setup_s = time.monotonic() - t_setup
+        return await _drive(wl, mode, groups, setup_s, progress, timeout_s)
+    finally:
+        for g in groups:
+            if g.client is not None:
+                with contextlib.suppress(Exception):
+                    await g.client.close()
+            g.fabric.stop()
+
+
+async def _drive(
+    wl: RealWorkload,
+    mode: str,
+    groups: list[Group],
+    setup_s: float,
+    progress: Progress,
+    timeout_s: float,
+) -> ModeResult:
+    total = len(wl.submissions)
+    finished: dict[str, WorkflowResult] = {}
+    by_wf = {s.workflow_id: (g, s) for g in groups for s in g.submissions}
+
+    async def one(group: Group, sub: Submission) -> None:
+        fm = group.client
+        assert fm is not None
+        try:
+            await fm.submit(sub.scoped(group.scope), sub.workflow_id)
+            st = await fm.wait(sub.workflow_id, timeout=timeout_s, raise_on_failure=False)
+            latency = (st.ended_at or time.time()) - st.submitted_at
+            finished[sub.workflow_id] = WorkflowResult(
+                sub.workflow_id, sub.tenant, sub.at_s, st.state, latency, error=st.error
+            )
+        except TimeoutError as exc:
+            finished[sub.workflow_id] = WorkflowResult(
+                sub.workflow_id, sub.tenant, sub.at_s, "timeout", None, error=str(exc)
+            )
+        progress(mode, len(finished), total)
+
+    progress(mode, 0, total)
+    t0 = time.monotonic()
+    wall0 = time.time()
+    tasks = []
+    for sub in wl.submissions:  # sorted by arrival
+        await asyncio.sleep(max(0.0, t0 + sub.at_s - time.monotonic()))
+        group, _ = by_wf[sub.workflow_id]
+        tasks.append(asyncio.create_task(one(group, sub)))
+    await asyncio.gather(*tasks)
+    makespan = time.monotonic() - t0
+
+    result = ModeResult(
+        mode=mode,
+        workers=sum(g.fabric.workers for g in groups),
+        workflows=[],
+        ops_requested=0,
+        ops_executed=0,
+        worker_seconds=0.0,
+        usd=0.0,
+        energy_j=0.0,
+        makespan_s=makespan,
+        setup_s=setup_s,
+        notes=(
+            f"{len(groups)} fabric(s), dedup_scope "
+            f"{groups[0].scope}, {groups[0].fabric.workers} worker(s) each"
+        ),
+        extra={"started_at": wall0},
+    )
+    for g in groups:
+        assert g.client is not None
+        report = await cost_report(g.client.bus)
+        result.ops_executed += report.operators
+        result.worker_seconds += report.total_device_seconds
+        result.usd += report.total_usd
+        result.energy_j += report.total_energy_j
+        for s in g.submissions:
+            wr = finished[s.workflow_id]
+            bill = report.workflows.get(s.workflow_id)
+            if bill is not None:
+                result.ops_requested += bill.ops
+                wr.device_seconds = bill.device_seconds
+                wr.usd = bill.paid_usd
+                wr.energy_j = bill.paid_energy_j
+    result.workflows = [finished[s.workflow_id] for s in wl.submissions]
+    log.info("mode finished", **result.summary())
+    return result

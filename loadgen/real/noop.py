@@ -1,0 +1,13 @@
+"""The no-op transform the overhead benchmark runs: workers load it with
+`--plugin loadgen.real.noop`, so every operator costs only the fabric's own work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.executors.transform import transform
+
+
+@transform("bench.noop", kind="map")
+def noop(record: dict[str, Any]) -> dict[str, Any]:
+    return record

@@ -1,0 +1,237 @@
+"""`loadgen overhead`: what the fabric costs per operator, against the physical limit.
+
+Three measurements in one run, on one nats-server:
+- raw: N messages published to a JetStream stream (async publish, file storage, like
+  FlowMesh's streams) while a pull consumer fetches and acks them: the bus alone.
+- fabric: one workflow of N no-op map operators (`bench.noop`, a transform that returns
+  its record) through the whole fabric: client upload, planner (keys, dedup KV entry,
+  request record, ready publish), scheduler (pool, policy, assignment), worker (KV
+  state, CAS input, executor, CAS output, compare-and-set commit, done publish) and the
+  planner's completion. Timed from submit to the workflow's completed status.
+- ray: the same N operators as N Ray tasks calling the same transform executor.
+
+With `--profile DIR` the engine and worker processes run under pyinstrument and leave
+a text profile each in DIR (written when they stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+from engine.client import FlowMesh
+from engine.local import LocalFabric, free_port
+from loadgen.real.results import Progress, no_progress
+from topics.messages import DatasetSpec, NodeSpec, WorkflowSpec
+
+RAW_STREAM = "BENCH_RAW"
+RAW_SUBJECT = "bench.raw"
+PUBLISH_WINDOW = 1000  # publishes in flight before waiting for their acks
+
+
+@dataclass
+class OverheadResult:
+    ops: int
+    workers: int
+    payload_bytes: int
+    raw_s: float
+    fabric_s: float
+    ray_s: float | None = None
+    fabric_accept_s: float = 0.0  # submit -> the planner's first status
+    notes: list[str] = field(default_factory=list)
+
+    def rate(self, seconds: float | None) -> float:
+        return self.ops / seconds if seconds else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        raw, fab = self.rate(self.raw_s), self.rate(self.fabric_s)
+        ray = self.rate(self.ray_s)
+        return {
+            **asdict(self),
+            "raw_ops_per_s": raw,
+            "fabric_ops_per_s": fab,
+            "ray_ops_per_s": ray,
+            "fabric_over_raw": fab / raw,
+            "fabric_over_ray": fab / ray if self.ray_s else float("nan"),
+        }
+
+
+class ProfiledFabric(LocalFabric):
+    """A LocalFabric whose Python processes run under pyinstrument (text profiles)."""
+
+    profile_dir: Path | None = None
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        if self.profile_dir is not None and argv[:2] == [sys.executable, "-m"]:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            out = str(self.profile_dir / f"{name}.txt")
+            argv = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", out, *argv[1:]]
+        return super()._spawn(name, argv)
+
+
+async def raw_jetstream(nats_url: str, n: int, payload_bytes: int) -> float:
+    """Seconds to publish n messages to a stream and pull + ack them all (concurrently)."""
+    nc = await nats.connect(nats_url, name="loadgen-overhead")
+    js = nc.jetstream(timeout=10.0)
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=RAW_STREAM,
+                subjects=[RAW_SUBJECT],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+            )
+        )
+        psub = await js.pull_subscribe(RAW_SUBJECT, durable="bench-raw", stream=RAW_STREAM)
+        data = b"x" * payload_bytes
+        t0 = time.perf_counter()
+
+        async def produce() -> None:
+            pending = []
+            for _ in range(n):
+                pending.append(await js.publish_async(RAW_SUBJECT, data))
+                if len(pending) >= PUBLISH_WINDOW:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+
+        async def consume() -> None:
+            got = 0
+            while got < n:
+                try:
+                    msgs = await psub.fetch(256, timeout=5.0)
+                except TimeoutError:
+                    continue
+                for m in msgs:
+                    await m.ack()
+                got += len(msgs)
+
+        await asyncio.gather(produce(), consume())
+        await nc.flush()
+        seconds = time.perf_counter() - t0
+        await js.delete_stream(RAW_STREAM)
+        return seconds
+    finally:
+        await nc.close()
+
+
+def noop_spec(n: int) -> WorkflowSpec:
+    return WorkflowSpec(
+        name="overhead-noop",
+        tenant="bench",
+        datasets={"data": DatasetSpec(records=[{"i": i} for i in range(n)])},
+        nodes=[NodeSpec(name="noop", op="map", fn="bench.noop", inputs=["data"])],
+    )
+
+
+async def fabric_noop(fab: LocalFabric, n: int, timeout_s: float) -> tuple[float, float]:
+    """(seconds from submit to completed, seconds from submit to the first status)."""
+    async with await FlowMesh.connect(fab.nats_url, fab.cas_url) as fm:
+        deadline = time.monotonic() + 300
+        while len(await fm.workers()) < fab.workers:
+            if time.monotonic() > deadline or not all(fab.alive().values()):
+                raise RuntimeError(f"fabric did not come up; logs in {fab.log_dir}")
+            await asyncio.sleep(0.2)
+        accepted: list[float] = []
+        t0 = time.perf_counter()
+        wf = await fm.submit(noop_spec(n), "overhead-noop")
+
+        def seen(_: Any) -> None:
+            if not accepted:
+                accepted.append(time.perf_counter() - t0)
+
+        st = await fm.wait(wf, timeout=timeout_s, on_update=seen)
+        seconds = time.perf_counter() - t0
+        if st.state != "completed" or st.nodes["noop"].done != n:
+            raise RuntimeError(f"overhead workflow did not complete: {st.state} {st.error}")
+        return seconds, accepted[0] if accepted else seconds
+
+
+def ray_noop(n: int, workers: int) -> float:
+    import ray
+
+    from loadgen.real.ray_mode import noop_task, ray_init, warm
+
+    ray_init(workers)
+    try:
+        task = ray.remote(num_cpus=1)(noop_task)
+        ray.get([ray.remote(num_cpus=1)(warm).remote(None) for _ in range(workers)])
+        t0 = time.perf_counter()
+        out = ray.get([task.remote({"i": i}) for i in range(n)])
+        seconds = time.perf_counter() - t0
+        if len(out) != n:
+            raise RuntimeError("ray lost operators")
+        return seconds
+    finally:
+        ray.shutdown()
+
+
+async def run_overhead(
+    n: int,
+    out_dir: Path,
+    workers: int = 2,
+    payload_bytes: int = 256,
+    with_ray: bool = True,
+    profile_dir: Path | None = None,
+    timeout_s: float = 1800.0,
+    progress: Progress = no_progress,
+) -> OverheadResult:
+    fab = ProfiledFabric(
+        data_dir=out_dir / "fabric",
+        nats_url=f"nats://127.0.0.1:{free_port()}",
+        cas_url=f"file://{out_dir / 'fabric' / 'cas'}",
+        workers=workers,
+        worker_args=["--no-models", "--plugin", "loadgen.real.noop"],
+        # a burst of 20k operators keeps the engine's loop busy: do not take a worker
+        # whose heartbeat it reads late for dead (reclaiming would be measured too)
+        engine_args=["--dead-after", "30"],
+    )
+    fab.profile_dir = profile_dir
+    steps = 3 if with_ray else 2
+    try:
+        fab.ensure_nats()  # one server for both the raw and the fabric measurement
+        progress("overhead", 0, steps)
+        raw_s = await raw_jetstream(fab.nats_url, n, payload_bytes)
+        progress("overhead", 1, steps)
+        fab.start_engine()
+        for _ in range(workers):
+            fab.start_worker()
+        fabric_s, accept_s = await fabric_noop(fab, n, timeout_s)
+        progress("overhead", 2, steps)
+    finally:
+        fab.stop()
+    result = OverheadResult(n, workers, payload_bytes, raw_s, fabric_s, fabric_accept_s=accept_s)
+    if with_ray:
+        result.ray_s = await asyncio.to_thread(ray_noop, n, workers)
+        progress("overhead", 3, steps)
+    return result
+
+
+def overhead_markdown(r: OverheadResult) -> str:
+    s = r.summary()
+    rows = [
+        ("raw JetStream publish + pull/ack", r.raw_s, s["raw_ops_per_s"]),
+        ("FlowMesh fabric, no-op operators", r.fabric_s, s["fabric_ops_per_s"]),
+    ]
+    if r.ray_s is not None:
+        rows.append(("Ray tasks, same executor", r.ray_s, s["ray_ops_per_s"]))
+    lines = [
+        f"**{r.ops} operators, {r.workers} workers**",
+        "",
+        "| path | seconds | ops/s |",
+        "| --- | ---: | ---: |",
+        *(f"| {name} | {sec:.2f} | {rate:,.0f} |" for name, sec, rate in rows),
+        "",
+        f"fabric / raw JetStream: {s['fabric_over_raw']:.3f}",
+    ]
+    if r.ray_s is not None:
+        lines.append(f"fabric / Ray: {s['fabric_over_ray']:.2f}")
+    return "\n".join(lines) + "\n"

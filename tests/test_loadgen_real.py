@@ -1,0 +1,95 @@
+"""`loadgen run` and `loadgen overhead`: the CI smoke versions of the real benchmarks.
+
+They run the CLI as a user does (a subprocess), on real nats-servers, engines, worker
+processes and a local Ray, and check what a user reads off the outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.spec import SpecError
+from loadgen.real.workload import load_real_workload
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "workloads" / "real-smoke.yaml"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def loadgen(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="120")
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadgen.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_workload_overlap_is_what_the_yaml_says(tmp_path: Path) -> None:
+    wl = load_real_workload(SMOKE, records=10, overlap=0.5)
+    a, b = (s.spec.datasets["data"].records or [] for s in wl.submissions)
+    assert len(a) == len(b) == 10
+    shared = {r["prompt"] for r in a} & {r["prompt"] for r in b}
+    assert len(shared) == 5  # the shared pool is as large as the shared part: all of it
+    none = load_real_workload(SMOKE, records=10, overlap=0.0)
+    a, b = (s.spec.datasets["data"].records or [] for s in none.submissions)
+    assert not {r["prompt"] for r in a} & {r["prompt"] for r in b}
+
+
+def test_workload_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="overlap"):
+        load_real_workload(SMOKE, overlap=1.5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMOKE.read_text().replace("template: answer", "template: nope"))
+    with pytest.raises(SpecError, match="unknown template 'nope'"):
+        load_real_workload(bad)
+
+
+@pytest.mark.slow
+def test_run_smoke_fabric_isolated_ray(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    loadgen("run", "--workload", str(SMOKE), "--out", str(out), timeout=400)
+    doc = json.loads((out / "results.json").read_text())
+    modes = doc["modes"]
+    assert set(modes) == {"fabric", "isolated", "ray"}
+    for m in modes.values():
+        assert m["completed"] == m["workflows"] == 2
+        assert m["worker_seconds"] > 0 and m["usd"] > 0 and m["energy_j"] > 0
+        assert 0 < m["p50_s"] <= m["p95_s"]
+        assert all(w["state"] == "completed" for w in m["per_workflow"])
+    fab, iso, ray = modes["fabric"], modes["isolated"], modes["ray"]
+    # the same work was asked for everywhere; only the fabric ran the shared part once
+    assert fab["ops_requested"] == iso["ops_requested"] == ray["ops_requested"]
+    assert iso["ops_executed"] == iso["ops_requested"] == ray["ops_executed"]
+    assert fab["ops_executed"] < iso["ops_executed"]
+    # each workflow's bill: its split of what the fleet spent, so they add up
+    billed = sum(w["device_seconds"] for w in fab["per_workflow"])
+    assert billed == pytest.approx(fab["worker_seconds"], rel=1e-6)
+    md = (out / "results.md").read_text()
+    assert "| metric | fabric | isolated | ray |" in md
+    assert "worker-seconds isolated / mode" in md
+    for png in ("latency.png", "work.png"):
+        assert (out / png).read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_overhead_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "overhead"
+    loadgen("overhead", "--ops", "500", "--workers", "1", "--out", str(out), timeout=300)
+    s = json.loads((out / "overhead.json").read_text())
+    assert s["ops"] == 500
+    for key in ("raw_ops_per_s", "fabric_ops_per_s", "ray_ops_per_s"):
+        assert s[key] > 0
+    assert s["fabric_over_raw"] == pytest.approx(s["fabric_ops_per_s"] / s["raw_ops_per_s"])
+    assert "| raw JetStream publish + pull/ack |" in (out / "overhead.md").read_text()
+    assert (out / "overhead.png").read_bytes().startswith(PNG)
