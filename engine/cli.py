@@ -20,11 +20,13 @@ from rich.table import Table
 from engine.cli_options import (
     _cas,
     _run,
+    bus_options,
     cas_option,
     console,
     creds_option,
     data_option,
     nats_option,
+    scheduler_option,
     tenant_creds_option,
 )
 from engine.client import FlowMesh
@@ -55,6 +57,8 @@ def main(log_level: str | None) -> None:
 
 @main.command()
 @nats_option
+@bus_options
+@scheduler_option
 @data_option
 @cas_option
 @click.option(
@@ -126,6 +130,8 @@ def engine(
 
 @main.command()
 @nats_option
+@bus_options
+@scheduler_option
 @data_option
 @cas_option
 @click.option("--workers", "n_workers", default=2, show_default=True, help="local worker processes")

@@ -63,6 +63,48 @@ tenant_creds_option = click.option(
 )
 
 
+
+def _set_env(name: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    # exported to the environment: every process this one starts (LocalFabric's engine
+    # and workers) and every Bus it connects run on the same bus
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value:
+            os.environ[name] = value
+        return value
+
+    return callback
+
+
+def bus_options(fn: Callable[..., T]) -> Callable[..., T]:
+    """--bus / --kafka: where the streams run (topics/transport.py)."""
+    fn = click.option(
+        "--kafka",
+        default=None,
+        expose_value=False,
+        callback=_set_env("FLOWMESH_KAFKA"),
+        help="Kafka bootstrap servers for --bus kafka (default $FLOWMESH_KAFKA or "
+        "127.0.0.1:9092)",
+    )(fn)
+    return click.option(
+        "--bus",
+        type=click.Choice(["nats", "kafka"]),
+        default=None,
+        expose_value=False,
+        callback=_set_env("FLOWMESH_BUS"),
+        help="the streams' bus (default $FLOWMESH_BUS or nats); KV and CAS stay on NATS",
+    )(fn)
+
+
+scheduler_option = click.option(
+    "--scheduler",
+    type=click.Choice(["live", "faust"]),
+    default=None,
+    expose_value=False,
+    callback=_set_env("FLOWMESH_SCHEDULER"),
+    help="live (default, $FLOWMESH_SCHEDULER) or faust (a faust-streaming agent; "
+    "needs --bus kafka and the faust extra)",
+)
+
 def _cas(cas_url: str | None, data_dir: Path) -> str:
     return cas_url or os.environ.get("FLOWMESH_CAS") or f"file://{data_dir.resolve() / 'cas'}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from pathlib import Path
 
@@ -45,7 +46,12 @@ class Engine:
         bus = await Bus.connect(nats_url, name="flowmesh-engine")
         cas = await open_cas(cas_url, bus.js)
         planner = Planner(bus, cas)
-        scheduler = Scheduler(bus, dead_after_s=dead_after_s, fleet=fleet, config=config)
+        scheduler_cls = Scheduler
+        if os.environ.get("FLOWMESH_SCHEDULER", "live") == "faust":  # issue 9: on Kafka
+            from engine.scheduler.faust_app import FaustScheduler
+
+            scheduler_cls = FaustScheduler
+        scheduler = scheduler_cls(bus, dead_after_s=dead_after_s, fleet=fleet, config=config)
         await planner.start()
         await scheduler.start()
         gateway = Gateway(bus, cas)

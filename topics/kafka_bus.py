@@ -183,7 +183,7 @@ class KafkaStreams:
                     await self.close()
                     raise RuntimeError(f"no Kafka broker reachable at {bootstrap}: {exc}") from exc
                 await asyncio.sleep(0.5)
-        log.info("kafka connected", bootstrap=bootstrap, client=name)
+        log.debug("kafka connected", bootstrap=bootstrap, client=name)
         return self
 
     # --- topics and publishing ----------------------------------------------------------

@@ -37,6 +37,13 @@ def with_creds(url: str, creds_path: str) -> str:
     return urlunparse(parsed._replace(netloc=netloc))
 
 
+def _use_env(name: str, value: str | None) -> str | None:
+    # read by Bus.connect (topics/transport.py), like every other component
+    if value:
+        os.environ[name] = value
+    return value
+
+
 async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
     bus = await Bus.connect(nats_url, name=f"flowmesh-worker-{config.device_class}")
     cas = await open_cas(cas_url, bus.js)
@@ -60,6 +67,21 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
     "nats_url",
     default=lambda: os.environ.get("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
     show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222",
+)
+@click.option(
+    "--bus",
+    type=click.Choice(["nats", "kafka"]),
+    default=None,
+    expose_value=False,
+    callback=lambda ctx, param, value: _use_env("FLOWMESH_BUS", value),
+    help="the streams' bus (default $FLOWMESH_BUS or nats); KV and CAS stay on NATS",
+)
+@click.option(
+    "--kafka",
+    default=None,
+    expose_value=False,
+    callback=lambda ctx, param, value: _use_env("FLOWMESH_KAFKA", value),
+    help="Kafka bootstrap servers for --bus kafka (default $FLOWMESH_KAFKA)",
 )
 @click.option(
     "--cas",

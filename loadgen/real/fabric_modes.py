@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+import yaml
 
 from engine.client import FlowMesh
 from engine.cost import cost_report
@@ -38,6 +39,7 @@ from topics.messages import DedupScope
 
 log = structlog.get_logger("flowmesh.loadgen")
 
+DEFAULT_SCHEDULER = Path(__file__).resolve().parents[2] / "configs" / "scheduler" / "default.yaml"
 REGISTER_TIMEOUT_S = 600.0  # workers build/load their model before they register
 
 
@@ -67,14 +69,27 @@ def _one_thread_each() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _fabric(data_dir: Path, workers: int, model: str, extra: list[str]) -> LocalFabric:
+def scheduler_config(wl: RealWorkload, out_dir: Path) -> list[str]:
+    """The engine's --scheduler-config: the default one with the workload's overrides."""
+    if not wl.scheduler:
+        return []
+    base = yaml.safe_load(DEFAULT_SCHEDULER.read_text()) or {}
+    path = out_dir / "scheduler.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({**base, **wl.scheduler}))
+    return ["--scheduler-config", str(path)]
+
+
+def _fabric(
+    data_dir: Path, workers: int, model: str, extra: list[str], engine: list[str]
+) -> LocalFabric:
     return LocalFabric(
         data_dir=data_dir,
         nats_url=f"nats://127.0.0.1:{free_port()}",
         cas_url=f"file://{data_dir / 'cas'}",
         workers=workers,
         worker_args=["--model", model, *extra],
-        engine_args=["--dead-after", "10"],  # a busy 2-core box delays heartbeats
+        engine_args=["--dead-after", "10", *engine],  # a busy 2-core box delays heartbeats
     )
 
 
@@ -82,15 +97,16 @@ def plan_groups(
     wl: RealWorkload, mode: str, out_dir: Path, worker_args: list[str] | None = None
 ) -> list[Group]:
     extra = list(worker_args or [])
+    engine = scheduler_config(wl, out_dir / mode)
     if mode == "fabric":
-        fab = _fabric(out_dir / "fabric", wl.workers, wl.model, extra)
+        fab = _fabric(out_dir / "fabric", wl.workers, wl.model, extra, engine)
         return [Group("fabric", fab, list(wl.submissions), "global")]
     if mode == "isolated":
         per = max(1, wl.workers // len(wl.tenants))
         return [
             Group(
                 t,
-                _fabric(out_dir / "isolated" / t, per, wl.model, extra),
+                _fabric(out_dir / "isolated" / t, per, wl.model, extra, engine),
                 [s for s in wl.submissions if s.tenant == t],
                 "workflow",
             )

@@ -77,6 +77,8 @@ class WorkloadFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     duration_s: float = 600.0
     pool: Pool = Pool()
     defaults: Defaults = Defaults()
+    # keys over configs/scheduler/default.yaml for every engine of the run (linger_s...)
+    scheduler: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class RealWorkload:
     pool: Pool
     tenants: list[str]
     submissions: list[Submission] = field(default_factory=list)
+    scheduler: dict[str, Any] = field(default_factory=dict)
 
     @property
     def records_per_workflow(self) -> int:
@@ -185,6 +188,7 @@ def build(doc: WorkloadFile) -> RealWorkload:
         duration_s=doc.duration_s,
         pool=doc.pool,
         tenants=names,
+        scheduler=dict(doc.scheduler),
     )
     for tenant in doc.tenants:
         where = f"tenant {tenant.name!r}"
