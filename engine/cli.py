@@ -409,13 +409,7 @@ def status(
             return
         async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
             if workflow_id:
-                st = await fm.status(workflow_id)
-                if st is None:
-                    raise KeyError(f"no workflow {workflow_id!r}")
-                if as_json:
-                    click.echo(codec.encode(st).decode())
-                else:
-                    _print_status(st)
+                _show_status(await fm.status(workflow_id), workflow_id, as_json)
                 return
             sts = await fm.workflows()
             workers = await fm.workers()
@@ -493,17 +487,20 @@ def result(
         click.echo(text, nl=False)
 
 
+def _show_status(st: WorkflowStatus | None, workflow_id: str, as_json: bool) -> None:
+    if st is None:
+        raise KeyError(f"no workflow {workflow_id!r}")
+    if as_json:
+        click.echo(codec.encode(st).decode())
+    else:
+        _print_status(st)
+
+
 async def _tenant_status(creds: Path, workflow_id: str | None, as_json: bool) -> None:
     """`status` as a tenant: its own workflows only, through the gateway."""
     async with await TenantClient.from_creds(creds) as tc:
         if workflow_id:
-            st = await tc.status(workflow_id)
-            if st is None:
-                raise KeyError(f"no workflow {workflow_id!r}")
-            if as_json:
-                click.echo(codec.encode(st).decode())
-            else:
-                _print_status(st)
+            _show_status(await tc.status(workflow_id), workflow_id, as_json)
             return
         summaries = await tc.workflows()
         if as_json:

@@ -216,7 +216,8 @@ class FlowMesh:
         """Wait until the workflow completes or fails, calling on_update on progress."""
         kv = await self.bus.kv(streams.KV_WF)
         seen = self.bus.reconnects
-        watcher = await kv.watch(workflow_id)
+        # through a nats restart too: JetStream answers again only once its store is back
+        watcher = await self.bus.retrying("watch", lambda: kv.watch(workflow_id))
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:

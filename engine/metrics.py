@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import time
 
-import structlog
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
+from topics.exporter import serve as serve
 from topics.operators import KINDS
-
-log = structlog.get_logger("flowmesh.metrics")
 
 # batches hold up to a few hundred operators; powers of two read well on a dashboard
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -138,17 +136,3 @@ def due(what: str, every_s: float) -> bool:
 
 def ops_reclaimed(n: int) -> None:
     RECLAIMED_OPS.inc(n)
-
-
-def serve(port: int, addr: str = "0.0.0.0") -> bool:
-    """Expose /metrics on `port` (0: off). A port already taken is logged, not fatal:
-    the engine is a shared component and runs without its exporter rather than not at all."""
-    if port <= 0:
-        return False
-    try:
-        start_http_server(port, addr=addr)
-    except OSError as exc:
-        log.warning("metrics exporter not started", port=port, error=str(exc))
-        return False
-    log.info("metrics exporter listening", port=port)
-    return True

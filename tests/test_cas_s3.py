@@ -66,7 +66,6 @@ class Weed:
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
     root = tmp_path_factory.mktemp("weed")
-    (root / "data").mkdir()
     config = root / "s3.json"
     config.write_text(
         json.dumps(
@@ -81,18 +80,46 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
             }
         )
     )
+    # a free port can be taken by someone else before weed binds it: start again on
+    # fresh ports when it dies of that, a few times
+    for attempt in range(3):
+        server = _start_weed(root, config)
+        try:
+            _wait_ready(server)
+        except RuntimeError:
+            _kill(server.proc)
+            if attempt == 2 or "address already in use" not in server.log.read_text():
+                raise
+            continue
+        try:
+            yield server
+        finally:
+            _kill(server.proc)
+        return
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)  # weed ignores SIGTERM
+    proc.wait()
+
+
+def _start_weed(root: Path, config: Path) -> Weed:
     ports = {
         name: _free_port()
         for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")
     }
     s3_port, s3_grpc = _free_port(), _free_port()
-    log = root / "weed.log"
+    run = uuid.uuid4().hex[:6]
+    log = root / f"weed-{run}.log"
+    data = root / f"data-{run}"
+    data.mkdir()
     argv = [
         weed_binary(),
         "server",
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
-        f"-dir={root / 'data'}",
+        f"-dir={data}",
         f"-master.port={ports['master']}",
         f"-master.port.grpc={ports['master.grpc']}",
         f"-volume.port={ports['volume']}",
@@ -113,14 +140,7 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
     ]
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=root)
-    server = Weed(proc, s3_port, log)
-    try:
-        _wait_ready(server)
-        yield server
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)  # weed ignores SIGTERM
-        proc.wait()
+    return Weed(proc, s3_port, log)
 
 
 def _wait_ready(server: Weed) -> None:

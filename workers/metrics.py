@@ -10,12 +10,10 @@ duplicate execution is never counted twice, just as it is never billed twice.
 
 from __future__ import annotations
 
-import structlog
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
+from topics.exporter import serve as serve
 from topics.messages import OpState
-
-log = structlog.get_logger("flowmesh.worker.metrics")
 
 # CPU transforms take milliseconds, LLM batches seconds, training steps minutes
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -79,16 +77,3 @@ def op_committed(state: OpState) -> None:
 
 def resident_models(n: int) -> None:
     RESIDENT_MODELS.set(n)
-
-
-def serve(port: int, addr: str = "0.0.0.0") -> bool:
-    """Expose /metrics on `port` (0: off); a port already taken is logged, not fatal."""
-    if port <= 0:
-        return False
-    try:
-        start_http_server(port, addr=addr)
-    except OSError as exc:
-        log.warning("metrics exporter not started", port=port, error=str(exc))
-        return False
-    log.info("metrics exporter listening", port=port)
-    return True

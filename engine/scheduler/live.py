@@ -244,22 +244,8 @@ class Scheduler:
                     batch = await self.bus.decode_or_dead_letter(
                         "scheduler", msg.subject, msg.data, Assignment
                     )
-                    if batch is None:
-                        await msg.ack()
-                        continue
-                    # every field carried over (failures, max_attempts): a reclaim is
-                    # a new delivery, not a failure of the operator
-                    await self.bus.publish_many(
-                        [
-                            (
-                                subjects.ready(_pool_of(op)),
-                                msgspec.structs.replace(op, attempt=op.attempt + 1),
-                                f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
-                            )
-                            for op in batch.ops
-                        ]
-                    )
-                    n_ops += len(batch.ops)
+                    if batch is not None:
+                        n_ops += await self._republish(batch)
                     await msg.ack()
         finally:
             # deleted now, not after its inactivity threshold: on a work-queue stream
@@ -274,6 +260,21 @@ class Scheduler:
         metrics.ops_reclaimed(n_ops)
         log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
 
+    async def _republish(self, batch: Assignment) -> int:
+        """A reclaimed batch's operators back on the ready pool. Every field is carried
+        over (failures, max_attempts): a reclaim is a new delivery, not a failure."""
+        await self.bus.publish_many(
+            [
+                (
+                    subjects.ready(_pool_of(op)),
+                    msgspec.structs.replace(op, attempt=op.attempt + 1),
+                    f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
+                )
+                for op in batch.ops
+            ]
+        )
+        return len(batch.ops)
+
     async def _reclaim_kafka(self, wid: str, reason: str) -> None:
         """The same on Kafka: the worker's uncommitted assignments (topics/kafka_bus.py)."""
         assert self.bus.kafka is not None
@@ -284,19 +285,8 @@ class Scheduler:
         async def republish(subject: str, data: bytes) -> None:
             nonlocal n_ops
             batch = await self.bus.decode_or_dead_letter("scheduler", subject, data, Assignment)
-            if batch is None:
-                return
-            await self.bus.publish_many(
-                [
-                    (
-                        subjects.ready(_pool_of(op)),
-                        msgspec.structs.replace(op, attempt=op.attempt + 1),
-                        f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
-                    )
-                    for op in batch.ops
-                ]
-            )
-            n_ops += len(batch.ops)
+            if batch is not None:
+                n_ops += await self._republish(batch)
 
         await self.bus.kafka.take_back(wid, republish)
         with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway
