@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -11,6 +12,25 @@ from contextlib import contextmanager
 import structlog
 
 from topics.messages import Assignment
+
+
+class StderrLogger:
+    """Writes each line to whatever sys.stderr is at that moment. structlog's
+    PrintLogger keeps the stream it was made with, and a caller that swaps sys.stderr
+    (a test harness's capture, a daemon redirecting its output) would leave every cached
+    logger writing to a closed file: a log call would then raise inside the component."""
+
+    def msg(self, message: str) -> None:
+        # a log line that cannot be written (stderr closed or gone) is lost, never an
+        # exception in the middle of a retry or a commit
+        with contextlib.suppress(ValueError, OSError):
+            print(message, file=sys.stderr, flush=True)
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
+
+    @classmethod
+    def factory(cls, *args: object) -> StderrLogger:
+        return cls()
 
 
 def configure(level: str | None = None, json: bool | None = None) -> None:
@@ -29,7 +49,7 @@ def configure(level: str | None = None, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=StderrLogger.factory,
         cache_logger_on_first_use=True,
     )
 
