@@ -87,7 +87,8 @@ class Decision:
 @dataclass(frozen=True)
 class PolicyConfig:
     weights: Weights = field(default_factory=Weights)
-    linger_s: float = 0.0  # hold a group smaller than a full batch up to this long
+    linger_s: float = 0.0  # hold a group smaller than a full batch up to this long (the
+    # shipped configs/scheduler/default.yaml sets 0.25 s; unit tests decide at once)
     aging_scale_s: float = 60.0
     # smallest batch worth splitting a backlog into: fixed overhead <= 1 - this share
     spread_efficiency: float = 0.75
@@ -126,7 +127,7 @@ def parse_policy_config(data: Mapping[str, Any]) -> PolicyConfig:
     return PolicyConfig(
         weights=weights,
         tenants=tenants,
-        linger_s=float(data.get("linger_s", 0.0)),
+        linger_s=float(data.get("linger_s", PolicyConfig.linger_s)),
         aging_scale_s=float(data.get("aging_scale_s", 60.0)),
         spread_efficiency=float(data.get("spread_efficiency", 0.75)),
         hold_s=float(data.get("hold_s", 0.0)),
