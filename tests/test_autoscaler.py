@@ -27,9 +27,10 @@ from engine.autoscaler import (
 from engine.providers.kubernetes import KubernetesProvider
 from engine.providers.local import LocalProcessProvider
 from engine.scheduler.fleet import load_fleet
-from engine.spec import parse_spec
 from tests.conftest import MakeFabric
+from tests.workflows import map_then_count
 from topics import Bus
+from topics.messages import WorkflowSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CHEAP = ClassPolicy("cheap", min_workers=0, max_workers=2, price_per_hour=0.10, ops_per_s=1.0)
@@ -220,23 +221,9 @@ async def test_kubernetes_provider_scales_the_deployment(scale_api: str) -> None
 # --- local processes on a real fabric -------------------------------------------------
 
 
-def burst(name: str, n: int, delay: float) -> Any:
+def burst(name: str, n: int, delay: float) -> WorkflowSpec:
     rows = [{"id": i, "text": f"{name} {i}"} for i in range(n)]
-    return parse_spec(
-        {
-            "name": name,
-            "datasets": {"src": {"records": rows}},
-            "nodes": [
-                {
-                    "name": "up",
-                    "op": "map",
-                    "fn": "test.slow_upper",
-                    "input": "src",
-                    "params": {"field": "text", "delay": delay},
-                }
-            ],
-        }
-    )
+    return map_then_count(name, rows, "test.slow_upper", count=None, delay=delay)
 
 
 @pytest.mark.slow

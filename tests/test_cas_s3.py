@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from engine.spec import parse_spec
 from tests.conftest import MakeFabric, connect
+from tests.workflows import map_then_count
 from topics.cas import CAS, BlobNotFound, CASError, CorruptBlob, open_cas
 from topics.cas_s3 import S3Backend, parse_s3_url
 from topics.codec import sha256_hex
@@ -298,27 +298,7 @@ async def test_workflow_end_to_end_on_s3(
     url = weed.url(BUCKET, prefix="fabric-" + uuid.uuid4().hex[:8])
     fabric = make_fabric(workers=2, cas_url=url)
     rows = [{"id": i, "text": f"item {i}", "colour": "red" if i % 3 else "blue"} for i in range(12)]
-    spec = parse_spec(
-        {
-            "name": "on-s3",
-            "datasets": {"src": {"records": rows}},
-            "nodes": [
-                {
-                    "name": "up",
-                    "op": "map",
-                    "fn": "test.slow_upper",
-                    "input": "src",
-                    "params": {"field": "text", "delay": 0.01},
-                },
-                {
-                    "name": "count",
-                    "op": "group",
-                    "input": "up",
-                    "params": {"by": "colour", "agg": "count"},
-                },
-            ],
-        }
-    )
+    spec = map_then_count("on-s3", rows, "test.slow_upper", delay=0.01)
     fm = await connect(fabric, 2)
     try:
         wf = await fm.submit(spec)

@@ -17,6 +17,7 @@ import pytest
 from engine.client import FlowMesh
 from engine.spec import parse_spec
 from tests.conftest import MakeFabric, connect
+from tests.workflows import map_then_count
 from topics import codec, streams, subjects
 from topics.messages import OpState, WorkflowSpec
 
@@ -49,25 +50,9 @@ def records(n: int) -> list[dict[str, Any]]:
 def slow_spec(name: str, rows: list[dict[str, Any]], delay: float, count: bool) -> WorkflowSpec:
     """Upper-case each record slowly (so a batch is still running when a test kills
     something), and optionally count per colour after."""
-    nodes: list[dict[str, Any]] = [
-        {
-            "name": "slow",
-            "op": "map",
-            "fn": "test.slow_upper",
-            "input": "src",
-            "params": {"field": "text", "delay": delay},
-        },
-    ]
-    if count:
-        nodes.append(
-            {
-                "name": "count",
-                "op": "group",
-                "input": "slow",
-                "params": {"by": "colour", "agg": "count"},
-            }
-        )
-    return parse_spec({"name": name, "datasets": {"src": {"records": rows}}, "nodes": nodes})
+    return map_then_count(
+        name, rows, "test.slow_upper", node="slow", count="count" if count else None, delay=delay
+    )
 
 
 async def test_three_node_workflow_matches_python(make_fabric: MakeFabric) -> None:

@@ -21,8 +21,8 @@ from engine import cache
 from engine.client import FlowMesh, WorkflowFailed
 from engine.cost import cost_report
 from engine.planner import max_attempts_from_env
-from engine.spec import parse_spec
 from tests.conftest import MakeFabric, NatsServer, connect
+from tests.workflows import map_then_count
 from topics import codec, streams, subjects
 from topics.messages import DeadLetter, OpState, WorkflowSpec
 
@@ -36,21 +36,7 @@ def rows(n: int, bad: int | None = None) -> list[dict[str, Any]]:
 
 
 def map_spec(name: str, data: list[dict[str, Any]], fn: str, **params: Any) -> WorkflowSpec:
-    return parse_spec(
-        {
-            "name": name,
-            "datasets": {"src": {"records": data}},
-            "nodes": [
-                {
-                    "name": "m",
-                    "op": "map",
-                    "fn": fn,
-                    "input": "src",
-                    "params": {"field": "text", **params},
-                }
-            ],
-        }
-    )
+    return map_then_count(name, data, fn, node="m", count=None, **params)
 
 
 def upper(data: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -323,21 +309,8 @@ async def test_nats_server_killed_mid_run_and_restarted_run_completes(
 ) -> None:
     fabric = make_fabric(workers=2)
     data = rows(40)
-    spec = parse_spec(
-        {
-            "name": "through-restart",
-            "datasets": {"src": {"records": data}},
-            "nodes": [
-                {
-                    "name": "m",
-                    "op": "map",
-                    "fn": "test.slow_upper",
-                    "input": "src",
-                    "params": {"field": "text", "delay": 0.1},
-                },
-                {"name": "n", "op": "group", "input": "m", "params": {"by": "id", "agg": "count"}},
-            ],
-        }
+    spec = map_then_count(
+        "through-restart", data, "test.slow_upper", node="m", count="n", by="id", delay=0.1
     )
     async with await connect(fabric, 2) as fm:
         wf = await fm.submit(spec)

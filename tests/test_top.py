@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from engine.monitor import snapshot
-from engine.spec import parse_spec
 from tests.conftest import MakeFabric, connect
+from tests.workflows import map_then_count
 from topics import Bus, streams
 from topics.messages import WorkflowSpec
 
@@ -24,28 +24,7 @@ def spec(tenant: str, n: int = 12) -> WorkflowSpec:
     rows: list[dict[str, Any]] = [
         {"id": i, "text": f"item {i}", "colour": "red" if i % 3 else "blue"} for i in range(n)
     ]
-    return parse_spec(
-        {
-            "name": f"top-{tenant}",
-            "tenant": tenant,
-            "datasets": {"src": {"records": rows}},
-            "nodes": [
-                {
-                    "name": "upper",
-                    "op": "map",
-                    "fn": "text.upper",
-                    "input": "src",
-                    "params": {"field": "text"},
-                },
-                {
-                    "name": "count",
-                    "op": "group",
-                    "input": "upper",
-                    "params": {"by": "colour", "agg": "count"},
-                },
-            ],
-        }
-    )
+    return map_then_count(f"top-{tenant}", rows, "text.upper", node="upper", tenant=tenant)
 
 
 async def test_top_once_shows_streams_workers_and_tenants(make_fabric: MakeFabric) -> None:
