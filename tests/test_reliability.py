@@ -142,6 +142,50 @@ async def test_poison_record_is_retried_then_fails_with_traceback_others_unaffec
     assert all(fabric.alive().values())
 
 
+async def test_a_record_that_kills_its_worker_is_isolated_then_failed_others_unaffected(
+    make_fabric: MakeFabric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no exception to retry: the worker process dies (os._exit) each time it runs the
+    # record. It must not crash-loop the fleet forever, nor take its batch-mates down.
+    monkeypatch.setenv("FLOWMESH_MAX_RECLAIMS", "3")
+    fabric = make_fabric(workers=2)
+    crashing = rows(8, bad=5)
+    steady = rows(6)
+    async with await connect(fabric, 2) as fm:
+        bad_wf = await fm.submit(map_spec("crashing", crashing, "test.crash_on", bad="bad"))
+        good_wf = await fm.submit(map_spec("steady", steady, "text.upper"))
+        crashed: set[int] = set()
+
+        async def supervise() -> None:
+            # what `flowmesh up` or a Deployment does: keep two workers running
+            while True:
+                for proc in list(fabric.worker_procs):
+                    if proc.poll() == 17 and proc.pid not in crashed:
+                        crashed.add(proc.pid)
+                        fabric.start_worker()
+                await asyncio.sleep(0.2)
+
+        keeper = asyncio.create_task(supervise())
+        try:
+            with pytest.raises(WorkflowFailed) as failed:
+                await fm.wait(bad_wf, timeout=150)
+            await fm.wait(good_wf, timeout=60)
+        finally:
+            keeper.cancel()
+        assert await fm.result(good_wf, "m") == upper(steady)
+        status = failed.value.status
+        assert status.nodes["m"].done == 7 and status.nodes["m"].failed == 1
+        failure = status.failure
+        assert failure is not None and "worker was lost 3 times" in failure.error
+        entries = await op_entries(fm)
+        # the seven innocent records of the crashing batch were committed, once each
+        assert sorted(st.state for _, st in entries.values() if st.workflow_id == bad_wf) == [
+            "done"
+        ] * 7 + ["failed"]
+        # the whole batch twice, then the record alone once; then it is not run again
+        assert len(crashed) == 3
+
+
 async def test_transient_failure_recovers_and_a_failed_key_reruns_for_a_new_workflow(
     make_fabric: MakeFabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -208,6 +208,9 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     last_batch_size: int = 0
     last_batch_seconds: float = 0.0
     last_batch_model: str = ""  # its model digest, "" for none
+    # the batch it is executing now ("" between batches): if it dies, only this batch's
+    # operators count a loss (the others it held never started); see ReadyOp.attempt
+    running: str = ""
     # weights digest -> size in GB of the models it has on disk (loaded or fetched):
     # the scheduler packs device memory and scales batch times by these; a model not
     # listed is assumed to be the scheduler's default size

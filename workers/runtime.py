@@ -37,6 +37,33 @@ from workers.models.adapters import store_artifacts
 log = structlog.get_logger("flowmesh.worker")
 
 INLINE_OUTPUTS = 256  # completions list output digests inline up to this many
+# An operator whose worker was lost (killed, crashed, out of memory, reclaimed) while it
+# ran is replayed: that is preemption, not its fault. But a record that crashes every
+# process that runs it would take the fleet down one worker at a time, forever. After
+# ISOLATE_AFTER losses a batch's operators go back to the ready pool one per batch, so
+# the innocent ones of a batch get through; after
+# $FLOWMESH_MAX_RECLAIMS losses (default 6) an operator is failed without running again.
+ISOLATE_AFTER = 2
+DEFAULT_MAX_RECLAIMS = 6
+
+
+def max_reclaims_from_env() -> int:
+    raw = os.environ.get("FLOWMESH_MAX_RECLAIMS", "")
+    try:
+        value = int(raw) if raw else DEFAULT_MAX_RECLAIMS
+    except ValueError:
+        raise ValueError(f"FLOWMESH_MAX_RECLAIMS={raw!r} is not an integer") from None
+    if value <= ISOLATE_AFTER:
+        # the batch-mates of a crashing record run alone after ISOLATE_AFTER losses:
+        # they need one more delivery than that before the limit
+        raise ValueError(f"FLOWMESH_MAX_RECLAIMS={raw!r} must be at least {ISOLATE_AFTER + 1}")
+    return value
+
+
+def losses(op: ReadyOp) -> int:
+    """Deliveries of this operator that ended with its worker gone: every attempt
+    that was not one of its own (retried) failures."""
+    return op.attempt - op.failures
 
 
 @dataclass(frozen=True)
@@ -95,6 +122,8 @@ class Worker:
         self.last_batch: tuple[str, int, float, str] = ("", 0, 0.0, "")
         self.ops_executed = 0
         self.started_at = time.time()
+        self.max_reclaims = max_reclaims_from_env()
+        self.running_batch = ""  # the batch executing now, announced in heartbeats
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -194,6 +223,7 @@ class Worker:
             last_batch_size=self.last_batch[1],
             last_batch_seconds=self.last_batch[2],
             last_batch_model=self.last_batch[3],
+            running=self.running_batch,
             # what each of its models weighs (files fetched under model_dir/<digest>/)
             model_gb={
                 d: sum(f.stat().st_size for f in mdir.iterdir() if f.is_file()) / 1e9
@@ -374,6 +404,65 @@ class Worker:
                 await msg.in_progress()
 
     async def _execute(self, p: Prepared) -> list[OpDone]:
+        lost = [t for t in p.todo if losses(t.op) >= self.max_reclaims]
+        if lost:
+            p.todo = [t for t in p.todo if losses(t.op) < self.max_reclaims]
+            now = time.time()
+            p.done.extend(
+                await asyncio.gather(
+                    *(self._commit_final(t, self._lost_error(t), now, now, 0.0, 1) for t in lost)
+                )
+            )
+        if not p.todo:
+            return []
+        if len(p.todo) > 1 and max(losses(t.op) for t in p.todo) >= ISOLATE_AFTER:
+            # not run here: each operator goes back to the ready pool as a batch of its
+            # own (a batch key no other operator has), so a record that kills its worker
+            # takes only itself down and its batch-mates run elsewhere
+            log.warning(
+                "splitting a batch that lost its worker before",
+                worker=self.id,
+                ops=len(p.todo),
+                losses=max(losses(t.op) for t in p.todo),
+            )
+            p.retries.extend(self._alone(t) for t in p.todo)
+            return []
+        return await self._execute_batch(p)
+
+    def _alone(self, t: Todo) -> tuple[str, ReadyOp, str]:
+        op = t.op
+        alone = msgspec.structs.replace(op, batch_key=f"{op.batch_key}|alone|{op.key}")
+        kind = KINDS.get(op.spec.kind)
+        subject = subjects.ready(kind.pool if kind else "cpu")
+        return subject, alone, f"alone-{op.key}-{t.revision}-{op.attempt}"
+
+    def _lost_error(self, t: Todo) -> OpError:
+        return OpError(
+            f"its worker was lost {losses(t.op)} times while running it (killed, crashed or "
+            f"out of memory; $FLOWMESH_MAX_RECLAIMS={self.max_reclaims}): not run again"
+        )
+
+    def _commit_final(
+        self, t: Todo, outcome: Outcome, started: float, ended: float, share: float, size: int
+    ) -> Any:
+        # the CAS write is safe to repeat through a nats restart: a repeat of a commit
+        # that landed finds it and returns it
+        return self.bus.retrying(
+            "commit", functools.partial(self._commit, t, outcome, started, ended, share, size)
+        )
+
+    async def _execute_batch(self, p: Prepared) -> list[OpDone]:
+        # said before it runs: if this process dies now, the scheduler counts a loss
+        # for this batch's operators only, not for those queued behind it
+        self.running_batch = p.batch.batch_id
+        with contextlib.suppress(Exception):
+            await self.heartbeat()
+        try:
+            return await self._run_and_commit(p)
+        finally:
+            self.running_batch = ""
+
+    async def _run_and_commit(self, p: Prepared) -> list[OpDone]:
         started = time.time()
         todo = p.todo
         spec0 = todo[0].op.spec
@@ -402,14 +491,7 @@ class Worker:
             if isinstance(outcome, OpError) and t.op.failures + 1 < t.op.max_attempts:
                 p.retries.append(self._retry(t, outcome))
                 continue
-            # the CAS write is safe to repeat through a nats restart: a repeat of a
-            # commit that landed finds it and returns it
-            commits.append(
-                self.bus.retrying(
-                    "commit",
-                    functools.partial(self._commit, t, outcome, started, ended, share, len(todo)),
-                )
-            )
+            commits.append(self._commit_final(t, outcome, started, ended, share, len(todo)))
         # concurrently: each commit is its own compare-and-set on its own key, so their
         # order does not matter, and a batch of 256 waits one round trip, not 256
         return list(await asyncio.gather(*commits))

@@ -221,9 +221,12 @@ class Scheduler:
 
     async def _reclaim(self, wid: str, reason: str) -> None:
         """Take back every batch a dead worker holds and make its operators ready again."""
-        self.workers.pop(wid, None)
+        view = self.workers.pop(wid, None)
+        # the batch its last heartbeat said it was running (None: a worker this
+        # scheduler never heard from, so any of them may have been running)
+        running = view.info.running if view is not None else None
         if self.bus.kafka is not None:
-            await self._reclaim_kafka(wid, reason)
+            await self._reclaim_kafka(wid, reason, running)
             return
         js = self.bus.js
         try:
@@ -245,7 +248,7 @@ class Scheduler:
                         "scheduler", msg.subject, msg.data, Assignment
                     )
                     if batch is not None:
-                        n_ops += await self._republish(batch)
+                        n_ops += await self._republish(batch, running)
                     await msg.ack()
         finally:
             # deleted now, not after its inactivity threshold: on a work-queue stream
@@ -260,14 +263,18 @@ class Scheduler:
         metrics.ops_reclaimed(n_ops)
         log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
 
-    async def _republish(self, batch: Assignment) -> int:
+    async def _republish(self, batch: Assignment, running: str | None) -> int:
         """A reclaimed batch's operators back on the ready pool. Every field is carried
-        over (failures, max_attempts): a reclaim is a new delivery, not a failure."""
+        over (failures, max_attempts): a reclaim is a new delivery, not a failure. The
+        batch that was running when its worker died counts a loss (`attempt`, which
+        workers use to isolate and finally stop a record that kills every process that
+        runs it); batches queued behind it never started and count nothing."""
+        lost = running is None or running == batch.batch_id
         await self.bus.publish_many(
             [
                 (
                     subjects.ready(_pool_of(op)),
-                    msgspec.structs.replace(op, attempt=op.attempt + 1),
+                    msgspec.structs.replace(op, attempt=op.attempt + 1) if lost else op,
                     f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
                 )
                 for op in batch.ops
@@ -275,7 +282,7 @@ class Scheduler:
         )
         return len(batch.ops)
 
-    async def _reclaim_kafka(self, wid: str, reason: str) -> None:
+    async def _reclaim_kafka(self, wid: str, reason: str, running: str | None) -> None:
         """The same on Kafka: the worker's uncommitted assignments (topics/kafka_bus.py)."""
         assert self.bus.kafka is not None
         if not subjects.is_token(wid):
@@ -286,7 +293,7 @@ class Scheduler:
             nonlocal n_ops
             batch = await self.bus.decode_or_dead_letter("scheduler", subject, data, Assignment)
             if batch is not None:
-                n_ops += await self._republish(batch)
+                n_ops += await self._republish(batch, running)
 
         await self.bus.kafka.take_back(wid, republish)
         with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway

@@ -53,3 +53,12 @@ def fail_first(record: dict[str, Any], field: str, times: int) -> dict[str, Any]
     if seen <= times:
         raise RuntimeError(f"transient failure {seen} of {times}")
     return {**record, field: str(record[field]).upper()}
+
+
+@transform("test.crash_on", kind="map")
+def crash_on(record: dict[str, Any], field: str, bad: str) -> dict[str, Any]:
+    # a record that kills whichever process runs it (a segfault, an OOM kill): no
+    # exception to catch, the worker is simply gone
+    if record[field] == bad:
+        os._exit(17)
+    return {**record, field: str(record[field]).upper()}
