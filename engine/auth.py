@@ -23,13 +23,14 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import bcrypt
 import click
 import msgspec
 
 from topics import subjects
+from topics.creds import Creds, CredsError, load_creds
 
 FABRIC_USER = "fabric"
 TENANT_USER_PREFIX = "tenant-"
@@ -39,63 +40,6 @@ CREDS_DIR = "creds"
 BCRYPT_ROUNDS = 10
 # what no tenant may touch even if an allow rule were widened by hand
 _INTERNAL = ["$JS.>", "$KV.>", "$O.>", "$SYS.>"]
-
-
-class CredsError(ValueError):
-    """A credentials file that is missing or not one."""
-
-
-class Creds(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    user: str
-    password: str
-    tenant: str | None = None  # set for a tenant's credentials: its gateway identity
-    url: str | None = None  # the server these credentials are for
-
-
-def load_creds(path: str | Path) -> Creds:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CredsError(f"cannot read credentials file {path}: {exc}") from exc
-    try:
-        creds = msgspec.json.decode(data, type=Creds)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise CredsError(f"{path} is not a FlowMesh credentials file: {exc}") from exc
-    if creds.tenant is not None:
-        try:
-            subjects.check_tenant(creds.tenant)
-        except ValueError as exc:
-            raise CredsError(f"{path}: {exc}") from exc
-    return creds
-
-
-def url_with_creds(url: str, creds: Creds) -> str:
-    """The URL with the credentials as its userinfo (how nats-py takes user/password)."""
-    parsed = urlparse(url)
-    host = parsed.hostname or "127.0.0.1"
-    netloc = f"{creds.user}:{creds.password}@{host}"
-    if parsed.port:
-        netloc += f":{parsed.port}"
-    return urlunparse(parsed._replace(netloc=netloc))
-
-
-def resolve_url(url: str, creds_path: str | Path | None) -> str:
-    """`url` with the credentials of `creds_path` applied (unchanged without a file)."""
-    if not creds_path:
-        return url
-    return url_with_creds(url, load_creds(creds_path))
-
-
-def redact_url(url: str) -> str:
-    """The URL fit for a log line: any password replaced."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    netloc = f"{parsed.username}:***@{parsed.hostname}"
-    if parsed.port:
-        netloc += f":{parsed.port}"
-    return urlunparse(parsed._replace(netloc=netloc))
 
 
 def tenant_user(tenant: str) -> str:
@@ -173,9 +117,7 @@ def init_auth(tenants: list[str], out: Path, url: str) -> AuthFiles:
     entries = [_user_entry(FABRIC_USER, _hash(fabric.password), None)]
     tenant_creds: dict[str, tuple[Path, Creds]] = {}
     # tenants from an earlier init stay: their users must not lose access
-    known = sorted(
-        {*tenants, *(p.stem for p in creds_dir.glob("*.json") if p.stem != FABRIC_USER)}
-    )
+    known = sorted({*tenants, *(p.stem for p in creds_dir.glob("*.json") if p.stem != FABRIC_USER)})
     for t in known:
         path = creds_dir / f"{t}.json"
         user = tenant_user(t)

@@ -108,8 +108,8 @@ def engine(
     console_port: int,
 ) -> None:
     """Run the engine (planner + scheduler + tenant gateway) in the foreground."""
-    from engine.auth import CredsError, resolve_url
     from engine.service import serve
+    from topics.creds import CredsError, resolve_url
 
     try:
         url = resolve_url(nats_url, creds_path)

@@ -11,7 +11,6 @@ from pathlib import Path
 import structlog
 
 from engine import metrics
-from engine.auth import redact_url
 from engine.gateway import Gateway
 from engine.planner import Planner
 from engine.scheduler import Scheduler
@@ -19,6 +18,7 @@ from engine.scheduler.fleet import load_fleet
 from engine.scheduler.policy import load_policy_config
 from topics import Bus
 from topics.cas import open_cas
+from topics.creds import redact_url
 
 log = structlog.get_logger("flowmesh.engine")
 

@@ -26,7 +26,6 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from engine.auth import load_creds
 from engine.client import WorkflowFailed, read_records
 from engine.gateway import (
     MAX_REQUEST_BYTES,
@@ -39,6 +38,7 @@ from engine.gateway import (
 from engine.spec import SpecError, validate
 from topics import codec, subjects
 from topics.cas import Record
+from topics.creds import load_creds
 from topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
 
 log = structlog.get_logger("flowmesh.tenant")

@@ -21,7 +21,7 @@ import nats
 import pytest
 from click.testing import CliRunner
 
-from engine.auth import AuthFiles, load_creds, url_with_creds
+from engine.auth import AuthFiles
 from engine.cli import main as cli_main
 from engine.client import FlowMesh
 from engine.local import LocalFabric, free_port
@@ -29,6 +29,7 @@ from engine.spec import SpecError, parse_spec
 from engine.tenant_client import GatewayError, NotFound, TenantClient
 from tests.conftest import PLUGINS, REPO, nats_server_binary
 from topics import codec, streams, subjects
+from topics.creds import load_creds, url_with_creds
 from topics.messages import OpRequest, OpState, SubmitWorkflow, WorkflowSpec
 
 pytestmark = pytest.mark.slow

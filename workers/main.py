@@ -4,37 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import click
 
 from topics import Bus, logs
 from topics.cas import open_cas
+from topics.creds import CredsError, resolve_url
 from workers import metrics
 from workers.runtime import Worker, WorkerConfig
 
 
 def with_creds(url: str, creds_path: str) -> str:
-    """`url` with the user/password of a credentials file (`flowmesh auth init`) as its
-    userinfo, which is how nats-py takes them; a file rather than the URL keeps the
-    password off the command line. (Read here, not via engine/auth.py: workers never
-    import the engine.)"""
-    if not creds_path:
-        return url
+    """`url` with the user/password of a credentials file (`flowmesh auth init`); a file
+    rather than the URL keeps the password off the command line."""
     try:
-        creds = json.loads(Path(creds_path).read_text())
-        user, password = str(creds["user"]), str(creds["password"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise click.BadParameter(f"{creds_path}: not a credentials file ({exc})") from exc
-    parsed = urlparse(url)
-    netloc = f"{user}:{password}@{parsed.hostname or '127.0.0.1'}"
-    if parsed.port:
-        netloc += f":{parsed.port}"
-    return urlunparse(parsed._replace(netloc=netloc))
+        return resolve_url(url, creds_path)
+    except CredsError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def _use_env(name: str, value: str | None) -> str | None:
