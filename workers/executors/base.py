@@ -6,8 +6,11 @@ of its batch, run in a thread so the worker keeps heartbeating while it computes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import msgspec
 
 Record = dict[str, Any]
 
@@ -55,3 +58,43 @@ class Executor(Protocol):
         """Run a batch of compatible operators (same executor, params, model).
         `model` is the loaded model for operators whose kind needs one, else None."""
         ...
+
+
+# --- helpers every executor uses ------------------------------------------------------
+
+
+def one_record(op: OpInput) -> Record:
+    """The one input record of a record-fanout operator, or an OpError saying why not."""
+    if len(op.inputs) != 1 or len(op.inputs[0]) != 1:
+        shape = [len(slot) for slot in op.inputs]
+        raise OpError(f"expected one input record, got input slots of sizes {shape}")
+    record = op.inputs[0][0]
+    if not isinstance(record, dict):
+        raise OpError(f"input is {type(record).__name__}, expected a record (object)")
+    return record
+
+
+def params_as(executor_id: str, typ: type[Any], raw: dict[str, Any]) -> Any:
+    """An operator's params as `typ`; bad ones are that operator's OpError."""
+    try:
+        return msgspec.convert(raw, type=typ)
+    except msgspec.ValidationError as exc:
+        raise OpError(f"{executor_id}: bad params: {exc}") from exc
+
+
+def run_each(batch: list[OpInput], fn: Callable[[OpInput], list[Record]]) -> list[Outcome]:
+    """Apply fn per operator; an OpError it raises is that operator's outcome."""
+    outcomes: list[Outcome] = []
+    for op in batch:
+        try:
+            outcomes.append(fn(op))
+        except OpError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def describe_error(exc: Exception) -> str:
+    """What a user's function raised, in words (a missing field named as such)."""
+    if isinstance(exc, KeyError):
+        return f"record has no field {exc.args[0]!r}" if exc.args else "missing key"
+    return f"{type(exc).__name__}: {exc}"

@@ -16,9 +16,9 @@ from functools import cache
 from typing import Any
 
 from topics.operators import EvalParams
-from workers.executors.base import OpError, OpInput, Outcome, Record
+from workers.executors.base import OpError, OpInput, Outcome, Record, params_as, run_each
 from workers.executors.score import as_text, normalise, text_matches
-from workers.executors.transform import ALL_MAX_BATCH, _params, _run_each, source_hash
+from workers.executors.transform import ALL_MAX_BATCH, source_hash
 
 
 @cache
@@ -39,10 +39,10 @@ class EvalExecutor:
         return _version()
 
     def run(self, batch: list[OpInput], model: Any | None = None) -> list[Outcome]:
-        return _run_each(batch, self._one)
+        return run_each(batch, self._one)
 
     def _one(self, op: OpInput) -> list[Record]:
-        p: EvalParams = _params(self.id, EvalParams, op.params)
+        p: EvalParams = params_as(self.id, EvalParams, op.params)
         if len(op.inputs) != 1:
             raise OpError(f"eval needs 1 input, got {len(op.inputs)}")
         records = op.inputs[0]

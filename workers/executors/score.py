@@ -20,9 +20,9 @@ from functools import cache
 from typing import Any
 
 from topics.operators import ScoreParams
-from workers.executors.base import OpError, OpInput, Outcome, Record
+from workers.executors.base import OpError, OpInput, Outcome, Record, one_record, params_as
 from workers.executors.generate import GenerateExecutor
-from workers.executors.transform import _one_record, _params, source_hash, text_template
+from workers.executors.transform import source_hash, text_template
 
 # Rules take microseconds, but a judge batch holds its records while it generates (16 at
 # a time, generate's own bound): 64 keeps one judge batch to a few generate passes.
@@ -118,8 +118,8 @@ class ScoreExecutor:
         judged: dict[ScoreParams, list[tuple[int, Record, str]]] = {}
         for i, op in enumerate(batch):
             try:
-                p: ScoreParams = _params(self.id, ScoreParams, op.params)
-                record = _one_record(op)
+                p: ScoreParams = params_as(self.id, ScoreParams, op.params)
+                record = one_record(op)
                 if p.rule != "judge":
                     outcomes[i] = [{**record, p.output_field: rule_score(p, record)}]
                 else:

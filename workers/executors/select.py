@@ -28,8 +28,8 @@ from typing import Any
 
 from topics.codec import canonical
 from topics.operators import SelectParams
-from workers.executors.base import OpError, OpInput, Outcome, Record
-from workers.executors.transform import ALL_MAX_BATCH, _params, _run_each, source_hash
+from workers.executors.base import OpError, OpInput, Outcome, Record, params_as, run_each
+from workers.executors.transform import ALL_MAX_BATCH, source_hash
 
 Scored = tuple[float, Record]
 
@@ -49,10 +49,10 @@ class SelectExecutor:
         return _version()
 
     def run(self, batch: list[OpInput], model: Any | None = None) -> list[Outcome]:
-        return _run_each(batch, self._one)
+        return run_each(batch, self._one)
 
     def _one(self, op: OpInput) -> list[Record]:
-        p: SelectParams = _params(self.id, SelectParams, op.params)
+        p: SelectParams = params_as(self.id, SelectParams, op.params)
         if len(op.inputs) != 1:
             raise OpError(f"select needs 1 input, got {len(op.inputs)}")
         scored = [(_score(p, rec), rec) for rec in op.inputs[0]]

@@ -36,8 +36,16 @@ import msgspec
 from topics.codec import canonical
 from topics.operators import NONDETERMINISTIC
 from workers.executors import registry
-from workers.executors.base import OpError, OpInput, Outcome, Record
-from workers.executors.transform import _describe_error, _one_record, _run_each, source_hash
+from workers.executors.base import (
+    OpError,
+    OpInput,
+    Outcome,
+    Record,
+    describe_error,
+    one_record,
+    run_each,
+)
+from workers.executors.transform import source_hash
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -123,10 +131,10 @@ class ToolExecutor:
         return self._t.version
 
     def run(self, batch: list[OpInput], model: Any | None = None) -> list[Outcome]:
-        return _run_each(batch, self._one)
+        return run_each(batch, self._one)
 
     def _one(self, op: OpInput) -> list[Record]:
-        name, record, args = self._t.name, _one_record(op), op.params
+        name, record, args = self._t.name, one_record(op), op.params
         try:
             # bind first, so wrong args are reported as such, not as a bug in the tool
             self._signature.bind(record, **args)
@@ -140,7 +148,7 @@ class ToolExecutor:
             # the batch that were handed the same record object
             out = self._t.fn(copy.deepcopy(record), **args)
         except Exception as exc:  # tool code: any failure on this input is this op's
-            raise OpError(f"tool {name!r} failed: {_describe_error(exc)}") from exc
+            raise OpError(f"tool {name!r} failed: {describe_error(exc)}") from exc
         if not isinstance(out, dict):
             raise OpError(f"tool {name!r} returned {type(out).__name__}, not a record")
         try:

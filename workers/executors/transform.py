@@ -29,7 +29,16 @@ import msgspec
 from topics.codec import canonical
 from topics.operators import GroupParams, JoinParams, TokenizeParams
 from workers.executors import registry
-from workers.executors.base import OpError, OpInput, Outcome, Record
+from workers.executors.base import (
+    OpError,
+    OpInput,
+    Outcome,
+    Record,
+    describe_error,
+    one_record,
+    params_as,
+    run_each,
+)
 
 TransformKind = Literal["map", "filter"]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -268,40 +277,6 @@ def field_exists(record: Record, field: str) -> bool:
 # --- executors: shared plumbing ---------------------------------------------------------
 
 
-def _one_record(op: OpInput) -> Record:
-    if len(op.inputs) != 1 or len(op.inputs[0]) != 1:
-        shape = [len(slot) for slot in op.inputs]
-        raise OpError(f"expected one input record, got input slots of sizes {shape}")
-    record = op.inputs[0][0]
-    if not isinstance(record, dict):
-        raise OpError(f"input is {type(record).__name__}, expected a record (object)")
-    return record
-
-
-def _params(executor_id: str, typ: type[Any], raw: dict[str, Any]) -> Any:
-    try:
-        return msgspec.convert(raw, type=typ)
-    except msgspec.ValidationError as exc:
-        raise OpError(f"{executor_id}: bad params: {exc}") from exc
-
-
-def _run_each(batch: list[OpInput], fn: Callable[[OpInput], list[Record]]) -> list[Outcome]:
-    """Apply fn per operator; an OpError it raises is that operator's outcome."""
-    outcomes: list[Outcome] = []
-    for op in batch:
-        try:
-            outcomes.append(fn(op))
-        except OpError as exc:
-            outcomes.append(exc)
-    return outcomes
-
-
-def _describe_error(exc: Exception) -> str:
-    if isinstance(exc, KeyError):
-        return f"record has no field {exc.args[0]!r}" if exc.args else "missing key"
-    return f"{type(exc).__name__}: {exc}"
-
-
 # --- map / filter -----------------------------------------------------------------------
 
 
@@ -341,10 +316,10 @@ class _TransformExecutor:
             # operators of the batch that were handed the same record object
             return self._t.fn(copy.deepcopy(record), **args)
         except Exception as exc:  # user code: any failure on this input is this op's
-            raise OpError(f"transform {name!r} failed: {_describe_error(exc)}") from exc
+            raise OpError(f"transform {name!r} failed: {describe_error(exc)}") from exc
 
     def run(self, batch: list[OpInput], model: Any | None = None) -> list[Outcome]:
-        return _run_each(batch, self._run_one)
+        return run_each(batch, self._run_one)
 
     def _run_one(self, op: OpInput) -> list[Record]:
         raise NotImplementedError
@@ -357,7 +332,7 @@ class MapExecutor(_TransformExecutor):
         super().__init__(fn_name, "map")
 
     def _run_one(self, op: OpInput) -> list[Record]:
-        out = self._call(_one_record(op), op.params)
+        out = self._call(one_record(op), op.params)
         if not isinstance(out, dict):
             raise OpError(f"transform {self._t.name!r} returned {type(out).__name__}, not a record")
         try:
@@ -374,7 +349,7 @@ class FilterExecutor(_TransformExecutor):
         super().__init__(fn_name, "filter")
 
     def _run_one(self, op: OpInput) -> list[Record]:
-        record = _one_record(op)
+        record = one_record(op)
         keep = self._call(record, op.params)
         if not isinstance(keep, bool):
             raise OpError(f"filter {self._t.name!r} returned {type(keep).__name__}, not a bool")
@@ -413,11 +388,11 @@ class TokenizeExecutor(_BuiltinExecutor):
     max_batch = RECORD_MAX_BATCH
 
     def run(self, batch: list[OpInput], model: Any | None = None) -> list[Outcome]:
-        return _run_each(batch, self._one)
+        return run_each(batch, self._one)
 
     def _one(self, op: OpInput) -> list[Record]:
-        p: TokenizeParams = _params(self.id, TokenizeParams, op.params)
-        record = _one_record(op)
+        p: TokenizeParams = params_as(self.id, TokenizeParams, op.params)
+        record = one_record(op)
         text = record.get(p.field)
         if not isinstance(text, str):
             got = "missing" if p.field not in record else type(text).__name__
@@ -445,10 +420,10 @@ class JoinExecutor(_BuiltinExecutor):
     max_batch = ALL_MAX_BATCH
 
     def run(self, batch: list[OpInput], model: Any | None = None) -> list[Outcome]:
-        return _run_each(batch, self._one)
+        return run_each(batch, self._one)
 
     def _one(self, op: OpInput) -> list[Record]:
-        p: JoinParams = _params(self.id, JoinParams, op.params)
+        p: JoinParams = params_as(self.id, JoinParams, op.params)
         if len(op.inputs) != 2:
             raise OpError(f"join needs 2 inputs (left, right), got {len(op.inputs)}")
         left, right = op.inputs
@@ -475,10 +450,10 @@ class GroupExecutor(_BuiltinExecutor):
     max_batch = ALL_MAX_BATCH
 
     def run(self, batch: list[OpInput], model: Any | None = None) -> list[Outcome]:
-        return _run_each(batch, self._one)
+        return run_each(batch, self._one)
 
     def _one(self, op: OpInput) -> list[Record]:
-        p: GroupParams = _params(self.id, GroupParams, op.params)
+        p: GroupParams = params_as(self.id, GroupParams, op.params)
         if len(op.inputs) != 1:
             raise OpError(f"group needs 1 input, got {len(op.inputs)}")
         out_name = "items" if p.agg == "collect" else p.agg
