@@ -25,6 +25,7 @@ from engine.cli_options import (
     console,
     creds_option,
     data_option,
+    models_option,
     nats_option,
     scheduler_option,
     tenant_creds_option,
@@ -135,14 +136,7 @@ def engine(
 @data_option
 @cas_option
 @click.option("--workers", "n_workers", default=2, show_default=True, help="local worker processes")
-@click.option(
-    "--model",
-    "models",
-    multiple=True,
-    default=("tiny-llama",),
-    show_default=True,
-    help="model sources the workers serve (tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/path)",
-)
+@models_option
 @creds_option
 @click.option(
     "--nats-config",
@@ -230,14 +224,7 @@ def up(
 
 @main.command()
 @click.option("--workers", "n_workers", default=2, show_default=True)
-@click.option(
-    "--model",
-    "models",
-    multiple=True,
-    default=("tiny-llama",),
-    show_default=True,
-    help="model sources the workers serve (tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/path)",
-)
+@models_option
 @click.option(
     "--nats", "nats_url", default=None, help="use this NATS server (default: start a private one)"
 )

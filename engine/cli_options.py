@@ -47,6 +47,14 @@ cas_option = click.option(
     "(default $FLOWMESH_CAS or file://DATA_DIR/cas)",
 )
 
+models_option = click.option(
+    "--model",
+    "models",
+    multiple=True,
+    default=("tiny-llama",),
+    show_default=True,
+    help="model sources the workers serve (tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/path)",
+)
 creds_option = click.option(
     "--creds",
     "creds_path",

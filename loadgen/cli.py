@@ -58,6 +58,17 @@ def main() -> None:
     """FlowMesh load generation: simulator, baselines and benchmarks."""
 
 
+fleet_option = click.option(
+    "--fleet", "fleet_path", default=str(DEFAULT_FLEET), type=click.Path(exists=True)
+)
+scheduler_config_option = click.option(
+    "--scheduler-config",
+    "scheduler_path",
+    default=str(DEFAULT_SCHEDULER),
+    type=click.Path(exists=True),
+)
+
+
 def _workload_options(f: Callable[..., None]) -> Callable[..., None]:
     """The options every simulating command shares (workload, configs, overrides)."""
     for opt in reversed(
@@ -65,15 +76,8 @@ def _workload_options(f: Callable[..., None]) -> Callable[..., None]:
             click.option(
                 "--workload", "workload_path", required=True, type=click.Path(exists=True)
             ),
-            click.option(
-                "--fleet", "fleet_path", default=str(DEFAULT_FLEET), type=click.Path(exists=True)
-            ),
-            click.option(
-                "--scheduler-config",
-                "scheduler_path",
-                default=str(DEFAULT_SCHEDULER),
-                type=click.Path(exists=True),
-            ),
+            fleet_option,
+            scheduler_config_option,
             click.option("--policies", default=",".join(POLICIES), show_default=True),
             click.option("--overlap", type=float, default=None, help="every dataset's overlap"),
             click.option("--idle-release-s", type=float, default=None),
@@ -213,13 +217,8 @@ def sweep(seeds: str, **opts: Any) -> None:
 
 
 @main.command("bench-scheduler")
-@click.option("--fleet", "fleet_path", default=str(DEFAULT_FLEET), type=click.Path(exists=True))
-@click.option(
-    "--scheduler-config",
-    "scheduler_path",
-    default=str(DEFAULT_SCHEDULER),
-    type=click.Path(exists=True),
-)
+@fleet_option
+@scheduler_config_option
 @click.option("--items", type=int, default=10_000, show_default=True)
 @click.option("--workers", type=int, default=200, show_default=True)
 @click.option("--groups", type=int, default=200, show_default=True)
@@ -242,13 +241,8 @@ def bench_scheduler_cmd(
 
 
 @main.command("bench-sim")
-@click.option("--fleet", "fleet_path", default=str(DEFAULT_FLEET), type=click.Path(exists=True))
-@click.option(
-    "--scheduler-config",
-    "scheduler_path",
-    default=str(DEFAULT_SCHEDULER),
-    type=click.Path(exists=True),
-)
+@fleet_option
+@scheduler_config_option
 @click.option("--gpus", type=int, default=1000, show_default=True)
 @click.option("--operators", type=int, default=1_000_000, show_default=True)
 @click.option("--policy", type=click.Choice(POLICIES), default="flowmesh", show_default=True)
