@@ -15,7 +15,7 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 
 from topics.exporter import serve as serve
-from topics.operators import KINDS
+from topics.operators import pool_of
 
 # batches hold up to a few hundred operators; powers of two read well on a dashboard
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -104,8 +104,7 @@ def ready_depth(per_kind: dict[str, int]) -> None:
     """Ready operators held, given per operator kind, exported per pool."""
     per_pool: dict[str, int] = {}
     for kind, n in per_kind.items():
-        spec = KINDS.get(kind)
-        pool = spec.pool if spec else "cpu"
+        pool = pool_of(kind)
         per_pool[pool] = per_pool.get(pool, 0) + n
     _set_all(READY_DEPTH, "pool", per_pool)
 

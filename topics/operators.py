@@ -229,6 +229,14 @@ KINDS: dict[str, OperatorKind] = {
     )
 }
 
+
+def pool_of(kind: str) -> str:
+    """The ready pool an operator of `kind` waits in; "cpu" for a kind this build does
+    not know (a newer planner's), so it is still scheduled, or dead-lettered, somewhere."""
+    spec = KINDS.get(kind)
+    return spec.pool if spec else "cpu"
+
+
 # A worker advertises a tool whose result is not a function of its input (it reads the
 # clock, the network, a random source) with this suffix on its version. The planner
 # salts such operators' keys with a fresh nonce: they are never deduplicated.

@@ -28,7 +28,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from topics import Bus, codec, logs, streams, subjects
 from topics.cas import CAS, CASError
 from topics.messages import Assignment, OpDone, OpState, ReadyOp, WorkerInfo
-from topics.operators import KINDS
+from topics.operators import KINDS, pool_of
 from topics.transport import Consumer
 from workers import metrics
 from workers.executors.base import Executor, OpError, OpInput, Outcome
@@ -117,6 +117,7 @@ class Worker:
         self.executors: dict[str, Executor] = {}
         self.versions: dict[str, str] = {}  # executor id -> version, fixed at start
         self.model_digests: dict[str, str] = {}
+        self.model_gb: dict[str, float] = {}  # weights digest -> size, announced
         self.batches_done = 0
         # kind, size, seconds, model digest of the last batch run
         self.last_batch: tuple[str, int, float, str] = ("", 0, 0.0, "")
@@ -142,6 +143,13 @@ class Worker:
         for source in self.config.models:
             name, digest = await self._publish_model(source)
             self.model_digests[name] = digest
+        # what each of its models weighs (files fetched under model_dir/<digest>/): read
+        # once here, not on every heartbeat; the scheduler packs memory by it
+        self.model_gb = {
+            d: sum(f.stat().st_size for f in mdir.iterdir() if f.is_file()) / 1e9
+            for d in self.model_digests.values()
+            if (mdir := Path(self.config.model_dir) / d).is_dir()
+        }
         self.kv_ops = await self.bus.kv(streams.KV_OPS)
         self.kv_workers = await self.bus.kv(streams.KV_WORKERS)
         kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
@@ -158,12 +166,7 @@ class Worker:
                 [subjects.assign(self.id)], streams.worker_consumer_name(self.id)
             )
         else:
-            self.psub = await self.bus.js.pull_subscribe(
-                subjects.assign(self.id),
-                durable=streams.worker_consumer_name(self.id),
-                stream=streams.STREAM_ASSIGN,
-                config=streams.worker_consumer(self.id, self.config.slots),
-            )
+            self.psub = await self._subscribe_assignments()
         await self.heartbeat()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop()),
@@ -224,12 +227,7 @@ class Worker:
             last_batch_seconds=self.last_batch[2],
             last_batch_model=self.last_batch[3],
             running=self.running_batch,
-            # what each of its models weighs (files fetched under model_dir/<digest>/)
-            model_gb={
-                d: sum(f.stat().st_size for f in mdir.iterdir() if f.is_file()) / 1e9
-                for d in self.model_digests.values()
-                if (mdir := Path(self.config.model_dir) / d).is_dir()
-            },
+            model_gb=dict(self.model_gb),
         )
         metrics.resident_models(len(info.resident))
         await self.kv_workers.put(self.id, codec.encode(info))
@@ -292,6 +290,15 @@ class Worker:
             return False  # the server is unreachable: nothing is known yet
         return False
 
+    async def _subscribe_assignments(self) -> Consumer:
+        """Our durable pull consumer on fm.assign.<id> (created if it does not exist)."""
+        return await self.bus.js.pull_subscribe(
+            subjects.assign(self.id),
+            durable=streams.worker_consumer_name(self.id),
+            stream=streams.STREAM_ASSIGN,
+            config=streams.worker_consumer(self.id, self.config.slots),
+        )
+
     async def _rejoin(self) -> None:
         """Our consumer was deleted: the scheduler took us for dead (SIGSTOP, a long
         pause, a partition) and reclaimed what we held, which now runs elsewhere. We are
@@ -301,12 +308,7 @@ class Worker:
         with contextlib.suppress(Exception):
             await self.psub.unsubscribe()
         try:
-            self.psub = await self.bus.js.pull_subscribe(
-                subjects.assign(self.id),
-                durable=streams.worker_consumer_name(self.id),
-                stream=streams.STREAM_ASSIGN,
-                config=streams.worker_consumer(self.id, self.config.slots),
-            )
+            self.psub = await self._subscribe_assignments()
         except Exception as exc:
             # the scheduler may still be reading our old assignments back: next fetch
             log.warning("rejoin failed; will retry", worker=self.id, error=repr(exc))
@@ -432,9 +434,11 @@ class Worker:
     def _alone(self, t: Todo) -> tuple[str, ReadyOp, str]:
         op = t.op
         alone = msgspec.structs.replace(op, batch_key=f"{op.batch_key}|alone|{op.key}")
-        kind = KINDS.get(op.spec.kind)
-        subject = subjects.ready(kind.pool if kind else "cpu")
-        return subject, alone, f"alone-{op.key}-{t.revision}-{op.attempt}"
+        return (
+            subjects.ready(pool_of(op.spec.kind)),
+            alone,
+            f"alone-{op.key}-{t.revision}-{op.attempt}",
+        )
 
     def _lost_error(self, t: Todo) -> OpError:
         return OpError(
@@ -509,9 +513,11 @@ class Worker:
             max_attempts=op.max_attempts,
             error=str(error)[:300],
         )
-        kind = KINDS.get(op.spec.kind)
-        subject = subjects.ready(kind.pool if kind else "cpu")
-        return subject, op, f"retry-{op.key}-{t.revision}-{op.failures}"
+        return (
+            subjects.ready(pool_of(op.spec.kind)),
+            op,
+            f"retry-{op.key}-{t.revision}-{op.failures}",
+        )
 
     async def _inputs(self, op: ReadyOp) -> OpInput:
         try:

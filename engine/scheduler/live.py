@@ -36,6 +36,7 @@ from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from engine.supervise import guarded
 from topics import Bus, streams, subjects
 from topics.messages import Assignment, ReadyOp, WorkerInfo
+from topics.operators import pool_of
 from topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.scheduler")
@@ -273,7 +274,7 @@ class Scheduler:
         await self.bus.publish_many(
             [
                 (
-                    subjects.ready(_pool_of(op)),
+                    subjects.ready(pool_of(op.spec.kind)),
                     msgspec.structs.replace(op, attempt=op.attempt + 1) if lost else op,
                     f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
                 )
@@ -463,10 +464,3 @@ class Scheduler:
             if now - held.touched > limit:
                 held.touched = now
                 await held.msg.in_progress()
-
-
-def _pool_of(op: ReadyOp) -> str:
-    from topics.operators import KINDS
-
-    kind = KINDS.get(op.spec.kind)
-    return kind.pool if kind else "cpu"
