@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from topics.messages import (
     WorkflowStatus,
 )
 from topics.operators import KINDS, NONDETERMINISTIC, OperatorKind, executor_id, parse_params
+from topics.settings import env_int
 from topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.planner")
@@ -60,14 +60,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 def max_attempts_from_env() -> int:
     """Executions an operator may fail before it is committed `failed`
     ($FLOWMESH_MAX_ATTEMPTS, default 3; 1 turns retries off)."""
-    raw = os.environ.get("FLOWMESH_MAX_ATTEMPTS", "")
-    try:
-        value = int(raw) if raw else DEFAULT_MAX_ATTEMPTS
-    except ValueError:
-        raise ValueError(f"FLOWMESH_MAX_ATTEMPTS={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"FLOWMESH_MAX_ATTEMPTS={raw!r} must be at least 1")
-    return value
+    return env_int("FLOWMESH_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, 1)
 
 
 class Unresolved(Exception):

@@ -6,7 +6,6 @@ first one up sets the bus up and none depends on start order.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
@@ -23,6 +22,7 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from topics import subjects
+from topics.settings import env_int
 
 DAY = 24 * 3600.0
 
@@ -70,13 +70,7 @@ class Layout:
         """The layout a deployment asks for: FLOWMESH_REPLICAS=3 on a 3-server NATS cluster
         (deploy/k8s/config.yaml sets it). Whichever component starts first creates the
         streams, so every component must see the same value."""
-        raw = os.environ.get("FLOWMESH_REPLICAS", "1")
-        try:
-            replicas = int(raw)
-        except ValueError:
-            raise ValueError(f"FLOWMESH_REPLICAS must be 1..5, not {raw!r}") from None
-        if not 1 <= replicas <= 5:
-            raise ValueError(f"FLOWMESH_REPLICAS must be 1..5, not {replicas}")
+        replicas = env_int("FLOWMESH_REPLICAS", 1, 1, 5)
         return cls(replicas=replicas)
 
 

@@ -29,6 +29,7 @@ from topics import Bus, codec, logs, streams, subjects
 from topics.cas import CAS, CASError
 from topics.messages import Assignment, OpDone, OpState, ReadyOp, WorkerInfo
 from topics.operators import KINDS, pool_of
+from topics.settings import env_int
 from topics.transport import Consumer
 from workers import metrics
 from workers.executors.base import Executor, OpError, OpInput, Outcome
@@ -48,16 +49,9 @@ DEFAULT_MAX_RECLAIMS = 6
 
 
 def max_reclaims_from_env() -> int:
-    raw = os.environ.get("FLOWMESH_MAX_RECLAIMS", "")
-    try:
-        value = int(raw) if raw else DEFAULT_MAX_RECLAIMS
-    except ValueError:
-        raise ValueError(f"FLOWMESH_MAX_RECLAIMS={raw!r} is not an integer") from None
-    if value <= ISOLATE_AFTER:
-        # the batch-mates of a crashing record run alone after ISOLATE_AFTER losses:
-        # they need one more delivery than that before the limit
-        raise ValueError(f"FLOWMESH_MAX_RECLAIMS={raw!r} must be at least {ISOLATE_AFTER + 1}")
-    return value
+    # the batch-mates of a crashing record run alone after ISOLATE_AFTER losses: they
+    # need one more delivery than that before the limit
+    return env_int("FLOWMESH_MAX_RECLAIMS", DEFAULT_MAX_RECLAIMS, ISOLATE_AFTER + 1)
 
 
 def losses(op: ReadyOp) -> int:
