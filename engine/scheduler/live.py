@@ -226,16 +226,23 @@ class Scheduler:
         # the batch its last heartbeat said it was running (None: a worker this
         # scheduler never heard from, so any of them may have been running)
         running = view.info.running if view is not None else None
-        if self.bus.kafka is not None:
-            await self._reclaim_kafka(wid, reason, running)
-            return
-        js = self.bus.js
-        try:
-            await js.delete_consumer(streams.STREAM_ASSIGN, streams.worker_consumer_name(wid))
-        except NotFoundError:
-            pass
-        except ValueError:
+        if not subjects.is_token(wid):
             return  # not a worker id we could have assigned to
+        if self.bus.kafka is not None:
+            n_ops = await self._take_back_kafka(wid, running)
+        else:
+            n_ops = await self._take_back_nats(wid, running)
+        with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway
+            await self.kv_workers.delete(wid)
+        self.reclaimed_ops += n_ops
+        metrics.ops_reclaimed(n_ops)
+        log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
+
+    async def _take_back_nats(self, wid: str, running: str | None) -> int:
+        """The worker's unacked assignments, re-published as ready; how many operators."""
+        js = self.bus.js
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(streams.STREAM_ASSIGN, streams.worker_consumer_name(wid))
         sub = await js.pull_subscribe(subjects.assign(wid), stream=streams.STREAM_ASSIGN)
         n_ops = 0
         try:
@@ -258,11 +265,7 @@ class Scheduler:
                 name = (await sub.consumer_info()).name
                 await js.delete_consumer(streams.STREAM_ASSIGN, name)
             await sub.unsubscribe()
-        with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway
-            await self.kv_workers.delete(wid)
-        self.reclaimed_ops += n_ops
-        metrics.ops_reclaimed(n_ops)
-        log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
+        return n_ops
 
     async def _republish(self, batch: Assignment, running: str | None) -> int:
         """A reclaimed batch's operators back on the ready pool. Every field is carried
@@ -283,11 +286,9 @@ class Scheduler:
         )
         return len(batch.ops)
 
-    async def _reclaim_kafka(self, wid: str, reason: str, running: str | None) -> None:
+    async def _take_back_kafka(self, wid: str, running: str | None) -> int:
         """The same on Kafka: the worker's uncommitted assignments (topics/kafka_bus.py)."""
         assert self.bus.kafka is not None
-        if not subjects.is_token(wid):
-            return  # not a worker id we could have assigned to
         n_ops = 0
 
         async def republish(subject: str, data: bytes) -> None:
@@ -297,11 +298,7 @@ class Scheduler:
                 n_ops += await self._republish(batch, running)
 
         await self.bus.kafka.take_back(wid, republish)
-        with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway
-            await self.kv_workers.delete(wid)
-        self.reclaimed_ops += n_ops
-        metrics.ops_reclaimed(n_ops)
-        log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
+        return n_ops
 
     # --- scheduling -----------------------------------------------------------------
 
