@@ -29,8 +29,8 @@ import bcrypt
 import click
 import msgspec
 
-from topics import subjects
-from topics.creds import Creds, CredsError, load_creds
+from flowmesh.topics import subjects
+from flowmesh.topics.creds import Creds, CredsError, load_creds
 
 FABRIC_USER = "fabric"
 TENANT_USER_PREFIX = "tenant-"

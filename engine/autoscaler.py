@@ -32,11 +32,11 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from engine.providers import Provider
-from engine.scheduler.fleet import Fleet
-from topics import Bus, codec, streams, subjects
-from topics.messages import WorkerInfo, WorkflowStatus
-from topics.operators import KINDS
+from flowmesh.engine.providers import Provider
+from flowmesh.engine.scheduler.fleet import Fleet
+from flowmesh.topics import Bus, codec, streams, subjects
+from flowmesh.topics.messages import WorkerInfo, WorkflowStatus
+from flowmesh.topics.operators import KINDS
 
 log = structlog.get_logger("flowmesh.autoscaler")
 

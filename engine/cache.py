@@ -32,11 +32,11 @@ import click
 from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from engine.cli_options import _cas, _run, cas_option, data_option, nats_option
-from topics import Bus, codec, streams
-from topics.cas import CAS, CASError
-from topics.codec import is_digest
-from topics.messages import OpState, WorkflowStatus
+from flowmesh.engine.cli_options import _cas, _run, cas_option, data_option, nats_option
+from flowmesh.topics import Bus, codec, streams
+from flowmesh.topics.cas import CAS, CASError
+from flowmesh.topics.codec import is_digest
+from flowmesh.topics.messages import OpState, WorkflowStatus
 
 # The error code nats-server answers a compare-and-set (or delete) with when the entry's
 # revision moved on.
@@ -539,7 +539,7 @@ def _connect_and(
         bus = await Bus.connect(nats_url, name="flowmesh-cache")
         try:
             if need_cas:
-                from topics.cas import open_cas
+                from flowmesh.topics.cas import open_cas
 
                 return await fn(bus, await open_cas(cas_url or "", bus.js))
             return await fn(bus)

@@ -17,7 +17,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.cli_options import (
+from flowmesh import configs
+from flowmesh.engine.cli_options import (
     _cas,
     _run,
     bus_options,
@@ -30,18 +31,17 @@ from engine.cli_options import (
     scheduler_option,
     tenant_creds_option,
 )
-from engine.client import FlowMesh
-from engine.local import LocalFabric, free_port
-from engine.spec import SpecError, load_spec
-from engine.tenant_client import TenantClient
-from topics import codec, logs
-from topics.cas import records_to_arrow
-from topics.messages import WorkflowStatus
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.local import LocalFabric, free_port
+from flowmesh.engine.spec import SpecError, load_spec
+from flowmesh.engine.tenant_client import TenantClient
+from flowmesh.topics import codec, logs
+from flowmesh.topics.cas import records_to_arrow
+from flowmesh.topics.messages import WorkflowStatus
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "configs" / "workflows" / "demo.yaml"
-FLEET = REPO / "configs" / "fleet" / "default.yaml"
-POLICY = REPO / "configs" / "scheduler" / "default.yaml"
+DEMO = configs.path("workflows", "demo.yaml")
+FLEET = configs.path("fleet", "default.yaml")
+POLICY = configs.path("scheduler", "default.yaml")
 
 
 @click.group()
@@ -109,8 +109,8 @@ def engine(
     console_port: int,
 ) -> None:
     """Run the engine (planner + scheduler + tenant gateway) in the foreground."""
-    from engine.service import serve
-    from topics.creds import CredsError, resolve_url
+    from flowmesh.engine.service import serve
+    from flowmesh.topics.creds import CredsError, resolve_url
 
     try:
         url = resolve_url(nats_url, creds_path)
@@ -203,7 +203,7 @@ def up(
             )
         scaler = None
         if autoscale:
-            from engine.providers.local import LocalAutoscaler
+            from flowmesh.engine.providers.local import LocalAutoscaler
 
             scaler = LocalAutoscaler(
                 fabric, n_workers, max(n_workers, max_workers), idle_grace
@@ -538,11 +538,11 @@ def _print_status(st: WorkflowStatus) -> None:
 def _register_subcommands() -> None:
     # in their own modules so each stays small; registered here so `flowmesh --help`
     # lists them
-    from engine.auth import auth_group
-    from engine.cache import cache_group
-    from engine.cost import cost_command
-    from engine.lineage import lineage_command
-    from engine.top import top_command
+    from flowmesh.engine.auth import auth_group
+    from flowmesh.engine.cache import cache_group
+    from flowmesh.engine.cost import cost_command
+    from flowmesh.engine.lineage import lineage_command
+    from flowmesh.engine.top import top_command
 
     main.add_command(lineage_command)
     main.add_command(top_command)

@@ -13,9 +13,9 @@ from typing import TypeVar
 import click
 from rich.console import Console
 
-from engine.client import WorkflowFailed
-from engine.spec import SpecError
-from topics.creds import CredsError
+from flowmesh.engine.client import WorkflowFailed
+from flowmesh.engine.spec import SpecError
+from flowmesh.topics.creds import CredsError
 
 T = TypeVar("T")
 console = Console(stderr=True)

@@ -25,17 +25,17 @@ from typing import Any
 import pyarrow.parquet as pq
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
-from engine.spec import SpecError, validate
-from topics import Bus, codec, streams, subjects
-from topics.cas import CAS, Record, open_cas
-from topics.messages import (
+from flowmesh.engine.spec import SpecError, validate
+from flowmesh.topics import Bus, codec, streams, subjects
+from flowmesh.topics.cas import CAS, Record, open_cas
+from flowmesh.topics.messages import (
     DatasetSpec,
     SubmitWorkflow,
     WorkerInfo,
     WorkflowSpec,
     WorkflowStatus,
 )
-from topics.operators import KINDS, executor_id
+from flowmesh.topics.operators import KINDS, executor_id
 
 
 class WorkflowFailed(RuntimeError):

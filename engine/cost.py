@@ -22,9 +22,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from engine.cli_options import _run, nats_option
-from topics import Bus, codec, streams
-from topics.messages import OpRequest, OpState, WorkflowStatus
+from flowmesh.engine.cli_options import _run, nats_option
+from flowmesh.topics import Bus, codec, streams
+from flowmesh.topics.messages import OpRequest, OpState, WorkflowStatus
 
 
 @dataclass

@@ -31,13 +31,13 @@ import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from engine.client import FlowMesh
-from engine.cost import cost_report
-from engine.lineage import LineageError, build_lineage
-from engine.spec import SpecError
-from topics import Bus, codec, streams, subjects
-from topics.cas import CAS, CASError, Record
-from topics.messages import WorkflowSpec, WorkflowStatus
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.cost import cost_report
+from flowmesh.engine.lineage import LineageError, build_lineage
+from flowmesh.engine.spec import SpecError
+from flowmesh.topics import Bus, codec, streams, subjects
+from flowmesh.topics.cas import CAS, CASError, Record
+from flowmesh.topics.messages import WorkflowSpec, WorkflowStatus
 
 log = structlog.get_logger("flowmesh.gateway")
 

@@ -10,8 +10,8 @@ workflows never collide, so one can never receive, or time, another's result.
 
 from __future__ import annotations
 
-from topics import codec
-from topics.messages import DedupScope, OpSpec
+from flowmesh.topics import codec
+from flowmesh.topics.messages import DedupScope, OpSpec
 
 KEY_SCHEME = "fm-op-v1"
 

@@ -48,10 +48,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine.cli_options import _cas, _run, cas_option, data_option, nats_option
-from topics import Bus, codec, streams, subjects
-from topics.cas import CAS, CASError
-from topics.messages import (
+from flowmesh.engine.cli_options import _cas, _run, cas_option, data_option, nats_option
+from flowmesh.topics import Bus, codec, streams, subjects
+from flowmesh.topics.cas import CAS, CASError
+from flowmesh.topics.messages import (
     NodeSpec,
     NodeStatus,
     OpRequest,
@@ -60,7 +60,7 @@ from topics.messages import (
     WorkflowSpec,
     WorkflowStatus,
 )
-from topics.operators import KINDS
+from flowmesh.topics.operators import KINDS
 
 DATASET_PREFIX = "dataset:"
 OpLineageState = Literal["pending", "done", "failed", "invalidated"]
@@ -1064,7 +1064,7 @@ def lineage_command(
     """Print the graph that produced a workflow's results (or NODE's), down to the
     source data: every operator with its executor, params, inputs, output, worker,
     timing, attempts and the workflows/tenants that requested or reused it."""
-    from engine.client import FlowMesh
+    from flowmesh.engine.client import FlowMesh
 
     to_stdout = openlineage_file is not None and str(openlineage_file) == "-"
     if to_stdout and as_json:

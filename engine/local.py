@@ -120,7 +120,7 @@ class LocalFabric:
             [
                 sys.executable,
                 "-m",
-                "engine.cli",
+                "flowmesh.engine.cli",
                 "engine",
                 "--nats",
                 self.nats_url,
@@ -145,7 +145,7 @@ class LocalFabric:
             [
                 sys.executable,
                 "-m",
-                "workers.main",
+                "flowmesh.workers.main",
                 "--nats",
                 self.nats_url,
                 "--cas",

@@ -14,8 +14,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from topics.exporter import serve as serve
-from topics.operators import pool_of
+from flowmesh.topics.exporter import serve as serve
+from flowmesh.topics.operators import pool_of
 
 # batches hold up to a few hundred operators; powers of two read well on a dashboard
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

@@ -28,9 +28,9 @@ from typing import Any
 
 import structlog
 
-from engine.cost import attribute, kv_values
-from topics import Bus, codec, streams
-from topics.messages import OpRequest, OpState, WorkerInfo, WorkflowStatus
+from flowmesh.engine.cost import attribute, kv_values
+from flowmesh.topics import Bus, codec, streams
+from flowmesh.topics.messages import OpRequest, OpState, WorkerInfo, WorkflowStatus
 
 log = structlog.get_logger("flowmesh.monitor")
 

@@ -25,12 +25,12 @@ import structlog
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from engine import keys, metrics
-from engine.spec import SpecError, topo_order, validate
-from engine.supervise import guarded
-from topics import Bus, codec, streams, subjects
-from topics.cas import CAS, CASError
-from topics.messages import (
+from flowmesh.engine import keys, metrics
+from flowmesh.engine.spec import SpecError, topo_order, validate
+from flowmesh.engine.supervise import guarded
+from flowmesh.topics import Bus, codec, streams, subjects
+from flowmesh.topics.cas import CAS, CASError
+from flowmesh.topics.messages import (
     NodeSpec,
     NodeStatus,
     OpDone,
@@ -43,9 +43,15 @@ from topics.messages import (
     SubmitWorkflow,
     WorkflowStatus,
 )
-from topics.operators import KINDS, NONDETERMINISTIC, OperatorKind, executor_id, parse_params
-from topics.settings import env_int
-from topics.transport import Consumer
+from flowmesh.topics.operators import (
+    KINDS,
+    NONDETERMINISTIC,
+    OperatorKind,
+    executor_id,
+    parse_params,
+)
+from flowmesh.topics.settings import env_int
+from flowmesh.topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.planner")
 

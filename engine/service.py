@@ -10,15 +10,15 @@ from pathlib import Path
 
 import structlog
 
-from engine import metrics
-from engine.gateway import Gateway
-from engine.planner import Planner
-from engine.scheduler import Scheduler
-from engine.scheduler.fleet import load_fleet
-from engine.scheduler.policy import load_policy_config
-from topics import Bus
-from topics.cas import open_cas
-from topics.creds import redact_url
+from flowmesh.engine import metrics
+from flowmesh.engine.gateway import Gateway
+from flowmesh.engine.planner import Planner
+from flowmesh.engine.scheduler import Scheduler
+from flowmesh.engine.scheduler.fleet import load_fleet
+from flowmesh.engine.scheduler.policy import load_policy_config
+from flowmesh.topics import Bus
+from flowmesh.topics.cas import open_cas
+from flowmesh.topics.creds import redact_url
 
 log = structlog.get_logger("flowmesh.engine")
 
@@ -48,7 +48,7 @@ class Engine:
         planner = Planner(bus, cas)
         scheduler_cls = Scheduler
         if os.environ.get("FLOWMESH_SCHEDULER", "live") == "faust":  # issue 9: on Kafka
-            from engine.scheduler.faust_app import FaustScheduler
+            from flowmesh.engine.scheduler.faust_app import FaustScheduler
 
             scheduler_cls = FaustScheduler
         scheduler = scheduler_cls(bus, dead_after_s=dead_after_s, fleet=fleet, config=config)
@@ -81,7 +81,7 @@ async def serve(
     metrics.serve(metrics_port)
     web = None
     if console_port:
-        from engine.console import start_console
+        from flowmesh.engine.console import start_console
 
         try:
             web = await start_console(engine.bus, engine.planner.cas, console_port)

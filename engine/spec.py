@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from topics import codec
-from topics.messages import DatasetSpec, NodeSpec, WorkflowSpec
-from topics.operators import KINDS, parse_params
+from flowmesh.topics import codec
+from flowmesh.topics.messages import DatasetSpec, NodeSpec, WorkflowSpec
+from flowmesh.topics.operators import KINDS, parse_params
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

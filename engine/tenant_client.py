@@ -26,8 +26,8 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from engine.client import WorkflowFailed, read_records
-from engine.gateway import (
+from flowmesh.engine.client import WorkflowFailed, read_records
+from flowmesh.engine.gateway import (
     MAX_REQUEST_BYTES,
     ApiReply,
     ResultPage,
@@ -35,11 +35,11 @@ from engine.gateway import (
     SubmitRequest,
     WorkflowSummary,
 )
-from engine.spec import SpecError, validate
-from topics import codec, subjects
-from topics.cas import Record
-from topics.creds import load_creds
-from topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
+from flowmesh.engine.spec import SpecError, validate
+from flowmesh.topics import codec, subjects
+from flowmesh.topics.cas import Record
+from flowmesh.topics.creds import load_creds
+from flowmesh.topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
 
 log = structlog.get_logger("flowmesh.tenant")
 

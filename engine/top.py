@@ -20,10 +20,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from engine.cli_options import _run, creds_option, nats_option
-from engine.monitor import Snapshot, snapshot
-from topics import Bus
-from topics.creds import CredsError, resolve_url
+from flowmesh.engine.cli_options import _run, creds_option, nats_option
+from flowmesh.engine.monitor import Snapshot, snapshot
+from flowmesh.topics import Bus
+from flowmesh.topics.creds import CredsError, resolve_url
 
 STALE_S = 5.0  # a worker silent this long is shown as stale
 

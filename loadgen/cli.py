@@ -26,17 +26,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from engine.scheduler.fleet import Fleet, load_fleet
-from engine.scheduler.policy import PolicyConfig, load_policy_config
-from loadgen.real import commands as real_commands
-from loadgen.sim.metrics import PolicyResult, comparison, ratios, simulate
-from loadgen.sim.policies import POLICIES
-from loadgen.sim.report import plots, table, write_json
-from loadgen.sim.workload import Workload, load_workload
+from flowmesh import configs
+from flowmesh.engine.scheduler.fleet import Fleet, load_fleet
+from flowmesh.engine.scheduler.policy import PolicyConfig, load_policy_config
+from flowmesh.loadgen.real import commands as real_commands
+from flowmesh.loadgen.sim.metrics import PolicyResult, comparison, ratios, simulate
+from flowmesh.loadgen.sim.policies import POLICIES
+from flowmesh.loadgen.sim.report import plots, table, write_json
+from flowmesh.loadgen.sim.workload import Workload, load_workload
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_FLEET = REPO / "configs" / "fleet" / "default.yaml"
-DEFAULT_SCHEDULER = REPO / "configs" / "scheduler" / "default.yaml"
+DEFAULT_FLEET = configs.path("fleet", "default.yaml")
+DEFAULT_SCHEDULER = configs.path("scheduler", "default.yaml")
 
 console = Console()
 
@@ -227,7 +227,7 @@ def bench_scheduler_cmd(
     fleet_path: str, scheduler_path: str, items: int, workers: int, groups: int, runs: int
 ) -> None:
     """Decision latency of one Policy.decide round (median of --runs)."""
-    from loadgen.sim.bench import bench_scheduler
+    from flowmesh.loadgen.sim.bench import bench_scheduler
 
     b = bench_scheduler(
         load_fleet(fleet_path), load_policy_config(scheduler_path), items, workers, groups, runs
@@ -251,7 +251,7 @@ def bench_sim_cmd(
     fleet_path: str, scheduler_path: str, gpus: int, operators: int, policy: str, window_s: float
 ) -> None:
     """Simulator wall time on a large fleet and operator count."""
-    from loadgen.sim.bench import scale_workload
+    from flowmesh.loadgen.sim.bench import scale_workload
 
     wl = scale_workload(gpus, operators, window_s=window_s)
     fleet = load_fleet(fleet_path)

@@ -62,7 +62,7 @@ class Model:
 
 
 def make_prompts(count: int) -> list[str]:
-    from workers.models.tiny_llama import CORPUS
+    from flowmesh.workers.models.tiny_llama import CORPUS
 
     sentences = [s.strip() for s in CORPUS.replace("\n", " ").split(".") if s.strip()]
     # distinct prompts of varied lengths: k words of sentence i
@@ -75,7 +75,7 @@ def build_model_dir(dest: Path, head_dim: int | None = None) -> str:
     """Write the tiny Llama's files into dest; with head_dim, the same tokenizer and
     config with that head_dim and weights initialised as tiny_llama.py does. Returns a
     digest of the files (any stable id will do for the executors)."""
-    from workers.models.tiny_llama import build_tiny_llama
+    from flowmesh.workers.models.tiny_llama import build_tiny_llama
 
     files = build_tiny_llama()
     if head_dim is not None:
@@ -115,7 +115,7 @@ def load_hf(path: Path, digest: str, name: str, device: str) -> Model:
 
 
 def make_ops(prompts: list[str], **params: Any) -> list[Any]:
-    from workers.executors.base import OpInput
+    from flowmesh.workers.executors.base import OpInput
 
     return [
         OpInput(key=f"k{i}", params=dict(params), inputs=[[{"id": i, "prompt": p}]])
@@ -197,7 +197,7 @@ class ModelDir:
 def check_hf(model: ModelDir, prompts: list[str]) -> dict[str, Any]:
     import torch
 
-    from workers.executors.generate import GenerateExecutor
+    from flowmesh.workers.executors.generate import GenerateExecutor
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict[str, Any] = {"device": device}
@@ -239,7 +239,7 @@ def vllm_child(request_path: Path, result_path: Path) -> None:
         result_path.write_text(json.dumps(result))
 
     try:
-        from workers.executors.vllm_backend import VllmGenerateExecutor, vllm_release
+        from flowmesh.workers.executors.vllm_backend import VllmGenerateExecutor, vllm_release
 
         result["release"] = vllm_release()
         path = Path(req["model_dir"])

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
-.venv/bin/mypy
+bash scripts/typecheck.sh
 .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.client import FlowMesh
-from engine.local import LocalFabric, find_nats_server, free_port
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.local import LocalFabric, find_nats_server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from engine.autoscaler import (
+from flowmesh.engine.autoscaler import (
     Autoscaler,
     AutoscalerConfig,
     ClassPolicy,
@@ -24,13 +24,13 @@ from engine.autoscaler import (
     parse_classes,
     plan,
 )
-from engine.providers.kubernetes import KubernetesProvider
-from engine.providers.local import LocalProcessProvider
-from engine.scheduler.fleet import load_fleet
+from flowmesh.engine.providers.kubernetes import KubernetesProvider
+from flowmesh.engine.providers.local import LocalProcessProvider
+from flowmesh.engine.scheduler.fleet import load_fleet
+from flowmesh.topics import Bus
+from flowmesh.topics.messages import WorkflowSpec
 from tests.conftest import MakeFabric
 from tests.workflows import map_then_count
-from topics import Bus
-from topics.messages import WorkflowSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CHEAP = ClassPolicy("cheap", min_workers=0, max_workers=2, price_per_hour=0.10, ops_per_s=1.0)
@@ -243,7 +243,7 @@ async def test_backlog_starts_workers_and_idle_ones_stop_without_losing_work(
     scaler = Autoscaler(bus, provider, config)
     stop = asyncio.Event()
     loop = asyncio.create_task(scaler.run(stop))
-    from engine.client import FlowMesh
+    from flowmesh.engine.client import FlowMesh
 
     async def retired(fm: FlowMesh) -> None:
         for _ in range(600):

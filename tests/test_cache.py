@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from engine import cache
-from engine.client import FlowMesh
-from engine.spec import parse_spec
+from flowmesh.engine import cache
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.spec import parse_spec
+from flowmesh.topics import Bus, codec, streams
+from flowmesh.topics.cas import CAS, FileBackend, open_cas
+from flowmesh.topics.messages import NodeStatus, OpSpec, OpState, WorkflowStatus
 from tests.conftest import MakeFabric, connect
-from topics import Bus, codec, streams
-from topics.cas import CAS, FileBackend, open_cas
-from topics.messages import NodeStatus, OpSpec, OpState, WorkflowStatus
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTOR = "map.test.count_upper"
@@ -76,7 +76,7 @@ def cli(fabric: Any, *args: str, stdin: str | None = None) -> subprocess.Complet
         os.environ, FLOWMESH_NATS=fabric.nats_url, FLOWMESH_CAS=fabric.cas_url, COLUMNS="200"
     )
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", "cache", *args],
+        [sys.executable, "-m", "flowmesh.engine.cli", "cache", *args],
         input=stdin,
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topics import Bus
-from topics.cas import (
+from flowmesh.topics import Bus
+from flowmesh.topics.cas import (
     CAS,
     BlobNotFound,
     CASError,
@@ -23,7 +23,7 @@ from topics.cas import (
     check_name,
     open_cas,
 )
-from topics.codec import canonical, is_digest, sha256_hex
+from flowmesh.topics.codec import canonical, is_digest, sha256_hex
 
 
 @pytest.fixture(params=["file", "nats"])

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from flowmesh.topics.cas import CAS, BlobNotFound, CASError, CorruptBlob, open_cas
+from flowmesh.topics.cas_s3 import S3Backend, parse_s3_url
+from flowmesh.topics.codec import sha256_hex
 from tests.conftest import MakeFabric, connect
 from tests.workflows import map_then_count
-from topics.cas import CAS, BlobNotFound, CASError, CorruptBlob, open_cas
-from topics.cas_s3 import S3Backend, parse_s3_url
-from topics.codec import sha256_hex
 
 ACCESS, SECRET = "fmtestaccess", "fmtestsecret-0123456789"
 BUCKET = "flowmesh-test"

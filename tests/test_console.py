@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from engine.local import free_port
-from engine.spec import parse_spec
+from flowmesh.engine.local import free_port
+from flowmesh.engine.spec import parse_spec
+from flowmesh.topics.messages import WorkflowSpec
 from tests.conftest import REPO, MakeFabric, connect
-from topics.messages import WorkflowSpec
 
 pytestmark = pytest.mark.slow
 

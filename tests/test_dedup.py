@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from engine.client import FlowMesh
-from engine.cost import cost_report, kv_values
-from engine.spec import parse_spec
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.cost import cost_report, kv_values
+from flowmesh.engine.spec import parse_spec
+from flowmesh.topics import codec, streams
+from flowmesh.topics.messages import OpRequest, OpState, WorkflowSpec
 from tests.conftest import REPO, MakeFabric, connect
-from topics import codec, streams
-from topics.messages import OpRequest, OpState, WorkflowSpec
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +142,7 @@ async def test_overlapping_tenants_run_each_unique_operator_once(
             [
                 sys.executable,
                 "-m",
-                "engine.cli",
+                "flowmesh.engine.cli",
                 "cost",
                 "--json",
                 "--nats",

@@ -15,8 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from topics import streams
-from workers.runtime import WorkerConfig
+from flowmesh.topics import streams
+from flowmesh.workers.runtime import WorkerConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S_VERSION = "1.30.0"

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from engine.client import FlowMesh
-from engine.spec import parse_spec
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.spec import parse_spec
+from flowmesh.topics import codec, streams, subjects
+from flowmesh.topics.messages import OpState, WorkflowSpec
 from tests.conftest import MakeFabric, connect
 from tests.workflows import map_then_count
-from topics import codec, streams, subjects
-from topics.messages import OpState, WorkflowSpec
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -196,7 +196,7 @@ async def test_submission_is_idempotent_and_garbage_is_dead_lettered(
 def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     """The README's demo command, as a newcomer runs it (private nats, tiny Llama)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "demo", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "flowmesh.engine.cli", "demo", "--data-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -254,7 +254,7 @@ def test_cli_submit_status_result(make_fabric: MakeFabric, tmp_path: Path) -> No
 
     def flowmesh(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "engine.cli", *args],
+            [sys.executable, "-m", "flowmesh.engine.cli", *args],
             capture_output=True,
             text=True,
             timeout=120,

@@ -32,13 +32,13 @@ import nats
 import pytest
 from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
 
-from engine.client import FlowMesh
-from engine.cost import cost_report
-from engine.local import LocalFabric
-from engine.spec import parse_spec
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.cost import cost_report
+from flowmesh.engine.local import LocalFabric
+from flowmesh.engine.spec import parse_spec
+from flowmesh.topics import codec, streams, subjects
+from flowmesh.topics.messages import OpDone, OpState, WorkflowStatus
 from tests.conftest import connect
-from topics import codec, streams, subjects
-from topics.messages import OpDone, OpState, WorkflowStatus
 
 KILLS_WANTED = int(os.environ.get("FM_FAULT_KILLS", "24"))
 KILL_EVERY_S = 2.0

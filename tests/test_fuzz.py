@@ -34,13 +34,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from nats.js.api import DeliverPolicy
 
-import topics.messages as messages
-import topics.operators as operators
-from engine.spec import SpecError, load_spec, parse_spec, topo_order
+import flowmesh.topics.messages as messages
+import flowmesh.topics.operators as operators
+from flowmesh.engine.spec import SpecError, load_spec, parse_spec, topo_order
+from flowmesh.topics import Bus, codec, streams, subjects
+from flowmesh.topics.cas import CAS, CASError, FileBackend
+from flowmesh.topics.messages import DeadLetter, WorkflowSpec
 from tests.conftest import connect
-from topics import Bus, codec, streams, subjects
-from topics.cas import CAS, CASError, FileBackend
-from topics.messages import DeadLetter, WorkflowSpec
 
 # --- counting ------------------------------------------------------------------------
 

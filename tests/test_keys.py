@@ -7,8 +7,8 @@ import dataclasses
 import msgspec
 import pytest
 
-from engine.keys import batch_key, op_key, scope_salt
-from topics.messages import OpSpec
+from flowmesh.engine.keys import batch_key, op_key, scope_salt
+from flowmesh.topics.messages import OpSpec
 
 BASE = OpSpec(
     kind="generate",

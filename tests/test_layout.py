@@ -1,8 +1,10 @@
-"""The package boundaries DESIGN.md requires: engine/ and workers/ speak only via topics/."""
+"""The package boundaries DESIGN.md requires: engine/ and workers/ speak only via topics/,
+and the folders install as one `flowmesh.*` namespace."""
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,7 +22,10 @@ def imported_packages(package: str) -> dict[str, set[str]]:
             else:
                 continue
             for name in names:
-                found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(REPO)))
+                parts = name.split(".")
+                # flowmesh.engine.x counts as "engine"; a bare top-level name as itself
+                top = parts[1] if parts[0] == "flowmesh" and len(parts) > 1 else parts[0]
+                found.setdefault(top, set()).add(str(path.relative_to(REPO)))
     return found
 
 
@@ -48,3 +53,37 @@ def test_required_top_level_layout() -> None:
         ".ci/run",
     ]:
         assert (REPO / name).exists(), name
+
+
+PACKAGE_ROOTS = ["topics", "engine", "workers", "loadgen", "configs"]
+
+
+def test_every_folder_is_listed_as_a_flowmesh_package() -> None:
+    """Setuptools ignores package-dir mappings when it discovers packages, so a new
+    sub-package that is not listed in pyproject.toml would be left out of the wheel."""
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert tool["package-dir"] == {f"flowmesh.{r}": r for r in PACKAGE_ROOTS}
+    on_disk = {
+        "flowmesh." + ".".join(init.parent.relative_to(REPO).parts)
+        for root in PACKAGE_ROOTS
+        for init in (REPO / root).rglob("__init__.py")
+    }
+    assert set(tool["packages"]) == on_disk
+
+
+def test_no_bare_top_level_imports() -> None:
+    """Everything imports through the namespace: a bare `import engine` works in the
+    checkout and fails in an installed wheel."""
+    bare = []
+    for root in [*PACKAGE_ROOTS, "tests"]:
+        for path in (REPO / root).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                bare += [f"{path.relative_to(REPO)}: {n}" for n in names
+                         if n.split(".")[0] in PACKAGE_ROOTS]
+    assert bare == []

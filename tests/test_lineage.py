@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from engine import lineage
-from engine.client import FlowMesh
-from engine.lineage import (
+from flowmesh.engine import lineage
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.lineage import (
     DATASET_PREFIX,
     PRODUCER,
     SCHEMA_URL,
@@ -28,10 +28,10 @@ from engine.lineage import (
     render,
     workflow_run_id,
 )
-from engine.spec import parse_spec
+from flowmesh.engine.spec import parse_spec
+from flowmesh.topics import codec, streams
+from flowmesh.topics.messages import WorkflowSpec, WorkflowStatus
 from tests.conftest import MakeFabric, connect
-from topics import codec, streams
-from topics.messages import WorkflowSpec, WorkflowStatus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -350,7 +350,7 @@ def test_cli_lineage(make_fabric: MakeFabric, tmp_path: Path) -> None:
 
     def flowmesh(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "engine.cli", "lineage", *args],
+            [sys.executable, "-m", "flowmesh.engine.cli", "lineage", *args],
             capture_output=True,
             text=True,
             timeout=60,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.spec import SpecError
-from loadgen.real.workload import load_real_workload
+from flowmesh.engine.spec import SpecError
+from flowmesh.loadgen.real.workload import load_real_workload
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "workloads" / "real-smoke.yaml"
@@ -24,7 +24,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def loadgen(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="120")
     proc = subprocess.run(
-        [sys.executable, "-m", "loadgen.cli", *args],
+        [sys.executable, "-m", "flowmesh.loadgen.cli", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

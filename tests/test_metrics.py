@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.local import LocalFabric
+from flowmesh.engine.local import LocalFabric
+from flowmesh.topics import logs
+from flowmesh.topics.messages import Assignment, OpSpec, ReadyOp
 from tests.conftest import PLUGINS, REPO, NatsServer, connect
 from tests.test_top import spec
-from topics import logs
-from topics.messages import Assignment, OpSpec, ReadyOp
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

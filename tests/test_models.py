@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from topics.cas import CAS, CorruptBlob, FileBackend
-from topics.codec import is_digest
-from workers.models import (
+from flowmesh.topics.cas import CAS, CorruptBlob, FileBackend
+from flowmesh.topics.codec import is_digest
+from flowmesh.workers.models import (
     ModelCache,
     adapter_digest,
     build_tiny_llama,
@@ -30,7 +30,7 @@ from workers.models import (
     put_model,
     sources,
 )
-from workers.models.sources import (
+from flowmesh.workers.models.sources import (
     SMOLLM2_PACKAGE,
     get_ref,
     hf_task,
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 DIGESTS_SCRIPT = """
 import hashlib, json
-from workers.models import build_tiny_llama
+from flowmesh.workers.models import build_tiny_llama
 print(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in build_tiny_llama().items()}))
 """
 
@@ -259,8 +259,8 @@ async def test_refs_point_at_digests_and_can_move(cas: CAS) -> None:
 async def test_adapters_are_content_bound_to_their_base(
     cas: CAS, files: dict[str, bytes], tmp_path: Path
 ) -> None:
-    from workers.executors.base import OpError, OpInput
-    from workers.executors.train import TrainExecutor
+    from flowmesh.workers.executors.base import OpError, OpInput
+    from flowmesh.workers.executors.train import TrainExecutor
 
     base = await put_model(cas, "tiny-llama", files)
     other = await put_model(cas, "other", files)
@@ -341,8 +341,8 @@ async def test_smollm2_is_converted_once_per_cas(
 
 
 async def test_smollm2_answers_a_chat_prompt(smollm2: tuple[CAS, str, Path, float]) -> None:
-    from workers.executors.base import OpError, OpInput
-    from workers.executors.generate import GenerateExecutor
+    from flowmesh.workers.executors.base import OpError, OpInput
+    from flowmesh.workers.executors.generate import GenerateExecutor
 
     cas, digest, root, _ = smollm2
     model = await ModelCache(cas, root / "worker-2").get(digest)  # fetched from the CAS

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from engine import cache
-from engine.client import FlowMesh, WorkflowFailed
-from engine.cost import cost_report
-from engine.planner import max_attempts_from_env
+from flowmesh.engine import cache
+from flowmesh.engine.client import FlowMesh, WorkflowFailed
+from flowmesh.engine.cost import cost_report
+from flowmesh.engine.planner import max_attempts_from_env
+from flowmesh.topics import codec, streams, subjects
+from flowmesh.topics.messages import DeadLetter, OpState, WorkflowSpec
 from tests.conftest import MakeFabric, NatsServer, connect
 from tests.workflows import map_then_count
-from topics import codec, streams, subjects
-from topics.messages import DeadLetter, OpState, WorkflowSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ async def dead_letters(fm: FlowMesh) -> list[DeadLetter]:
 def flowmesh_cli(fabric_nats: str, fabric_cas: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, FLOWMESH_NATS=fabric_nats, FLOWMESH_CAS=fabric_cas)
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "flowmesh.engine.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,

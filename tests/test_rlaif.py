@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from engine.lineage import build_lineage
-from engine.spec import parse_spec
+from flowmesh.engine.lineage import build_lineage
+from flowmesh.engine.spec import parse_spec
+from flowmesh.topics import codec, streams
+from flowmesh.topics.messages import OpState, WorkflowSpec
 from tests.conftest import REPO, MakeFabric, connect
-from topics import codec, streams
-from topics.messages import OpState, WorkflowSpec
 
 pytestmark = pytest.mark.slow
 

@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from engine.scheduler.fairness import FairShare, TenantPolicy
-from engine.scheduler.fleet import LatencyEstimator, load_fleet, parse_fleet
-from engine.scheduler.policy import (
+from flowmesh.engine.scheduler.fairness import FairShare, TenantPolicy
+from flowmesh.engine.scheduler.fleet import LatencyEstimator, load_fleet, parse_fleet
+from flowmesh.engine.scheduler.policy import (
     Policy,
     PolicyConfig,
     ReadyItem,
     WorkerState,
     parse_policy_config,
 )
-from engine.scheduler.utility import Weights, estimate, terms, utility
+from flowmesh.engine.scheduler.utility import Weights, estimate, terms, utility
 
 REPO = Path(__file__).resolve().parent.parent
 REF = {"generate": {"fixed_s": 0.4, "per_item_s": 0.05, "max_batch": 32}}
@@ -362,7 +362,7 @@ def test_release_and_scale_up_modes_are_read_and_checked() -> None:
 
 
 def test_scale_up_counts_what_warm_workers_do_during_a_cold_start() -> None:
-    from engine.scheduler.rightsize import scale_up
+    from flowmesh.engine.scheduler.rightsize import scale_up
 
     # nothing allocated: the backlog alone sizes the pool (as before)
     assert scale_up(135.0, 0, 60.0, 60.0) == 3
@@ -379,7 +379,7 @@ def test_scale_up_counts_what_warm_workers_do_during_a_cold_start() -> None:
 
 
 def test_idle_to_keep_is_the_work_busy_workers_cannot_absorb() -> None:
-    from engine.scheduler.rightsize import idle_to_keep
+    from flowmesh.engine.scheduler.rightsize import idle_to_keep
 
     assert idle_to_keep(0.0, 0, 3, 60.0) == 0  # nothing left to do: release them all
     assert idle_to_keep(100.0, 2, 3, 60.0) == 0  # the two busy ones do it within 60 s
@@ -395,9 +395,9 @@ async def test_live_scheduler_packs_by_the_model_sizes_workers_announce(nats_url
     import asyncio
     import time
 
-    from engine.scheduler.live import Scheduler
-    from topics import Bus, codec, streams, subjects
-    from topics.messages import OpSpec, ReadyOp, WorkerInfo
+    from flowmesh.engine.scheduler.live import Scheduler
+    from flowmesh.topics import Bus, codec, streams, subjects
+    from flowmesh.topics.messages import OpSpec, ReadyOp, WorkerInfo
 
     fleet = fleet_of(
         small={"memory_gb": 24, "price_per_hour": 0.2}, big={"memory_gb": 80, "price_per_hour": 2.0}

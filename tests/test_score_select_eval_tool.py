@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from topics.operators import NONDETERMINISTIC, GenerateParams, ScoreParams
-from workers.executors import (
+from flowmesh.topics.operators import NONDETERMINISTIC, GenerateParams, ScoreParams
+from flowmesh.workers.executors import (
     EvalExecutor,
     GenerateExecutor,
     OpError,
@@ -25,10 +25,10 @@ from workers.executors import (
     ToolExecutor,
     builtin_executors,
 )
-from workers.executors import tool as tool_mod
-from workers.executors.base import Outcome
-from workers.executors.score import judge_score
-from workers.executors.tool import load_tool_plugins, tool
+from flowmesh.workers.executors import tool as tool_mod
+from flowmesh.workers.executors.base import Outcome
+from flowmesh.workers.executors.score import judge_score
+from flowmesh.workers.executors.tool import load_tool_plugins, tool
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
@@ -166,7 +166,7 @@ def test_judge_parses_the_first_number(reply: str, score: float | None) -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from workers.models import build_tiny_llama, load_model
+    from flowmesh.workers.models import build_tiny_llama, load_model
 
     path: Path = tmp_path_factory.mktemp("tiny-llama")
     for name, data in build_tiny_llama().items():

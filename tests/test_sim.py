@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from engine.scheduler.fleet import Fleet, load_fleet
-from engine.scheduler.policy import Policy, PolicyConfig, load_policy_config
-from loadgen.cli import main
-from loadgen.sim.metrics import PolicyResult, comparison, simulate
-from loadgen.sim.workload import Workload, expand, instances, load_workload, parse_workload
+from flowmesh.engine.scheduler.fleet import Fleet, load_fleet
+from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, load_policy_config
+from flowmesh.loadgen.cli import main
+from flowmesh.loadgen.sim.metrics import PolicyResult, comparison, simulate
+from flowmesh.loadgen.sim.workload import Workload, expand, instances, load_workload, parse_workload
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "workloads" / "smoke.yaml"
@@ -210,8 +210,8 @@ def test_forecast_release_never_keeps_a_worker_past_idle_release_s(
 ) -> None:
     """A kept idle worker is re-checked, and released by its idle_release_s at the
     latest, however much work the forecast says is coming."""
-    from engine.scheduler import rightsize
-    from loadgen.sim import policies
+    from flowmesh.engine.scheduler import rightsize
+    from flowmesh.loadgen.sim import policies
 
     monkeypatch.setattr(policies, "idle_to_keep", lambda *a: 10**6)  # always "keep"
     wl = load_workload(SMOKE)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.spec import SpecError, find_cycle, load_spec, parse_spec, topo_order
+from flowmesh.engine.spec import SpecError, find_cycle, load_spec, parse_spec, topo_order
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,16 +21,16 @@ import nats
 import pytest
 from click.testing import CliRunner
 
-from engine.auth import AuthFiles
-from engine.cli import main as cli_main
-from engine.client import FlowMesh
-from engine.local import LocalFabric, free_port
-from engine.spec import SpecError, parse_spec
-from engine.tenant_client import GatewayError, NotFound, TenantClient
+from flowmesh.engine.auth import AuthFiles
+from flowmesh.engine.cli import main as cli_main
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.local import LocalFabric, free_port
+from flowmesh.engine.spec import SpecError, parse_spec
+from flowmesh.engine.tenant_client import GatewayError, NotFound, TenantClient
+from flowmesh.topics import codec, streams, subjects
+from flowmesh.topics.creds import load_creds, url_with_creds
+from flowmesh.topics.messages import OpRequest, OpState, SubmitWorkflow, WorkflowSpec
 from tests.conftest import PLUGINS, REPO, nats_server_binary
-from topics import codec, streams, subjects
-from topics.creds import load_creds, url_with_creds
-from topics.messages import OpRequest, OpState, SubmitWorkflow, WorkflowSpec
 
 pytestmark = pytest.mark.slow
 
@@ -339,7 +339,7 @@ def test_cli_submit_status_result_as_a_tenant(auth_fabric: AuthFabric, tmp_path:
     def flowmesh(*args: str, tenant: str = "a") -> subprocess.CompletedProcess[str]:
         creds = str(auth_fabric.creds(tenant))
         return subprocess.run(
-            [sys.executable, "-m", "engine.cli", *args, "--tenant-creds", creds],
+            [sys.executable, "-m", "flowmesh.engine.cli", *args, "--tenant-creds", creds],
             capture_output=True,
             text=True,
             env=env,

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from engine.monitor import snapshot
+from flowmesh.engine.monitor import snapshot
+from flowmesh.topics import Bus, streams
+from flowmesh.topics.messages import WorkflowSpec
 from tests.conftest import MakeFabric, connect
 from tests.workflows import map_then_count
-from topics import Bus, streams
-from topics.messages import WorkflowSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ async def test_top_once_shows_streams_workers_and_tenants(make_fabric: MakeFabri
 
     # the command a user runs
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "top", "--once", "--nats", fabric.nats_url],
+        [sys.executable, "-m", "flowmesh.engine.cli", "top", "--once", "--nats", fabric.nats_url],
         capture_output=True,
         text=True,
         timeout=60,

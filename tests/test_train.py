@@ -14,11 +14,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from topics.cas import CAS, FileBackend  # noqa: E402
-from workers.executors.base import OpError, OpInput  # noqa: E402
-from workers.executors.generate import GenerateExecutor  # noqa: E402
-from workers.executors.train import TrainExecutor  # noqa: E402
-from workers.models import (  # noqa: E402
+from flowmesh.topics.cas import CAS, FileBackend  # noqa: E402
+from flowmesh.workers.executors.base import OpError, OpInput  # noqa: E402
+from flowmesh.workers.executors.generate import GenerateExecutor  # noqa: E402
+from flowmesh.workers.executors.train import TrainExecutor  # noqa: E402
+from flowmesh.workers.models import (  # noqa: E402
     AdapterFiles,
     LoadedModel,
     ModelCache,
@@ -178,7 +178,7 @@ async def test_bad_train_operators_fail_alone(base: LoadedModel) -> None:
 def _runtime_stores_artifacts() -> bool:
     import inspect
 
-    from workers import runtime
+    from flowmesh.workers import runtime
 
     return "store_artifacts" in inspect.getsource(runtime)
 
@@ -188,7 +188,7 @@ def _runtime_stores_artifacts() -> bool:
     not _runtime_stores_artifacts(), reason="the worker runtime does not store adapters yet"
 )
 async def test_a_workflow_trains_then_generates_with_its_adapter(make_fabric: Any) -> None:
-    from engine.spec import parse_spec
+    from flowmesh.engine.spec import parse_spec
     from tests.conftest import connect
 
     fabric = make_fabric(workers=1, models=True)

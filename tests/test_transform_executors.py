@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from topics.operators import KINDS, executor_id
-from workers.executors import (
+from flowmesh.topics.operators import KINDS, executor_id
+from flowmesh.workers.executors import (
     FilterExecutor,
     GroupExecutor,
     JoinExecutor,
@@ -27,9 +27,9 @@ from workers.executors import (
     builtin_executors,
     load_plugins,
 )
-from workers.executors import transform as transform_mod
-from workers.executors.base import Outcome
-from workers.executors.transform import transform
+from flowmesh.workers.executors import transform as transform_mod
+from flowmesh.workers.executors.base import Outcome
+from flowmesh.workers.executors.transform import transform
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def test_version_is_declared_plus_source_hash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_registry: None
 ) -> None:
     body = """
-        from workers.executors.transform import transform
+        from flowmesh.workers.executors.transform import transform
 
         @transform("test.shout", "map", version="{v}")
         def shout(record, field="text"):
@@ -272,7 +272,7 @@ def test_builtin_executors_cover_kinds_and_plugins(
         tmp_path,
         monkeypatch,
         """
-        from workers.executors.transform import transform
+        from flowmesh.workers.executors.transform import transform
 
         @transform("test.has_id", "filter")
         def has_id(record):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.spec import parse_spec
-from topics.messages import WorkflowSpec
+from flowmesh.engine.spec import parse_spec
+from flowmesh.topics.messages import WorkflowSpec
 
 
 def map_then_count(

@@ -5,9 +5,9 @@ their codec, and the content-addressed store every component reads and writes.
 engine/ and workers/ import this package and never each other.
 """
 
-from topics import cas, codec, operators, streams, subjects
-from topics.bus import Bus
-from topics.messages import (
+from flowmesh.topics import cas, codec, operators, streams, subjects
+from flowmesh.topics.bus import Bus
+from flowmesh.topics.messages import (
     Assignment,
     DatasetSpec,
     DeadLetter,

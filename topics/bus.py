@@ -21,11 +21,11 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from topics import codec, streams, subjects, transport
-from topics.messages import DeadLetter
+from flowmesh.topics import codec, streams, subjects, transport
+from flowmesh.topics.messages import DeadLetter
 
 if TYPE_CHECKING:
-    from topics.kafka_bus import KafkaStreams
+    from flowmesh.topics.kafka_bus import KafkaStreams
 
 log = structlog.get_logger("flowmesh.bus")
 
@@ -108,7 +108,7 @@ class Bus:
         bus = cls(nc, js, link)
         kafka = transport.kafka_from_env()
         if kafka is not None:
-            from topics.kafka_bus import KafkaStreams  # the kafka extra, only when used
+            from flowmesh.topics.kafka_bus import KafkaStreams  # the kafka extra, only when used
 
             try:
                 bus.kafka = await KafkaStreams.connect(kafka, name)

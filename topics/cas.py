@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import zstandard
 
-from topics.codec import canonical, is_digest, sha256_hex
+from flowmesh.topics.codec import canonical, is_digest, sha256_hex
 
 Record = dict[str, Any]
 
@@ -341,7 +341,7 @@ async def open_cas(url: str, js: Any | None = None) -> CAS:
     if parsed.scheme == "nats":
         if js is None:
             raise CASError("the nats CAS backend needs a JetStream connection")
-        from topics.streams import OBJ_CAS
+        from flowmesh.topics.streams import OBJ_CAS
 
         bucket = parsed.netloc or parsed.path.strip("/") or OBJ_CAS
         if not _BUCKET_RE.fullmatch(bucket):
@@ -349,7 +349,7 @@ async def open_cas(url: str, js: Any | None = None) -> CAS:
         return CAS(NatsObjectBackend(await js.object_store(bucket)))
     if parsed.scheme == "s3":
         # S3 / MinIO / SeaweedFS; credentials from the environment (topics/cas_s3.py)
-        from topics.cas_s3 import S3Backend
+        from flowmesh.topics.cas_s3 import S3Backend
 
         return CAS(await S3Backend.open(url))
     raise CASError(f"unknown CAS url {url!r} (use file:///path, nats: or s3://bucket/prefix)")

@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, urlparse
 
 import structlog
 
-from topics.cas import CASError
-from topics.codec import is_digest
+from flowmesh.topics.cas import CASError
+from flowmesh.topics.codec import is_digest
 
 log = structlog.get_logger("flowmesh.cas.s3")
 

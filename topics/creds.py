@@ -9,7 +9,7 @@ from urllib.parse import urlparse, urlunparse
 
 import msgspec
 
-from topics import subjects
+from flowmesh.topics import subjects
 
 
 class CredsError(ValueError):

@@ -47,7 +47,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from topics import streams, subjects
+from flowmesh.topics import streams, subjects
 
 log = structlog.get_logger("flowmesh.kafka")
 
@@ -318,7 +318,7 @@ class KafkaStreams:
 
     def ready_topics(self) -> list[str]:
         """The ready topic of every pool an operator kind names."""
-        from topics.operators import KINDS
+        from flowmesh.topics.operators import KINDS
 
         return sorted({subjects.ready(kind.pool) for kind in KINDS.values()})
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import structlog
 
-from topics.messages import Assignment
+from flowmesh.topics.messages import Assignment
 
 
 class StderrLogger:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from topics.operators import Fanout
+from flowmesh.topics.operators import Fanout
 
 DedupScope = Literal["global", "tenant", "workflow"]
 

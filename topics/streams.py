@@ -21,8 +21,8 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from topics import subjects
-from topics.settings import env_int
+from flowmesh.topics import subjects
+from flowmesh.topics.settings import env_int
 
 DAY = 24 * 3600.0
 

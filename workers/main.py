@@ -1,4 +1,4 @@
-"""`flowmesh-worker` / `python -m workers.main`: run one worker process."""
+"""`flowmesh-worker` / `python -m flowmesh.workers.main`: run one worker process."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import click
 
-from topics import Bus, logs
-from topics.cas import open_cas
-from topics.creds import CredsError, resolve_url
-from workers import metrics
-from workers.runtime import Worker, WorkerConfig
+from flowmesh.topics import Bus, logs
+from flowmesh.topics.cas import open_cas
+from flowmesh.topics.creds import CredsError, resolve_url
+from flowmesh.workers import metrics
+from flowmesh.workers.runtime import Worker, WorkerConfig
 
 
 def with_creds(url: str, creds_path: str) -> str:

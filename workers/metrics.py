@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from topics.exporter import serve as serve
-from topics.messages import OpState
+from flowmesh.topics.exporter import serve as serve
+from flowmesh.topics.messages import OpState
 
 # CPU transforms take milliseconds, LLM batches seconds, training steps minutes
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)

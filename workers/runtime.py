@@ -25,15 +25,15 @@ import msgspec
 import structlog
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from topics import Bus, codec, logs, streams, subjects
-from topics.cas import CAS, CASError
-from topics.messages import Assignment, OpDone, OpState, ReadyOp, WorkerInfo
-from topics.operators import KINDS, pool_of
-from topics.settings import env_int
-from topics.transport import Consumer
-from workers import metrics
-from workers.executors.base import Executor, OpError, OpInput, Outcome
-from workers.models.adapters import store_artifacts
+from flowmesh.topics import Bus, codec, logs, streams, subjects
+from flowmesh.topics.cas import CAS, CASError
+from flowmesh.topics.messages import Assignment, OpDone, OpState, ReadyOp, WorkerInfo
+from flowmesh.topics.operators import KINDS, pool_of
+from flowmesh.topics.settings import env_int
+from flowmesh.topics.transport import Consumer
+from flowmesh.workers import metrics
+from flowmesh.workers.executors.base import Executor, OpError, OpInput, Outcome
+from flowmesh.workers.models.adapters import store_artifacts
 
 log = structlog.get_logger("flowmesh.worker")
 
@@ -125,8 +125,8 @@ class Worker:
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        from workers.executors import builtin_executors
-        from workers.models import ModelCache
+        from flowmesh.workers.executors import builtin_executors
+        from flowmesh.workers.models import ModelCache
 
         self.executors = builtin_executors(self.config.plugins, self.config.generate_backend)
         # an executor's version hashes its source (inspect.getsource: milliseconds per
@@ -177,7 +177,7 @@ class Worker:
     async def _publish_model(self, source: str) -> tuple[str, str]:
         """Put the model a source names into the CAS: (advertised name, digest).
         Sources: tiny-llama, smollm2-135m, all-minilm-l6-v2, hf:/abs/path, ALIAS=SOURCE."""
-        from workers.models import publish_source
+        from flowmesh.workers.models import publish_source
 
         return await publish_source(self.cas, source, self.config.model_dir)
 

@@ -1,5 +1,5 @@
 """The web console the engine serves: live workflows, DAGs, lineage, workers, cost."""
 
-from engine.console.app import ConsoleServer, start_console
+from flowmesh.engine.console.app import ConsoleServer, start_console
 
 __all__ = ["ConsoleServer", "start_console"]

@@ -32,11 +32,11 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from engine.cost import cost_report
-from engine.lineage import LineageError, build_lineage
-from engine.monitor import Snapshot, snapshot
-from topics import Bus
-from topics.cas import CAS
+from flowmesh.engine.cost import cost_report
+from flowmesh.engine.lineage import LineageError, build_lineage
+from flowmesh.engine.monitor import Snapshot, snapshot
+from flowmesh.topics import Bus
+from flowmesh.topics.cas import CAS
 
 log = structlog.get_logger("flowmesh.console")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from engine.local import LocalFabric
+from flowmesh.engine.local import LocalFabric
 
 log = structlog.get_logger("flowmesh.autoscaler.local")
 
@@ -93,8 +93,8 @@ class LocalAutoscaler:
     ) -> None:
         import threading
 
-        from engine.autoscaler import AutoscalerConfig, ClassPolicy, class_from_fleet
-        from engine.scheduler.fleet import load_fleet
+        from flowmesh.engine.autoscaler import AutoscalerConfig, ClassPolicy, class_from_fleet
+        from flowmesh.engine.scheduler.fleet import load_fleet
 
         fleet = load_fleet(fleet_path) if fleet_path else None
         policy = (
@@ -122,8 +122,8 @@ class LocalAutoscaler:
     async def _run(self) -> None:
         import asyncio
 
-        from engine.autoscaler import Autoscaler
-        from topics import Bus
+        from flowmesh.engine.autoscaler import Autoscaler
+        from flowmesh.topics import Bus
 
         bus = await Bus.connect(self.fabric.nats_url, name="flowmesh-autoscaler")
         scaler = Autoscaler(bus, self.provider, self.config)

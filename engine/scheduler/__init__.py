@@ -4,6 +4,6 @@
 scheduler (`live`) and the simulator (loadgen/sim) run exactly the same decisions.
 """
 
-from engine.scheduler.live import Scheduler
+from flowmesh.engine.scheduler.live import Scheduler
 
 __all__ = ["Scheduler"]

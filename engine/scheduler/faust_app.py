@@ -26,9 +26,9 @@ from typing import Any
 
 import structlog
 
-from engine.scheduler.live import Scheduler
-from topics import streams
-from topics.transport import Consumer
+from flowmesh.engine.scheduler.live import Scheduler
+from flowmesh.topics import streams
+from flowmesh.topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.scheduler.faust")
 

@@ -29,15 +29,15 @@ import msgspec
 import structlog
 from nats.js.errors import NotFoundError
 
-from engine import metrics
-from engine.scheduler.fairness import FairShare
-from engine.scheduler.fleet import Fleet, LatencyEstimator
-from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
-from engine.supervise import guarded
-from topics import Bus, streams, subjects
-from topics.messages import Assignment, ReadyOp, WorkerInfo
-from topics.operators import pool_of
-from topics.transport import Consumer
+from flowmesh.engine import metrics
+from flowmesh.engine.scheduler.fairness import FairShare
+from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
+from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from flowmesh.engine.supervise import guarded
+from flowmesh.topics import Bus, streams, subjects
+from flowmesh.topics.messages import Assignment, ReadyOp, WorkerInfo
+from flowmesh.topics.operators import pool_of
+from flowmesh.topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.scheduler")
 

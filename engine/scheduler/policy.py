@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from engine.scheduler.fairness import FairShare, TenantPolicy
-from engine.scheduler.fleet import Fleet, LatencyEstimator
-from engine.scheduler.utility import TERMS, Weights, estimate, terms, utility
+from flowmesh.engine.scheduler.fairness import FairShare, TenantPolicy
+from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
+from flowmesh.engine.scheduler.utility import TERMS, Weights, estimate, terms, utility
 
 NEG = -math.inf
 

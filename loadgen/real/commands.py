@@ -26,9 +26,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from engine.spec import SpecError
-from loadgen.real.results import ModeResult
-from loadgen.real.workload import RealWorkload, load_real_workload
+from flowmesh.engine.spec import SpecError
+from flowmesh.loadgen.real.results import ModeResult
+from flowmesh.loadgen.real.workload import RealWorkload, load_real_workload
 
 MODES = ("fabric", "isolated", "ray")
 console = Console()
@@ -56,7 +56,7 @@ def _env() -> None:
 async def run_modes(
     wl: RealWorkload, modes: list[str], out_dir: Path, bar: Progress | None, timeout_s: float
 ) -> list[ModeResult]:
-    from loadgen.real.fabric_modes import run_fabric_mode
+    from flowmesh.loadgen.real.fabric_modes import run_fabric_mode
 
     tasks: dict[str, TaskID] = {}
 
@@ -71,7 +71,7 @@ async def run_modes(
     for mode in modes:
         shutil.rmtree(out_dir / mode, ignore_errors=True)  # a stale JetStream store
         if mode == "ray":
-            from loadgen.real.ray_mode import run_ray_mode
+            from flowmesh.loadgen.real.ray_mode import run_ray_mode
 
             results.append(await run_ray_mode(wl, tick, timeout_s))
         else:
@@ -82,8 +82,8 @@ async def run_modes(
 def write_run(
     out_dir: Path, wl: RealWorkload, results: list[ModeResult], meta: dict[str, object], plots: bool
 ) -> list[Path]:
-    from loadgen.real.report import markdown, run_doc, write_json
-    from loadgen.real.report import plots as make_plots
+    from flowmesh.loadgen.real.report import markdown, run_doc, write_json
+    from flowmesh.loadgen.real.report import plots as make_plots
 
     title = (
         f"{wl.name}: {len(wl.tenants)} tenants, {len(wl.submissions)} workflows x "
@@ -171,8 +171,8 @@ def overhead_cmd(
     no_plots: bool,
 ) -> None:
     """No-op operators through the fabric vs raw JetStream vs Ray tasks (ops/s)."""
-    from loadgen.real.overhead import overhead_markdown, run_overhead
-    from loadgen.real.report import bar_plot, write_json
+    from flowmesh.loadgen.real.overhead import overhead_markdown, run_overhead
+    from flowmesh.loadgen.real.report import bar_plot, write_json
 
     if ops < 1 or workers < 1:
         raise click.BadParameter("--ops and --workers must be at least 1")

@@ -30,16 +30,17 @@ from pathlib import Path
 import structlog
 import yaml
 
-from engine.client import FlowMesh
-from engine.cost import cost_report
-from engine.local import LocalFabric, free_port
-from loadgen.real.results import ModeResult, Progress, WorkflowResult, no_progress
-from loadgen.real.workload import RealWorkload, Submission
-from topics.messages import DedupScope
+from flowmesh import configs
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.cost import cost_report
+from flowmesh.engine.local import LocalFabric, free_port
+from flowmesh.loadgen.real.results import ModeResult, Progress, WorkflowResult, no_progress
+from flowmesh.loadgen.real.workload import RealWorkload, Submission
+from flowmesh.topics.messages import DedupScope
 
 log = structlog.get_logger("flowmesh.loadgen")
 
-DEFAULT_SCHEDULER = Path(__file__).resolve().parents[2] / "configs" / "scheduler" / "default.yaml"
+DEFAULT_SCHEDULER = configs.path("scheduler", "default.yaml")
 REGISTER_TIMEOUT_S = 600.0  # workers build/load their model before they register
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.executors.transform import transform
+from flowmesh.workers.executors.transform import transform
 
 
 @transform("bench.noop", kind="map")

@@ -27,10 +27,10 @@ from typing import Any
 import nats
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from engine.client import FlowMesh
-from engine.local import LocalFabric, free_port
-from loadgen.real.results import Progress, no_progress
-from topics.messages import DatasetSpec, NodeSpec, WorkflowSpec
+from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.local import LocalFabric, free_port
+from flowmesh.loadgen.real.results import Progress, no_progress
+from flowmesh.topics.messages import DatasetSpec, NodeSpec, WorkflowSpec
 
 RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "bench.raw"
@@ -158,7 +158,7 @@ async def fabric_noop(fab: LocalFabric, n: int, timeout_s: float) -> tuple[float
 def ray_noop(n: int, workers: int) -> float:
     import ray
 
-    from loadgen.real.ray_mode import noop_task, ray_init, warm
+    from flowmesh.loadgen.real.ray_mode import noop_task, ray_init, warm
 
     ray_init(workers)
     try:
@@ -189,7 +189,7 @@ async def run_overhead(
         nats_url=f"nats://127.0.0.1:{free_port()}",
         cas_url=f"file://{out_dir / 'fabric' / 'cas'}",
         workers=workers,
-        worker_args=["--no-models", "--plugin", "loadgen.real.noop"],
+        worker_args=["--no-models", "--plugin", "flowmesh.loadgen.real.noop"],
         # a burst of 20k operators keeps the engine's loop busy: do not take a worker
         # whose heartbeat it reads late for dead (reclaiming would be measured too)
         engine_args=["--dead-after", "30"],

@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.spec import topo_order
-from loadgen.real.results import ModeResult, Progress, WorkflowResult, no_progress
-from loadgen.real.workload import RealWorkload, Submission
-from topics import codec
-from topics.cas import open_cas
-from topics.operators import KINDS, executor_id, parse_params
-from workers.executors import Executor, OpError, OpInput, Record, builtin_executors
-from workers.runtime import WorkerConfig
+from flowmesh.engine.spec import topo_order
+from flowmesh.loadgen.real.results import ModeResult, Progress, WorkflowResult, no_progress
+from flowmesh.loadgen.real.workload import RealWorkload, Submission
+from flowmesh.topics import codec
+from flowmesh.topics.cas import open_cas
+from flowmesh.topics.operators import KINDS, executor_id, parse_params
+from flowmesh.workers.executors import Executor, OpError, OpInput, Record, builtin_executors
+from flowmesh.workers.runtime import WorkerConfig
 
 # per Ray worker process: executors and loaded models, like a fabric worker keeps them
 _EXECUTORS: dict[str, Executor] = {}
@@ -38,7 +38,7 @@ _MODELS: dict[str, Any] = {}
 def _executors() -> dict[str, Executor]:
     if not _EXECUTORS:
         # the no-op transform too, for the overhead benchmark's Ray side
-        _EXECUTORS.update(builtin_executors(["loadgen.real.noop"], generate_backend="hf"))
+        _EXECUTORS.update(builtin_executors(["flowmesh.loadgen.real.noop"], generate_backend="hf"))
     return _EXECUTORS
 
 
@@ -46,7 +46,7 @@ def _model(source: str) -> Any:
     """Load a model source the way a worker does: publish it into a (private) CAS,
     then load it through the worker's ModelCache."""
     if source not in _MODELS:
-        from workers.models import ModelCache, publish_source
+        from flowmesh.workers.models import ModelCache, publish_source
 
         async def load() -> Any:
             tmp = Path(tempfile.mkdtemp(prefix="fm-ray-"))

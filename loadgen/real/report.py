@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadgen.real.results import ModeResult, ratios
+from flowmesh.loadgen.real.results import ModeResult, ratios
 
 
 def _f(v: float, fmt: str = ".2f") -> str:

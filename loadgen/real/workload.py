@@ -30,8 +30,8 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-from engine.spec import SpecError, parse_spec
-from topics.messages import DedupScope, WorkflowSpec
+from flowmesh.engine.spec import SpecError, parse_spec
+from flowmesh.topics.messages import DedupScope, WorkflowSpec
 
 Process = Literal["poisson", "bursty", "uniform"]
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from engine.scheduler import rightsize
-from loadgen.sim.pool import can_run
+from flowmesh.engine.scheduler import rightsize
+from flowmesh.loadgen.sim.pool import can_run
 
 if TYPE_CHECKING:
-    from loadgen.sim.simulator import Simulation
+    from flowmesh.loadgen.sim.simulator import Simulation
 
 
 def allowance(sim: Simulation, scale_up: str = "backlog") -> dict[str, int]:

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.scheduler.fairness import FairShare
-from engine.scheduler.fleet import Fleet
-from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
-from loadgen.sim.metrics import PolicyResult, simulate
-from loadgen.sim.workload import Workload, parse_workload
+from flowmesh.engine.scheduler.fairness import FairShare
+from flowmesh.engine.scheduler.fleet import Fleet
+from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from flowmesh.loadgen.sim.metrics import PolicyResult, simulate
+from flowmesh.loadgen.sim.workload import Workload, parse_workload
 
 GPU_KINDS = ("generate", "score", "embed", "train")
 CPU_KINDS = ("map", "filter", "group")

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from engine.scheduler.fleet import Fleet
-from engine.scheduler.policy import PolicyConfig
-from loadgen.sim.policies import FlowMeshPolicy, make_policy
-from loadgen.sim.simulator import Simulation
-from loadgen.sim.workload import Workload
+from flowmesh.engine.scheduler.fleet import Fleet
+from flowmesh.engine.scheduler.policy import PolicyConfig
+from flowmesh.loadgen.sim.policies import FlowMeshPolicy, make_policy
+from flowmesh.loadgen.sim.simulator import Simulation
+from flowmesh.loadgen.sim.workload import Workload
 
 
 @dataclass

@@ -19,18 +19,18 @@ import copy
 import time
 from typing import TYPE_CHECKING
 
-from engine.scheduler.fairness import FairShare
-from engine.scheduler.fleet import Fleet, LatencyEstimator
-from engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
-from engine.scheduler.rightsize import idle_to_keep
-from loadgen.sim.autoscale import allowance
-from loadgen.sim.pool import SimWorker, can_run, ensure_resident
-from loadgen.sim.readyq import Exec
-from loadgen.sim.workload import SimSettings
+from flowmesh.engine.scheduler.fairness import FairShare
+from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
+from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from flowmesh.engine.scheduler.rightsize import idle_to_keep
+from flowmesh.loadgen.sim.autoscale import allowance
+from flowmesh.loadgen.sim.pool import SimWorker, can_run, ensure_resident
+from flowmesh.loadgen.sim.readyq import Exec
+from flowmesh.loadgen.sim.workload import SimSettings
 
 if TYPE_CHECKING:
-    from loadgen.sim.simulator import Simulation
-    from loadgen.sim.workload import Stage, WorkflowRun
+    from flowmesh.loadgen.sim.simulator import Simulation
+    from flowmesh.loadgen.sim.workload import Stage, WorkflowRun
 
 POLICIES = ("flowmesh", "shared-fifo", "isolated")
 RIGHT_AFTER = 1e-3  # s: after the current instant's scheduling round

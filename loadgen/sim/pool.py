@@ -20,10 +20,10 @@ import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from engine.scheduler.fleet import DeviceClass, Fleet
+from flowmesh.engine.scheduler.fleet import DeviceClass, Fleet
 
 if TYPE_CHECKING:
-    from loadgen.sim.readyq import Exec
+    from flowmesh.loadgen.sim.readyq import Exec
 
 
 class SimWorker:

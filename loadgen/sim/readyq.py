@@ -12,10 +12,10 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from engine.scheduler.policy import ReadyItem
+from flowmesh.engine.scheduler.policy import ReadyItem
 
 if TYPE_CHECKING:
-    from loadgen.sim.workload import Op
+    from flowmesh.loadgen.sim.workload import Op
 
 READY, RUNNING, DONE = 0, 1, 2
 

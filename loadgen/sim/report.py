@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from loadgen.sim.metrics import PolicyResult, ratios
+from flowmesh.loadgen.sim.metrics import PolicyResult, ratios
 
 
 def _x(v: float) -> str:

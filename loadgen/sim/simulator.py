@@ -20,12 +20,12 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from engine.scheduler.fleet import Fleet, LatencyModel
-from engine.scheduler.policy import PolicyConfig, ReadyItem
-from loadgen.sim.clock import Clock, Ev
-from loadgen.sim.pool import Emulator, SimWorker, WorkerPool, can_run, kind_pools
-from loadgen.sim.readyq import DONE, Exec, ReadyQueue
-from loadgen.sim.workload import (
+from flowmesh.engine.scheduler.fleet import Fleet, LatencyModel
+from flowmesh.engine.scheduler.policy import PolicyConfig, ReadyItem
+from flowmesh.loadgen.sim.clock import Clock, Ev
+from flowmesh.loadgen.sim.pool import Emulator, SimWorker, WorkerPool, can_run, kind_pools
+from flowmesh.loadgen.sim.readyq import DONE, Exec, ReadyQueue
+from flowmesh.loadgen.sim.workload import (
     Op,
     Stage,
     WorkflowInstance,
@@ -36,7 +36,7 @@ from loadgen.sim.workload import (
 )
 
 if TYPE_CHECKING:
-    from loadgen.sim.policies import SimPolicy
+    from flowmesh.loadgen.sim.policies import SimPolicy
 
 Progress = Callable[[int, int], None]
 

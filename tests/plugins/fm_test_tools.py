@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from workers.executors.tool import tool
+from flowmesh.workers.executors.tool import tool
 
 
 def _count(name: str, record: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from workers.executors.transform import transform
+from flowmesh.workers.executors.transform import transform
 
 
 @transform("test.slow_upper", kind="map")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from workers.executors.base import Executor, OpError, OpInput, Outcome, Record
-from workers.executors.embed import EmbedExecutor
-from workers.executors.evaluate import EvalExecutor
-from workers.executors.generate import GenerateExecutor
-from workers.executors.score import ScoreExecutor
-from workers.executors.select import SelectExecutor
-from workers.executors.tool import ToolExecutor, registered_tools
-from workers.executors.train import TrainExecutor
-from workers.executors.transform import (
+from flowmesh.workers.executors.base import Executor, OpError, OpInput, Outcome, Record
+from flowmesh.workers.executors.embed import EmbedExecutor
+from flowmesh.workers.executors.evaluate import EvalExecutor
+from flowmesh.workers.executors.generate import GenerateExecutor
+from flowmesh.workers.executors.score import ScoreExecutor
+from flowmesh.workers.executors.select import SelectExecutor
+from flowmesh.workers.executors.tool import ToolExecutor, registered_tools
+from flowmesh.workers.executors.train import TrainExecutor
+from flowmesh.workers.executors.transform import (
     FilterExecutor,
     GroupExecutor,
     JoinExecutor,
@@ -21,7 +21,7 @@ from workers.executors.transform import (
     load_plugins,
     registered,
 )
-from workers.executors.vllm_backend import Backend, make_generate_executor
+from flowmesh.workers.executors.vllm_backend import Backend, make_generate_executor
 
 # The @transform decorator is not re-exported: `workers.executors.transform` must stay the
 # submodule (plugins write `from workers.executors.transform import transform`).

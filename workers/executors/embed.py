@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from topics.operators import EmbedParams
-from workers.executors.base import OpError, OpInput, Outcome, Record
-from workers.executors.transform import source_hash
+from flowmesh.topics.operators import EmbedParams
+from flowmesh.workers.executors.base import OpError, OpInput, Outcome, Record
+from flowmesh.workers.executors.transform import source_hash
 
 
 @cache

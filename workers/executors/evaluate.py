@@ -15,10 +15,10 @@ import sys
 from functools import cache
 from typing import Any
 
-from topics.operators import EvalParams
-from workers.executors.base import OpError, OpInput, Outcome, Record, params_as, run_each
-from workers.executors.score import as_text, normalise, text_matches
-from workers.executors.transform import ALL_MAX_BATCH, source_hash
+from flowmesh.topics.operators import EvalParams
+from flowmesh.workers.executors.base import OpError, OpInput, Outcome, Record, params_as, run_each
+from flowmesh.workers.executors.score import as_text, normalise, text_matches
+from flowmesh.workers.executors.transform import ALL_MAX_BATCH, source_hash
 
 
 @cache

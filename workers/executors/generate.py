@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from topics.codec import canonical
-from topics.operators import GenerateParams
-from workers.executors.base import OpError, OpInput, Outcome, Record
-from workers.executors.transform import source_hash
+from flowmesh.topics.codec import canonical
+from flowmesh.topics.operators import GenerateParams
+from flowmesh.workers.executors.base import OpError, OpInput, Outcome, Record
+from flowmesh.workers.executors.transform import source_hash
 
 if TYPE_CHECKING:
     import torch

@@ -19,10 +19,10 @@ import sys
 from functools import cache
 from typing import Any
 
-from topics.operators import ScoreParams
-from workers.executors.base import OpError, OpInput, Outcome, Record, one_record, params_as
-from workers.executors.generate import GenerateExecutor
-from workers.executors.transform import source_hash, text_template
+from flowmesh.topics.operators import ScoreParams
+from flowmesh.workers.executors.base import OpError, OpInput, Outcome, Record, one_record, params_as
+from flowmesh.workers.executors.generate import GenerateExecutor
+from flowmesh.workers.executors.transform import source_hash, text_template
 
 # Rules take microseconds, but a judge batch holds its records while it generates (16 at
 # a time, generate's own bound): 64 keeps one judge batch to a few generate passes.

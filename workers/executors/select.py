@@ -26,10 +26,10 @@ import sys
 from functools import cache
 from typing import Any
 
-from topics.codec import canonical
-from topics.operators import SelectParams
-from workers.executors.base import OpError, OpInput, Outcome, Record, params_as, run_each
-from workers.executors.transform import ALL_MAX_BATCH, source_hash
+from flowmesh.topics.codec import canonical
+from flowmesh.topics.operators import SelectParams
+from flowmesh.workers.executors.base import OpError, OpInput, Outcome, Record, params_as, run_each
+from flowmesh.workers.executors.transform import ALL_MAX_BATCH, source_hash
 
 Scored = tuple[float, Record]
 

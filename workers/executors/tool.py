@@ -5,7 +5,7 @@ arguments. A tool is `fn(record, **args) -> dict`: the record plus what the tool
 Register one with the `@tool` decorator, in this module or in a plugin module loaded with
 `load_tool_plugins` (the workers' `--plugin` list loads transforms and tools alike):
 
-    from workers.executors.tool import tool
+    from flowmesh.workers.executors.tool import tool
 
     @tool("web.fetch", deterministic=False)
     def fetch(record, url_field="url"): ...
@@ -33,10 +33,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from topics.codec import canonical
-from topics.operators import NONDETERMINISTIC
-from workers.executors import registry
-from workers.executors.base import (
+from flowmesh.topics.codec import canonical
+from flowmesh.topics.operators import NONDETERMINISTIC
+from flowmesh.workers.executors import registry
+from flowmesh.workers.executors.base import (
     OpError,
     OpInput,
     Outcome,
@@ -45,7 +45,7 @@ from workers.executors.base import (
     one_record,
     run_each,
 )
-from workers.executors.transform import source_hash
+from flowmesh.workers.executors.transform import source_hash
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from topics.operators import TrainParams
-from workers.executors.base import OpError, OpInput, Outcome, Record
-from workers.executors.transform import source_hash
+from flowmesh.topics.operators import TrainParams
+from flowmesh.workers.executors.base import OpError, OpInput, Outcome, Record
+from flowmesh.workers.executors.transform import source_hash
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ EVAL_CHUNK = 16  # examples per forward pass when measuring the loss over the wh
 
 @cache
 def _module_version() -> str:
-    from workers.models import adapters
+    from flowmesh.workers.models import adapters
 
     # the adapter's serialisation is part of what this executor outputs
     return f"1+{source_hash(sys.modules[__name__])}.{source_hash(adapters)[:6]}"
@@ -138,7 +138,7 @@ def examples(records: list[Record], params: TrainParams, model: Any) -> list[Exa
 
 
 def train_one(op: OpInput, model: Any) -> Record:
-    from workers.models.adapters import AdapterFiles, adapter_files
+    from flowmesh.workers.models.adapters import AdapterFiles, adapter_files
 
     try:
         params = msgspec.convert(op.params, type=TrainParams)
@@ -177,7 +177,7 @@ def trainable_copy(model: Any, params: TrainParams) -> Any:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from workers.models.adapters import attention_targets, is_lora, shared_copy
+    from flowmesh.workers.models.adapters import attention_targets, is_lora, shared_copy
 
     if getattr(model, "peft_model", None) is not None:
         # continue: share the base weights, copy the adapter's LoRA weights to train them

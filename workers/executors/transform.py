@@ -26,10 +26,10 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from topics.codec import canonical
-from topics.operators import GroupParams, JoinParams, TokenizeParams
-from workers.executors import registry
-from workers.executors.base import (
+from flowmesh.topics.codec import canonical
+from flowmesh.topics.operators import GroupParams, JoinParams, TokenizeParams
+from flowmesh.workers.executors import registry
+from flowmesh.workers.executors.base import (
     OpError,
     OpInput,
     Outcome,

@@ -41,11 +41,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-import workers.executors.generate as hf
-from topics.operators import GenerateParams
-from workers.executors.base import Executor, OpError, OpInput, Outcome
-from workers.executors.generate import GenerateExecutor, GenerateStats, Row
-from workers.executors.transform import source_hash
+import flowmesh.workers.executors.generate as hf
+from flowmesh.topics.operators import GenerateParams
+from flowmesh.workers.executors.base import Executor, OpError, OpInput, Outcome
+from flowmesh.workers.executors.generate import GenerateExecutor, GenerateStats, Row
+from flowmesh.workers.executors.transform import source_hash
 
 Backend = Literal["auto", "hf", "vllm"]
 BACKENDS: tuple[Backend, ...] = ("auto", "hf", "vllm")

@@ -2,14 +2,14 @@
 
 Importing this package does not import torch; loading, converting and training do."""
 
-from workers.models.adapters import (
+from flowmesh.workers.models.adapters import (
     AdapterFiles,
     adapter_digest,
     put_adapter,
     store_artifacts,
 )
-from workers.models.sources import BUILTIN_SOURCES, publish_source
-from workers.models.store import (
+from flowmesh.workers.models.sources import BUILTIN_SOURCES, publish_source
+from flowmesh.workers.models.store import (
     LoadedModel,
     ModelCache,
     ModelManifest,
@@ -19,7 +19,7 @@ from workers.models.store import (
     load_model,
     put_model,
 )
-from workers.models.tiny_llama import TINY_LLAMA_NAME, ModelFiles, build_tiny_llama
+from flowmesh.workers.models.tiny_llama import TINY_LLAMA_NAME, ModelFiles, build_tiny_llama
 
 __all__ = [
     "BUILTIN_SOURCES",

