@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from flowmesh.engine import keys, metrics
+from flowmesh.engine.shards import check_shard, done_consumer_name, shard_of
 from flowmesh.engine.spec import SpecError, topo_order, validate
 from flowmesh.engine.supervise import guarded
 from flowmesh.topics import Bus, codec, streams, subjects
@@ -104,6 +106,12 @@ class WorkflowRun:
     error: str | None = None
     ended_at: float | None = None
     failure: OpFailure | None = None
+    # operators done in the status a previous planner wrote: a replaying planner does not
+    # write a lower count over it (progress never goes backwards)
+    done_floor: int = 0
+
+    def ops_done(self) -> int:
+        return sum(n.status.done for n in self.nodes.values() if n.spec is not None)
 
     def to_status(self) -> WorkflowStatus:
         return WorkflowStatus(
@@ -150,7 +158,12 @@ class Planner:
         resolve_wait_s: float = 60.0,
         status_interval_s: float = 0.25,
         max_attempts: int | None = None,
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
+        check_shard(shard, shards)
+        self.shard = shard
+        self.shards = shards  # this planner plans the workflows whose id hashes to shard
         self.bus = bus
         self.cas = cas
         self.resolve_wait_s = resolve_wait_s
@@ -250,15 +263,20 @@ class Planner:
         if sub is None:
             return
         wf_id = sub.workflow_id
+        if shard_of(wf_id, self.shards) != self.shard:
+            return  # another shard's workflow (it dead-letters it if it is malformed)
         if wf_id in self.runs or not subjects.is_token(wf_id):
             if wf_id not in self.runs:
                 await self.bus.dead_letter("planner", subject, f"bad workflow id {wf_id!r}", data)
             return
+        recorded: WorkflowStatus | None = None
         try:
             get = functools.partial(self.kv_wf.get, wf_id)
             entry = await self.bus.retrying("read workflow", get)
-            if entry.value and codec.decode(entry.value, WorkflowStatus).state != "running":
-                return  # finished before this planner started
+            if entry.value:
+                recorded = codec.decode(entry.value, WorkflowStatus)
+                if recorded.state != "running":
+                    return  # finished before this planner started
         except KeyNotFoundError:
             pass
         try:
@@ -274,6 +292,8 @@ class Planner:
             await self._reject(sub, f"spec could not be validated: {type(exc).__name__}: {exc}")
             return
         run = self._new_run(sub, order)
+        if recorded is not None:
+            run.done_floor = sum(n.done for n in recorded.nodes.values())
         self.runs[wf_id] = run
         self._dirty.add(wf_id)
         log.info("workflow accepted", workflow=wf_id, tenant=sub.spec.tenant, nodes=len(order))
@@ -545,14 +565,16 @@ class Planner:
 
     async def _done_loop(self) -> None:
         psub: Consumer
-        if self.bus.kafka is not None:  # a committed offset in group planner-done
-            psub = await self.bus.kafka.consumer([subjects.DONE], streams.PLANNER_DONE)
+        # one durable consumer per shard: every shard sees every completion
+        name = done_consumer_name(self.shard, self.shards)
+        if self.bus.kafka is not None:  # a committed offset in the shard's group
+            psub = await self.bus.kafka.consumer([subjects.DONE], name)
         else:
             psub = await self.bus.js.pull_subscribe(
                 subjects.DONE,
-                durable=streams.PLANNER_DONE,
+                durable=name,
                 stream=streams.STREAM_DONE,
-                config=streams.planner_done_consumer(),
+                config=dataclasses.replace(streams.planner_done_consumer(), durable_name=name),
             )
         while not self._stopping.is_set():
             try:
@@ -731,6 +753,12 @@ class Planner:
                 log.warning("status write failed", workflow=wf_id, error=repr(exc))
 
     async def _write_status(self, run: WorkflowRun) -> None:
+        if run.state == "running" and run.ops_done() < run.done_floor:
+            # replaying after a restart: the recorded status shows more; written once
+            # the replay caught up (every completion marks the run dirty again)
+            self._dirty.discard(run.wf_id)
+            return
+        run.done_floor = 0
         data = codec.encode(run.to_status())
         await self.bus.retrying("write status", functools.partial(self.kv_wf.put, run.wf_id, data))
         self._dirty.discard(run.wf_id)

@@ -94,7 +94,9 @@ class Bus:
             log.info("nats reconnected", client=name, reconnects=link.reconnects)
 
         nc = await nats.connect(
-            url,
+            # "nats://a:4222,nats://b:4222": every server of a cluster, so a client fails
+            # over to another when the one it is on dies
+            [u.strip() for u in url.split(",") if u.strip()],
             name=name,
             connect_timeout=connect_timeout,
             max_reconnect_attempts=-1,  # a shared component outlives a nats restart
