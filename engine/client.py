@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
-from flowmesh.engine.spec import SpecError, validate
+from flowmesh.engine.spec import Catalog, SpecError, validate
 from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.cas import CAS, Record, open_cas
 from flowmesh.topics.messages import (
@@ -35,7 +35,6 @@ from flowmesh.topics.messages import (
     WorkflowSpec,
     WorkflowStatus,
 )
-from flowmesh.topics.operators import KINDS, executor_id
 
 
 class WorkflowFailed(RuntimeError):
@@ -110,12 +109,11 @@ class FlowMesh:
                 tenant=tenant,
                 dedup_scope=spec.dedup_scope,
             )
-        validate(spec)
+        # one validation with the workers' catalog: every problem in one answer
+        validate(spec, await self.catalog() if check_executors else None)
         wf_id = workflow_id or f"wf-{uuid.uuid4().hex[:16]}"
         if not subjects.is_token(wf_id):
             raise SpecError([f"workflow id {wf_id!r} must match [A-Za-z0-9_-]{{1,64}}"])
-        if check_executors:
-            await self._check_executors(spec)
         datasets = {}
         for name, ds in spec.datasets.items():
             if ds.digest is not None:
@@ -140,33 +138,32 @@ class FlowMesh:
         await self.bus.publish(subjects.SUBMIT, msg, msg_id=wf_id)
         return wf_id
 
-    async def _check_executors(self, spec: WorkflowSpec) -> None:
-        """Reject unknown transforms and models up front when workers have advertised
-        what they run; with no worker registered yet the planner waits for one."""
+    async def catalog(self) -> Catalog | None:
+        """What workers advertise (executors, models, transform signatures), to reject
+        unknown transforms, models and bad transform params up front; None with no worker
+        registered yet (the planner then waits for one)."""
         kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
         try:
-            known = set(await kv_exec.keys())
+            keys = set(await kv_exec.keys())
         except NoKeysError:
-            return
+            return None
         kv_models = await self.bus.kv(streams.KV_MODELS)
         try:
             models = set(await kv_models.keys())
         except NoKeysError:
             models = set()
-        problems = []
-        for node in spec.nodes:
-            ex = executor_id(KINDS[node.op].name, node.fn)
-            if ex not in known:
-                fns = sorted(k.split(".", 1)[1] for k in known if k.startswith(node.op + "."))
-                hint = f" (registered: {', '.join(fns)})" if fns else ""
-                problems.append(f"node {node.name!r}: no worker runs {ex}{hint}")
-            if node.model and node.model not in models:
-                problems.append(
-                    f"node {node.name!r}: unknown model {node.model!r} "
-                    f"(known: {', '.join(sorted(models)) or 'none'})"
-                )
-        if problems:
-            raise SpecError(problems)
+        signatures: dict[str, dict[str, tuple[str, bool]]] = {}
+        for key in keys:
+            if not key.startswith(streams.SIGNATURE_PREFIX):
+                continue
+            try:
+                entry = await kv_exec.get(key)
+                raw = codec.decode(entry.value or b"", dict[str, tuple[str, bool]])
+            except (KeyNotFoundError, codec.DecodeError):
+                continue  # not checked here; the worker still checks at run time
+            signatures[key.removeprefix(streams.SIGNATURE_PREFIX)] = raw
+        executors = frozenset(k for k in keys if not k.startswith(streams.SIGNATURE_PREFIX))
+        return Catalog(executors, frozenset(models), signatures)
 
     # --- observe --------------------------------------------------------------------
 

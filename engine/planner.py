@@ -304,7 +304,7 @@ class Planner:
                 if ds.digest is None:
                     raise CASError("dataset was not uploaded (no digest)")
                 records = await self.cas.get_table(ds.digest)
-                digests = list(await asyncio.gather(*(self.cas.put_record(r) for r in records)))
+                digests = await self.cas.put_records(records)  # off the event loop
             except CASError as exc:
                 await self._fail(run, f"dataset {name!r}: {exc}")
                 return

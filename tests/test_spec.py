@@ -147,3 +147,82 @@ def test_demo_workflow_loads_with_resolved_paths() -> None:
     s = load_spec(REPO / "configs" / "workflows" / "demo.yaml")
     path = s.datasets["questions"].path
     assert path is not None and Path(path).is_file()
+
+
+# --- limits and catalog checks (issue 17 item 1, issue 15 item 5) ---------------------
+
+
+def chain(n: int) -> dict:
+    nodes = [{"name": "n0", "op": "map", "fn": "text.upper", "input": "src"}]
+    nodes += [
+        {"name": f"n{i}", "op": "map", "fn": "text.upper", "input": f"n{i - 1}"}
+        for i in range(1, n)
+    ]
+    return spec(*nodes)
+
+
+def test_validation_is_linear_in_the_graph() -> None:
+    import time
+
+    from flowmesh.engine import spec as spec_mod
+
+    # at the node limit, then at a tenth of it: ratios in one run, not a wall-time figure
+    small, big = chain(spec_mod.MAX_NODES // 10), chain(spec_mod.MAX_NODES)
+    timings = []
+    for data in (small, big):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            topo_order(parse_spec(data))
+        timings.append(time.perf_counter() - t0)
+    # linear: 10x the nodes costs about 10x (quadratic was 100x); generous for noise
+    assert timings[1] / timings[0] < 40, timings
+
+
+def test_limits_give_clear_errors() -> None:
+    from flowmesh.engine import spec as spec_mod
+
+    over = problems_of(chain(spec_mod.MAX_NODES + 1))
+    assert f"the limit is {spec_mod.MAX_NODES}" in over
+
+    deep: object = "x"
+    for _ in range(900):
+        deep = {"d": deep}
+    node = {"name": "a", "op": "map", "fn": "text.upper", "input": "src"}
+    nested = problems_of(spec(node, datasets={"src": {"records": [{"text": "a"}, {"d": deep}]}}))
+    assert f"record 1 is nested deeper than {spec_mod.MAX_DEPTH} levels" in nested
+
+    big = {"text": "x" * (spec_mod.MAX_RECORD_BYTES + 1)}
+    assert "record 0 is" in problems_of(spec(node, datasets={"src": {"records": [big]}}))
+
+    many = [{"text": "a"}] * (spec_mod.MAX_DATASET_RECORDS + 1)
+    assert "the limit is" in problems_of(spec(node, datasets={"src": {"records": many}}))
+
+
+def test_every_problem_is_reported_at_once_with_the_catalog() -> None:
+    from flowmesh.engine.spec import Catalog, validate
+    from flowmesh.topics.codec import convert
+    from flowmesh.topics.messages import WorkflowSpec
+
+    data = spec(
+        {"name": "a", "op": "map", "fn": "no.such", "inputs": ["b"]},
+        {"name": "b", "op": "generate", "model": "nope", "inputs": ["a"]},
+        {"name": "c", "op": "filter", "fn": "field.min_words", "inputs": ["src"],
+         "params": {"min": "three", "colour": 1}},
+        {"name": "d", "op": "group", "inputs": ["missing"], "params": {"by": "x", "agg": "count"}},
+        {"name": "e", "op": "generate", "model": "m", "adapter": "c", "inputs": ["src"]},
+    )  # fmt: skip
+    catalog = Catalog(
+        executors=frozenset({"map.text.upper", "filter.field.min_words", "generate", "group"}),
+        models=frozenset({"m"}),
+        signatures={"filter.field.min_words": {"min": ("int", True), "field": ("str", False)}},
+    )
+    with pytest.raises(SpecError) as info:
+        validate(convert(data, WorkflowSpec), catalog)
+    text = "\n".join(info.value.problems)
+    assert "cycle: " in text
+    assert "no worker runs map.no.such" in text
+    assert "unknown model 'nope'" in text
+    assert "parameter 'min' is int, got str" in text
+    assert "takes no parameter 'colour'" in text
+    assert "missing input 'missing'" in text
+    assert "adapter 'c' is not a train node" in text

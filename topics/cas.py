@@ -93,6 +93,17 @@ class FileBackend:
         return self.root / name[:2] / name[2:4] / f"{name}.zst"
 
     async def put(self, name: str, data: bytes) -> None:
+        self._put_sync(name, data)
+
+    async def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Write many blobs in one thread hop: file writes would block the event loop."""
+        await asyncio.to_thread(self._put_many_sync, items)
+
+    def _put_many_sync(self, items: list[tuple[str, bytes]]) -> None:
+        for name, data in items:
+            self._put_sync(name, data)
+
+    def _put_sync(self, name: str, data: bytes) -> None:
         path = self._path(name)
         if path.exists():
             # a blob written again is in use again: refresh its age so a garbage
@@ -199,6 +210,10 @@ class NatsObjectBackend:
 
 
 # what JetStream accepts as an object store name
+# Blobs larger than this are hashed and (de)compressed in a thread, off the event loop.
+OFF_LOOP_BYTES = 256 * 1024
+PUT_CHUNK = 1000  # records per thread hop in put_records
+
 _BUCKET_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FRACTION_RE = re.compile(r"(\.\d{6})\d+")
 
@@ -222,6 +237,8 @@ class CAS:
     def __init__(self, backend: BlobBackend, max_blob_bytes: int = 1 << 30) -> None:
         self.backend = backend
         self.max_blob_bytes = max_blob_bytes
+        # used on the event loop only; threads make their own (zstd contexts are not
+        # thread-safe)
         self._cctx = zstandard.ZstdCompressor(level=3)
         self._dctx = zstandard.ZstdDecompressor()
 
@@ -238,18 +255,49 @@ class CAS:
         data = bytes(data)
         if len(data) > self.max_blob_bytes:
             raise CASError(f"blob of {len(data)} bytes exceeds the {self.max_blob_bytes} limit")
-        actual = sha256_hex(data)
+        if len(data) > OFF_LOOP_BYTES:
+            # hashing and compressing a large blob would hold every other task of the
+            # caller's event loop (the engine's serves all tenants)
+            actual, packed = await asyncio.to_thread(self._pack, data)
+        else:
+            actual, packed = sha256_hex(data), self._cctx.compress(data)
         if digest is not None and check_name(digest) != actual:
             raise DigestMismatch(f"content has digest {actual}, not the claimed {digest}")
-        await self.backend.put(actual, self._cctx.compress(data))
+        await self.backend.put(actual, packed)
         return actual
+
+    def _pack(self, data: bytes) -> tuple[str, bytes]:
+        # a compressor per call: the shared one is not safe across threads
+        return sha256_hex(data), zstandard.ZstdCompressor(level=3).compress(data)
+
+    async def put_records(self, records: builtins.list[Record]) -> builtins.list[str]:
+        """Store many records; their digests in order. Encoding, hashing and compressing
+        run in a thread, and the writes go out a chunk at a time, so a dataset of 60k
+        records does not hold the event loop for seconds."""
+        out: builtins.list[str] = []
+        for start in range(0, len(records), PUT_CHUNK):
+            chunk = records[start : start + PUT_CHUNK]
+            packed = await asyncio.to_thread(
+                lambda rows: [self._pack(canonical(r)) for r in rows], chunk
+            )
+            if isinstance(self.backend, FileBackend):
+                await self.backend.put_many(packed)
+            else:
+                await asyncio.gather(*(self.backend.put(d, b) for d, b in packed))
+            out.extend(d for d, _ in packed)
+        return out
 
     async def get(self, digest: str) -> bytes:
         raw = await self.backend.get(self._check(digest))
         if raw is None:
             raise BlobNotFound(digest)
+        if len(raw) > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(self._unpack, digest, raw, zstandard.ZstdDecompressor())
+        return self._unpack(digest, raw, self._dctx)
+
+    def _unpack(self, digest: str, raw: bytes, dctx: zstandard.ZstdDecompressor) -> bytes:
         try:
-            data = self._dctx.decompress(raw, max_output_size=self.max_blob_bytes)
+            data = dctx.decompress(raw, max_output_size=self.max_blob_bytes)
         except zstandard.ZstdError as exc:
             raise CorruptBlob(f"{digest}: cannot decompress: {exc}") from exc
         if sha256_hex(data) != digest:
@@ -293,10 +341,11 @@ class CAS:
         return list(await asyncio.gather(*(self.get_record(d) for d in digests)))
 
     async def put_table(self, records: builtins.list[Record]) -> str:
-        return await self.put(records_to_arrow(records))
+        # Arrow conversion of a large dataset takes seconds: off the event loop
+        return await self.put(await asyncio.to_thread(records_to_arrow, records))
 
     async def get_table(self, digest: str) -> builtins.list[Record]:
-        return arrow_to_records(await self.get(digest))
+        return await asyncio.to_thread(arrow_to_records, await self.get(digest))
 
 
 def _json(digest: str, data: bytes) -> Any:

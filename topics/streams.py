@@ -36,6 +36,8 @@ KV_OPS = "fm_ops"  # operator key -> OpState
 KV_WF = "fm_wf"  # workflow id -> WorkflowStatus
 KV_WORKERS = "fm_workers"  # worker id -> WorkerInfo (heartbeat)
 KV_EXECUTORS = "fm_executors"  # executor id -> version advertised by workers
+# "params.<executor id>" -> a transform's parameters {name: [type, required]} (JSON)
+SIGNATURE_PREFIX = "params."
 KV_MODELS = "fm_models"  # model name -> weights digest advertised by workers
 KV_REQUESTS = "fm_requests"  # "<op key>.<workflow id>" -> OpRequest
 OBJ_CAS = "fm_cas"  # object-store CAS backend

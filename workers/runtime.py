@@ -149,6 +149,10 @@ class Worker:
         kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
         for ex in self.executors.values():
             await kv_exec.put(ex.id, self.versions[ex.id].encode())
+            signature = getattr(ex, "signature", None)
+            if signature is not None:
+                # a transform's typed parameters: submissions are checked against them
+                await kv_exec.put(streams.SIGNATURE_PREFIX + ex.id, codec.encode(signature))
         kv_models = await self.bus.kv(streams.KV_MODELS)
         for name, digest in self.model_digests.items():
             await kv_models.put(name, digest.encode())

@@ -280,6 +280,24 @@ def field_exists(record: Record, field: str) -> bool:
 # --- map / filter -----------------------------------------------------------------------
 
 
+def param_signature(sig: inspect.Signature) -> dict[str, tuple[str, bool]]:
+    """name -> (annotation as written, required) for every parameter after the record."""
+    out: dict[str, tuple[str, bool]] = {}
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        ann = p.annotation
+        text = (
+            "Any"
+            if ann is p.empty
+            else ann
+            if isinstance(ann, str)
+            else getattr(ann, "__name__", str(ann))
+        )
+        out[p.name] = (str(text), p.default is p.empty)
+    return out
+
+
 class _TransformExecutor:
     max_batch = RECORD_MAX_BATCH
 
@@ -300,6 +318,12 @@ class _TransformExecutor:
     @property
     def version(self) -> str:
         return self._t.version
+
+    @property
+    def signature(self) -> dict[str, tuple[str, bool]]:
+        """Its parameters past the record, name -> (type name, required): workers
+        advertise it so a submission's params are checked before anything runs."""
+        return param_signature(self._signature)
 
     def _call(self, record: Record, args: dict[str, Any]) -> Any:
         name = self._t.name

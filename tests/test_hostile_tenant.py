@@ -1,0 +1,135 @@
+"""A hostile tenant replays each attack of issue 17 through the gateway, with real
+per-tenant credentials on a nats-server that enforces them (the fabric of
+tests/test_tenancy.py): the attacker gets a clear error or its own workflow fails, and a
+second tenant's small workflow, run at the same time, still completes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowmesh.engine import spec as limits
+from flowmesh.engine.tenant_client import GatewayError, TenantClient
+from flowmesh.topics import codec
+from tests.test_tenancy import AuthFabric, auth_fabric, spec
+
+__all__ = ["auth_fabric"]  # the module-scoped fabric, shared with test_tenancy's layout
+
+pytestmark = pytest.mark.slow
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def gateway_up(client: TenantClient) -> None:
+    """The fixture waits for a worker; the engine's gateway may subscribe a moment later."""
+    for _ in range(300):
+        try:
+            await client.call("list")
+            return
+        except GatewayError as exc:
+            if exc.code != "unavailable":
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError("the gateway did not come up")
+
+
+async def run_victim(b: TenantClient) -> float:
+    """Tenant b's small workflow, start to completion, in seconds."""
+    t0 = time.monotonic()
+    wf = await b.submit(spec("victim", uuid.uuid4().hex[:8], scope="tenant"))
+    status = await b.wait(wf, timeout=120)
+    assert status.state == "completed", status.error
+    return time.monotonic() - t0
+
+
+async def under_attack(
+    b: TenantClient, attack: Callable[[], Awaitable[Any]]
+) -> tuple[float, float, Any]:
+    """(victim alone, victim during the attack, what the attack returned)."""
+    alone = await run_victim(b)
+    outcome, during = await asyncio.gather(attack(), run_victim(b))
+    # the attack table's figures (pytest -s shows them)
+    name = getattr(attack, "__name__", attack)
+    print(f"attack {name}: victim {alone:.2f}s alone, {during:.2f}s during")
+    return alone, during, outcome
+
+
+async def refused(a: TenantClient, verb: str, body: Any) -> GatewayError:
+    with pytest.raises(GatewayError) as info:
+        await a.call(verb, body)
+    return info.value
+
+
+def raw_spec(nodes: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"spec": {"name": "attack", "datasets": {"src": {"records": records}}, "nodes": nodes}}
+
+
+async def test_inputs_that_blocked_the_engine_get_clear_errors(auth_fabric: AuthFabric) -> None:
+    """A record nested 900 deep (26 s and 2.7 GB of engine before), a 5,000-node chain
+    (22 s of validation), a 60k-record dataset: refused or bounded, and b is unharmed."""
+    engine = auth_fabric.fabric.engine_proc
+    assert engine is not None
+    async with (
+        await TenantClient.from_creds(auth_fabric.creds("a"), timeout=60) as a,
+        await TenantClient.from_creds(auth_fabric.creds("b"), timeout=60) as b,
+    ):
+        await gateway_up(b)
+        await run_victim(b)  # warm: the first workflow pays for connections and imports
+        rss_start = rss_mb(engine.pid)
+        upper = {"name": "u", "op": "map", "fn": "text.upper", "inputs": ["src"]}
+
+        deep: Any = "x"
+        for _ in range(900):
+            deep = [deep]
+        nested = raw_spec([upper], [{"text": "a", "deep": deep}])
+
+        chain = [{**upper, "name": "n0"}] + [
+            {**upper, "name": f"n{i}", "inputs": [f"n{i - 1}"]} for i in range(1, 5000)
+        ]
+        long_chain = raw_spec(chain, [{"text": "a"}])
+
+        async def attack() -> list[GatewayError]:
+            errors = []
+            for body in [nested] * 10 + [long_chain] * 3:
+                errors.append(await refused(a, "submit", body))
+            return errors
+
+        alone, during, errors = await under_attack(b, attack)
+        assert all(e.code == "bad_request" for e in errors)
+        assert f"nested deeper than {limits.MAX_DEPTH} levels" in str(errors[0])
+        assert f"5000 nodes; the limit is {limits.MAX_NODES}" in str(errors[-1])
+        assert during < 2 * alone, (alone, during)
+
+        # a dataset as large as the gateway takes (60k small records) converts off the
+        # loop: b's workflow does not wait behind it
+        group = {
+            "name": "g",
+            "op": "group",
+            "inputs": ["src"],
+            "params": {"by": "c", "agg": "count"},
+        }
+        big = raw_spec([group], [{"c": i % 10} for i in range(60_000)])
+        assert len(codec.encode(big)) < 768 * 1024
+
+        async def big_dataset() -> str:
+            reply = await a.call("submit", big)
+            return str(reply["workflow_id"])
+
+        alone, during, wf = await under_attack(b, big_dataset)
+        assert during < 2 * alone, (alone, during)
+        await a.wait(wf, timeout=60, raise_on_failure=False)
+
+        # memory returns: within 20% of the start
+        await asyncio.sleep(1.0)
+        assert rss_mb(engine.pid) < 1.2 * rss_start, (rss_start, rss_mb(engine.pid))
