@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,6 @@ from flowmesh.topics.cas import records_to_arrow
 from flowmesh.topics.messages import WorkflowStatus
 
 DEMO = configs.path("workflows", "demo.yaml")
-FLEET = configs.path("fleet", "default.yaml")
-POLICY = configs.path("scheduler", "default.yaml")
 
 
 @click.group()
@@ -54,79 +53,6 @@ def main(log_level: str | None) -> None:
 
 
 # --- running the fabric ---------------------------------------------------------------
-
-
-@main.command()
-@nats_option
-@bus_options
-@scheduler_option
-@data_option
-@cas_option
-@click.option(
-    "--dead-after",
-    default=5.0,
-    show_default=True,
-    help="seconds without a heartbeat before a worker's work is reclaimed",
-)
-@click.option(
-    "--fleet",
-    "fleet_path",
-    type=click.Path(exists=True, path_type=Path),
-    default=lambda: str(FLEET) if FLEET.exists() else None,
-    help="fleet profile: device classes, prices, power, latency models",
-)
-@click.option(
-    "--scheduler-config",
-    "policy_path",
-    type=click.Path(exists=True, path_type=Path),
-    default=lambda: str(POLICY) if POLICY.exists() else None,
-    help="utility weights, fair-share tenants, linger",
-)
-@creds_option
-@click.option(
-    "--metrics-port",
-    default=lambda: int(os.environ.get("FLOWMESH_METRICS_PORT", "0")),
-    type=int,
-    show_default="$FLOWMESH_METRICS_PORT or 0 (off)",
-    help="serve Prometheus /metrics on this port (0: off)",
-)
-@click.option(
-    "--console-port",
-    default=lambda: int(os.environ.get("FLOWMESH_CONSOLE_PORT", "0")),
-    type=int,
-    show_default="$FLOWMESH_CONSOLE_PORT or 0 (off)",
-    help="serve the web console on this port (0: off)",
-)
-def engine(
-    nats_url: str,
-    data_dir: Path,
-    cas_url: str | None,
-    dead_after: float,
-    fleet_path: Path | None,
-    policy_path: Path | None,
-    creds_path: str,
-    metrics_port: int,
-    console_port: int,
-) -> None:
-    """Run the engine (planner + scheduler + tenant gateway) in the foreground."""
-    from flowmesh.engine.service import serve
-    from flowmesh.topics.creds import CredsError, resolve_url
-
-    try:
-        url = resolve_url(nats_url, creds_path)
-    except CredsError as exc:
-        raise click.UsageError(str(exc)) from exc
-    asyncio.run(
-        serve(
-            url,
-            _cas(cas_url, data_dir),
-            dead_after,
-            fleet_path,
-            policy_path,
-            metrics_port=metrics_port,
-            console_port=console_port,
-        )
-    )
 
 
 @main.command()
@@ -163,6 +89,17 @@ def engine(
     show_default=True,
     help="with --autoscale: seconds a worker sits idle before it retires",
 )
+@click.option(
+    "--no-models", is_flag=True, help="workers serve no model (transforms and tools only)"
+)
+@click.option(
+    "--planner-shards",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0),
+    help="planner processes, each planning the workflows that hash to it; the scheduler "
+    "and the gateway run in processes of their own (0: the whole engine in one process)",
+)
 def up(
     nats_url: str,
     data_dir: Path,
@@ -176,29 +113,48 @@ def up(
     autoscale: bool,
     max_workers: int,
     idle_grace: float,
+    no_models: bool,
+    planner_shards: int,
 ) -> None:
-    """Run engine + N local workers (and a nats-server if none is reachable) until Ctrl-C."""
+    """Run the engine and N local workers (and a nats-server if none is reachable), and
+    restart any of them that dies, until Ctrl-C or SIGTERM."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    # set before anything starts: a signal while it starts still stops all of it
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     fabric = LocalFabric(
         data_dir=data_dir,
         nats_url=nats_url,
         cas_url=_cas(cas_url, data_dir),
         workers=0 if autoscale else n_workers,  # the autoscaler starts its own
-        worker_args=[a for m in models for a in ("--model", m)],
+        worker_args=(["--no-models"] if no_models else [a for m in models for a in ("--model", m)]),
         creds=Path(creds_path) if creds_path else None,
         nats_config=nats_config,
         metrics_port=metrics_port,
         console_port=console_port,
+        planner_shards=planner_shards,
     )
     with fabric:
+        engine = f"{planner_shards} planner shard(s)" if planner_shards else "one engine"
         console.print(
-            f"FlowMesh up: nats {nats_url}, CAS {fabric.cas_url}, {n_workers} workers; "
-            f"logs in {fabric.log_dir}. Ctrl-C to stop."
+            f"FlowMesh up: nats {nats_url}, CAS {fabric.cas_url}, {engine}, {n_workers} "
+            f"workers; logs in {fabric.log_dir}. Ctrl-C to stop."
         )
         if console_port:
             console.print(f"console http://127.0.0.1:{console_port}/  (or: flowmesh top)")
         if metrics_port:
+            parts = (
+                f"scheduler; planner shards on {metrics_port - 1} down to "
+                f"{metrics_port - planner_shards}, gateway {metrics_port - 1 - planner_shards}"
+                if planner_shards
+                else "engine"
+            )
             console.print(
-                f"metrics http://127.0.0.1:{metrics_port}/metrics (engine), "
+                f"metrics http://127.0.0.1:{metrics_port}/metrics ({parts}), "
                 f"ports {metrics_port + 1}.. (workers)"
             )
         scaler = None
@@ -209,17 +165,14 @@ def up(
                 fabric, n_workers, max(n_workers, max_workers), idle_grace
             ).start()
             console.print(f"autoscaling {n_workers}..{max(n_workers, max_workers)} workers")
-        try:
-            while True:
-                time.sleep(1)
-                dead = [name for name, ok in fabric.alive().items() if not ok]
-                if "engine" in dead:
-                    console.print("[red]engine exited; see its log[/red]")
-                    break
-        except KeyboardInterrupt:
-            console.print("stopping...")
+        # the fabric keeps serving while a process is down: its work waits on the bus
+        while not stopping.wait(0.5):
+            for name in fabric.supervise():
+                console.print(f"[yellow]{name} exited; restarted it (see its log)[/yellow]")
+        console.print("stopping...")
         if scaler is not None:
             scaler.stop()
+    console.print("stopped")
 
 
 @main.command()
@@ -540,6 +493,7 @@ def _register_subcommands() -> None:
     # lists them
     from flowmesh.engine.auth import auth_group
     from flowmesh.engine.cache import cache_group
+    from flowmesh.engine.cli_procs import COMMANDS
     from flowmesh.engine.cost import cost_command
     from flowmesh.engine.lineage import lineage_command
     from flowmesh.engine.top import top_command
@@ -549,6 +503,8 @@ def _register_subcommands() -> None:
     main.add_command(cache_group)
     main.add_command(cost_command)
     main.add_command(auth_group)
+    for command in COMMANDS:  # engine, planner, scheduler, gateway
+        main.add_command(command)
 
 
 _register_subcommands()

