@@ -17,7 +17,13 @@ import yaml
 
 from flowmesh.topics import codec
 from flowmesh.topics.messages import DatasetSpec, NodeSpec, WorkflowSpec
-from flowmesh.topics.operators import KINDS, executor_id, parse_params
+from flowmesh.topics.operators import (
+    KINDS,
+    MAX_TRAIN_BATCH,
+    MAX_TRAIN_STEPS,
+    executor_id,
+    parse_params,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -239,6 +245,12 @@ def _check_node(node: NodeSpec, sources: set[str], ops: Mapping[str, str]) -> li
             # only a train node's output is loaded as an adapter: any other node would let
             # a record name a blob (`adapter: <digest>`) and probe what the CAS holds
             problems.append(f"{where}: adapter {node.adapter!r} is not a train node")
+    if node.op == "train":
+        steps, batch = node.params.get("steps", 0), node.params.get("batch_size", 0)
+        if isinstance(steps, int) and steps > MAX_TRAIN_STEPS:
+            problems.append(f"{where}: steps {steps} > {MAX_TRAIN_STEPS}, one train's limit")
+        if isinstance(batch, int) and batch > MAX_TRAIN_BATCH:
+            problems.append(f"{where}: batch_size {batch} > {MAX_TRAIN_BATCH}, the limit")
     if len(codec.encode(node.params)) > MAX_PARAMS_BYTES:
         problems.append(f"{where}: params are larger than {MAX_PARAMS_BYTES} bytes")
     else:

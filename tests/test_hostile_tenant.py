@@ -99,13 +99,13 @@ async def test_inputs_that_blocked_the_engine_get_clear_errors(auth_fabric: Auth
         ]
         long_chain = raw_spec(chain, [{"text": "a"}])
 
-        async def attack() -> list[GatewayError]:
+        async def nested_and_chain() -> list[GatewayError]:
             errors = []
             for body in [nested] * 10 + [long_chain] * 3:
                 errors.append(await refused(a, "submit", body))
             return errors
 
-        alone, during, errors = await under_attack(b, attack)
+        alone, during, errors = await under_attack(b, nested_and_chain)
         assert all(e.code == "bad_request" for e in errors)
         assert f"nested deeper than {limits.MAX_DEPTH} levels" in str(errors[0])
         assert f"5000 nodes; the limit is {limits.MAX_NODES}" in str(errors[-1])
@@ -133,3 +133,61 @@ async def test_inputs_that_blocked_the_engine_get_clear_errors(auth_fabric: Auth
         # memory returns: within 20% of the start
         await asyncio.sleep(1.0)
         assert rss_mb(engine.pid) < 1.2 * rss_start, (rss_start, rss_mb(engine.pid))
+
+
+async def test_tenant_patterns_and_params_run_bounded(auth_fabric: AuthFabric) -> None:
+    """`(a+)+$` froze every worker in turn (b's 0.6 s workflow took 121.6 s); a 12 KB join
+    made 90,000 records; `{text:>100000000}` a 100 MB record; `steps: 10**12` ran forever."""
+    async with (
+        await TenantClient.from_creds(auth_fabric.creds("a"), timeout=60) as a,
+        await TenantClient.from_creds(auth_fabric.creds("b"), timeout=60) as b,
+    ):
+        await gateway_up(b)
+        evil = [{"text": "a" * n + "!"} for n in range(28, 40)]
+        regex = {
+            "name": "s",
+            "op": "score",
+            "inputs": ["src"],
+            "params": {"rule": "regex", "pattern": "(a+)+$", "field": "text"},
+        }
+
+        async def backtracking_regex() -> Any:
+            wf = str((await a.call("submit", raw_spec([regex], evil)))["workflow_id"])
+            return await a.wait(wf, timeout=60)
+
+        alone, during, status = await under_attack(b, backtracking_regex)
+        assert status.state == "completed"  # RE2: no match, in linear time
+        assert during < 2 * alone, (alone, during)
+        scores = await a.result(status.workflow_id, "s")
+        assert [r["score"] for r in scores] == [0.0] * len(evil)
+
+        # the workflows that ask for unbounded output fail, with the limit in the error
+        keys = [{"k": 1, "i": i} for i in range(300)]
+        join = {"name": "j", "op": "join", "inputs": ["src", "right"], "params": {"on": "k"}}
+        joined = raw_spec([join], keys)
+        joined["spec"]["datasets"]["right"] = {"records": keys}
+        template = {
+            "name": "t",
+            "op": "map",
+            "fn": "text.template",
+            "inputs": ["src"],
+            "params": {"template": "{text:>100000000}", "output_field": "out"},
+        }
+        for body, expect in (
+            (joined, "more than 10000 output records"),
+            (raw_spec([template], [{"text": "x"}]), "limited to 10000"),
+        ):
+            wf = str((await a.call("submit", body))["workflow_id"])
+            status = await a.wait(wf, timeout=60, raise_on_failure=False)
+            assert status.state == "failed" and expect in (status.error or ""), status.error
+
+        # an unbounded train is refused before anything runs
+        train = {
+            "name": "tr",
+            "op": "train",
+            "model": "m",
+            "inputs": ["src"],
+            "params": {"method": "sft", "steps": 10**12},
+        }
+        error = await refused(a, "submit", raw_spec([train], [{"text": "x"}]))
+        assert "steps 1000000000000 > 10000" in str(error)

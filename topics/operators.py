@@ -96,6 +96,12 @@ class SelectParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     threshold: float = 0.5  # rejection: keep samples scoring at least this
 
 
+# One train operator's bounds (checked at submit and by the worker): `steps: 10**12` ran
+# forever on a shared worker. Longer training is a chain of train nodes.
+MAX_TRAIN_STEPS = 10_000
+MAX_TRAIN_BATCH = 256
+
+
 class TrainParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A LoRA fine-tuning step on the node's model; the output is one record naming
     the adapter's digest in the CAS (and the loss before and after)."""

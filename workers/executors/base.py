@@ -6,6 +6,8 @@ of its batch, run in a thread so the worker keeps heartbeating while it computes
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -13,6 +15,41 @@ from typing import Any, Protocol
 import msgspec
 
 Record = dict[str, Any]
+
+# What one operator may produce and how long it may run: tenants' params choose the work
+# (a 12 KB join gave 90,000 records, a template `{text:>100000000}` a 100 MB record,
+# `train steps: 10**12` ran forever), and a worker is shared by every tenant.
+MAX_OUTPUT_RECORDS = 10_000  # records one operator writes
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # one operator's records, as JSON
+MAX_FIELD_WIDTH = 10_000  # a width or precision in a template's format spec
+OP_WALL_S = float(os.environ.get("FLOWMESH_OP_WALL_S", "900"))  # one operator's run
+
+
+class Deadline:
+    """An operator's wall-time budget, checked by executors that loop (train steps)."""
+
+    def __init__(self, seconds: float = OP_WALL_S) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def check(self, who: str) -> None:
+        if time.monotonic() > self.end:
+            raise OpError(f"{who}: ran past the {self.seconds:.0f} s limit of one operator")
+
+
+def check_output(who: str, records: list[Record]) -> list[Record]:
+    """An operator's output within MAX_OUTPUT_RECORDS and MAX_OUTPUT_BYTES, or OpError."""
+    if len(records) > MAX_OUTPUT_RECORDS:
+        raise OpError(
+            f"{who}: {len(records)} output records; one operator may write at most "
+            f"{MAX_OUTPUT_RECORDS}"
+        )
+    size = sum(len(msgspec.json.encode(r)) for r in records)
+    if size > MAX_OUTPUT_BYTES:
+        raise OpError(
+            f"{who}: output of {size} bytes; one operator may write at most {MAX_OUTPUT_BYTES}"
+        )
+    return records
 
 
 @dataclass(frozen=True)
@@ -83,11 +120,12 @@ def params_as(executor_id: str, typ: type[Any], raw: dict[str, Any]) -> Any:
 
 
 def run_each(batch: list[OpInput], fn: Callable[[OpInput], list[Record]]) -> list[Outcome]:
-    """Apply fn per operator; an OpError it raises is that operator's outcome."""
+    """Apply fn per operator; an OpError it raises, or an output over the limits, is that
+    operator's outcome."""
     outcomes: list[Outcome] = []
     for op in batch:
         try:
-            outcomes.append(fn(op))
+            outcomes.append(check_output(op.key[:12], fn(op)))
         except OpError as exc:
             outcomes.append(exc)
     return outcomes

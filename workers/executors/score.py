@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
+
+import re2
 
 from flowmesh.topics.operators import ScoreParams
 from flowmesh.workers.executors.base import OpError, OpInput, Outcome, Record, one_record, params_as
@@ -29,6 +31,33 @@ from flowmesh.workers.executors.transform import source_hash, text_template
 SCORE_MAX_BATCH = 64
 
 _NUMBER_RE = re.compile(r"[-+]?\d+(?:\.\d+)?")
+# A tenant's pattern runs in RE2: time linear in the text, whatever the pattern ("(a+)+$"
+# backtracked in Python's re for longer each extra "a", holding the GIL, so the worker
+# stopped heartbeating), and memory bounded by max_mem. Backreferences and lookaround,
+# which only a backtracking engine can run, are refused with the reason.
+REGEX_MAX_MEM = 8 << 20
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # bad patterns are the tenant's error, not our log's
+_RE2_OPTIONS.max_mem = REGEX_MAX_MEM
+
+
+@lru_cache(maxsize=256)
+def compile_pattern(pattern: str) -> Any:
+    """A tenant's regex compiled by RE2, or OpError saying why it cannot be."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        detail = (
+            exc.args[0].decode(errors="replace")
+            if exc.args and isinstance(exc.args[0], bytes)
+            else str(exc)
+        )
+        raise OpError(
+            f"score regex: bad pattern {pattern!r}: {detail} (patterns run in RE2: no "
+            "backreferences or lookaround)"
+        ) from exc
+
+
 _JUDGE_PROMPT = "prompt"  # field names of the synthetic records handed to generate
 _JUDGE_REPLY = "reply"
 
@@ -85,11 +114,7 @@ def rule_score(p: ScoreParams, record: Record) -> float:
     if p.rule == "regex":
         if p.pattern is None:
             raise OpError("score regex: needs `pattern`")
-        try:
-            compiled = re.compile(p.pattern)  # re keeps its own cache of compiled patterns
-        except re.error as exc:
-            raise OpError(f"score regex: bad pattern {p.pattern!r}: {exc}") from exc
-        return float(compiled.search(text) is not None)
+        return float(compile_pattern(p.pattern).search(text) is not None)
     if p.rule == "length":
         if p.target_len is None or p.target_len < 1:
             raise OpError(f"score length: needs target_len >= 1, got {p.target_len}")

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from flowmesh.topics.operators import TrainParams
-from flowmesh.workers.executors.base import OpError, OpInput, Outcome, Record
+from flowmesh.topics.operators import MAX_TRAIN_BATCH, MAX_TRAIN_STEPS, TrainParams
+from flowmesh.workers.executors.base import Deadline, OpError, OpInput, Outcome, Record
 from flowmesh.workers.executors.transform import source_hash
 
 if TYPE_CHECKING:
@@ -146,6 +146,11 @@ def train_one(op: OpInput, model: Any) -> Record:
         raise OpError(f"train: bad params: {exc}") from exc
     if params.steps < 1 or params.batch_size < 1 or params.lr <= 0 or params.lora_r < 1:
         raise OpError("train: steps, batch_size, lora_r must be >= 1 and lr > 0")
+    if params.steps > MAX_TRAIN_STEPS or params.batch_size > MAX_TRAIN_BATCH:
+        raise OpError(
+            f"train: at most {MAX_TRAIN_STEPS} steps and batch_size {MAX_TRAIN_BATCH} per "
+            "operator (chain train nodes for more)"
+        )
     if getattr(model, "task", "causal-lm") != "causal-lm":
         raise OpError(f"train: needs a causal LM, the model is a {model.task}")
     if len(op.inputs) != 1:
@@ -154,7 +159,9 @@ def train_one(op: OpInput, model: Any) -> Record:
         raise OpError("train: no examples")
     data = examples(op.inputs[0], params, model)
     peft_model = trainable_copy(model, params)
-    loss_before, loss_after = fit(peft_model.get_base_model(), data, params, _pad_id(model))
+    loss_before, loss_after = fit(
+        peft_model.get_base_model(), data, params, _pad_id(model), Deadline()
+    )
     return {
         "adapter": AdapterFiles(model.digest, adapter_files(peft_model)),
         "base": model.digest,
@@ -219,7 +226,13 @@ def _batches(n: int, params: TrainParams) -> Iterator[list[int]]:
         order = order[size:]
 
 
-def fit(lm: Any, data: list[Example], params: TrainParams, pad_id: int) -> tuple[float, float]:
+def fit(
+    lm: Any,
+    data: list[Example],
+    params: TrainParams,
+    pad_id: int,
+    deadline: Deadline | None = None,
+) -> tuple[float, float]:
     """Train the LoRA weights of `lm` in place; returns (loss before, loss after) over
     the whole input."""
     import torch
@@ -235,6 +248,8 @@ def fit(lm: Any, data: list[Example], params: TrainParams, pad_id: int) -> tuple
     # no weight decay: LoRA's B starts at zero and decaying it only fights the update
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     for idx in _batches(len(data), params):
+        if deadline is not None:
+            deadline.check("train")  # the operator's wall-time limit, between steps
         opt.zero_grad(set_to_none=True)
         loss = _loss(lm, [data[i] for i in idx], params, ref_logps[idx], pad_id)
         loss.backward()

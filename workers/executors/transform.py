@@ -30,6 +30,9 @@ from flowmesh.topics.codec import canonical
 from flowmesh.topics.operators import GroupParams, JoinParams, TokenizeParams
 from flowmesh.workers.executors import registry
 from flowmesh.workers.executors.base import (
+    MAX_FIELD_WIDTH,
+    MAX_OUTPUT_BYTES,
+    MAX_OUTPUT_RECORDS,
     OpError,
     OpInput,
     Outcome,
@@ -183,6 +186,16 @@ class _FieldsOnlyFormatter(string.Formatter):
             raise ValueError(f"attribute access is not allowed in templates: {{{field_name}}}")
         return super().get_field(field_name, args, kwargs)
 
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        # widths and precisions come from tenants: `{text:>100000000}` is a 100 MB record
+        for number in re.findall(r"\d+", format_spec):
+            if len(number) > 6 or int(number) > MAX_FIELD_WIDTH:
+                raise ValueError(
+                    f"format spec {format_spec!r}: widths and precisions are limited to "
+                    f"{MAX_FIELD_WIDTH}"
+                )
+        return super().format_field(value, format_spec)
+
 
 _FORMATTER = _FieldsOnlyFormatter()
 
@@ -193,7 +206,24 @@ def text_template(record: Record, template: str, output_field: str) -> Record:
     and store the result in `output_field`."""
     if not isinstance(template, str):
         raise TypeError(f"template is {type(template).__name__}, expected str")
+    _check_template_size(template, record)
     return _with(record, output_field, _FORMATTER.vformat(template, (), record))
+
+
+def _check_template_size(template: str, record: Record) -> None:
+    """Refuse, before building it, a filled template larger than MAX_OUTPUT_BYTES: a
+    64 KB template naming a 256 KB field ten thousand times would be 2.5 GB."""
+    total = 0
+    for literal, field_name, spec, _ in _FORMATTER.parse(template):
+        total += len(literal)
+        if field_name:
+            try:
+                value, _ = _FORMATTER.get_field(field_name, (), record)
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+                continue  # vformat reports it in its own words
+            total += len(str(value)) + sum(int(n) for n in re.findall(r"\d{1,6}", spec or ""))
+        if total > MAX_OUTPUT_BYTES:
+            raise ValueError(f"the filled template would exceed {MAX_OUTPUT_BYTES} bytes")
 
 
 @transform("text.word_count", "map")
@@ -459,6 +489,13 @@ class JoinExecutor(_BuiltinExecutor):
         for rec in left:
             key = rec.get(p.on)
             matches = index.get(canonical(key), []) if key is not None else []
+            # counted before the records are built: 82 KB of keys that all match make
+            # 4M records (852 MB)
+            if len(out) + len(matches) > MAX_OUTPUT_RECORDS:
+                raise OpError(
+                    f"join: more than {MAX_OUTPUT_RECORDS} output records (one operator's "
+                    "limit); join on a more selective field"
+                )
             out.extend({**rec, **m, p.on: key} for m in matches)
             if not matches and p.how == "left":
                 out.append(rec)
