@@ -32,15 +32,16 @@ from flowmesh.engine.cli_options import (
     scheduler_option,
     tenant_creds_option,
 )
-from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.client import FlowMesh, read_records
 from flowmesh.engine.local import LocalFabric, free_port
 from flowmesh.engine.spec import SpecError, load_spec
 from flowmesh.engine.tenant_client import TenantClient
 from flowmesh.topics import codec, logs
 from flowmesh.topics.cas import records_to_arrow
-from flowmesh.topics.messages import WorkflowStatus
+from flowmesh.topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
 
 DEMO = configs.path("workflows", "demo.yaml")
+DEMO_MODEL = "smollm2-135m"
 
 
 @click.group()
@@ -176,8 +177,23 @@ def up(
 
 
 @main.command()
-@click.option("--workers", "n_workers", default=2, show_default=True)
-@models_option
+@click.option("--workers", "n_workers", default=2, show_default=True, help="local worker processes")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    default=(DEMO_MODEL,),
+    show_default=True,
+    help="model the workers serve: smollm2-135m (SmolLM2-135M-Instruct, real text; "
+    "converted once, then cached), tiny-llama (a random-weight tiny Llama: seconds, noise), "
+    "all-minilm-l6-v2, hf:/path. The built-in demo workflow generates with the first one",
+)
+@click.option(
+    "--records",
+    type=click.IntRange(min=1),
+    default=None,
+    help="run on the first N records of each dataset only (a quick check)",
+)
 @click.option(
     "--nats", "nats_url", default=None, help="use this NATS server (default: start a private one)"
 )
@@ -186,32 +202,45 @@ def up(
 def demo(
     n_workers: int,
     models: tuple[str, ...],
+    records: int | None,
     nats_url: str | None,
     data_dir: Path,
     workflow: Path | None,
 ) -> None:
     """Start a private fabric, run a demo workflow end to end, print its results, stop."""
-    workflow = workflow or DEMO
     started = time.monotonic()
+    run_dir = data_dir
     if nats_url is None:
         nats_url = f"nats://127.0.0.1:{free_port()}"
-        data_dir = data_dir / f"demo-{int(time.time())}"
+        run_dir = data_dir / f"demo-{int(time.time())}"
+    # nats store and logs per run; the CAS and the workers' model folder are shared by
+    # every run, so a model converted once (SmolLM2 from its GGUF) is found the next time
     fabric = LocalFabric(
-        data_dir=data_dir,
+        data_dir=run_dir,
         nats_url=nats_url,
         cas_url=_cas(None, data_dir),
-        workers=n_workers,
-        worker_args=[a for m in models for a in ("--model", m)],
+        # one worker first: it converts and caches a model the first time, and the others
+        # then find it in the CAS instead of converting it too
+        workers=1,
+        worker_args=[
+            *(a for m in models for a in ("--model", m)),
+            *("--data-dir", str(data_dir.resolve())),
+        ],
     )
     try:
-        spec = load_spec(workflow)
+        spec = load_spec(workflow or DEMO)
+        if workflow is None:
+            spec = demo_spec(spec, models[0])
+        if records is not None:
+            spec = first_records(spec, records)
     except SpecError as exc:
         console.print(f"[red]{exc}[/red]")
         sys.exit(2)
     with fabric:
         console.print(
             f"fabric up in {time.monotonic() - started:.1f}s "
-            f"(nats {nats_url}, {n_workers} workers, data {data_dir})"
+            f"(nats {nats_url}, {n_workers} workers serving {', '.join(models)}, "
+            f"data {run_dir})"
         )
 
         Outcome = tuple[str, WorkflowStatus, dict[str, list[dict[str, Any]]], float, float]
@@ -219,6 +248,15 @@ def demo(
         async def go() -> Outcome:
             async with await FlowMesh.connect(nats_url, fabric.cas_url) as fm:
                 t_up = time.monotonic()
+                # a first run converts the model (SmolLM2: about a minute), later ones load
+                # it from the cache in seconds
+                console.print(
+                    f"loading {', '.join(models)} (the first run converts a model once and "
+                    "caches it: a minute or more; later runs: seconds)"
+                )
+                await _wait_for_workers(fm, 1, timeout=900)
+                for _ in range(n_workers - 1):
+                    fabric.start_worker()
                 await _wait_for_workers(fm, n_workers)
                 ready = time.monotonic() - t_up
                 t0 = time.monotonic()
@@ -243,6 +281,31 @@ def demo(
         f"submission (workers ready after {ready:.1f}s; {time.monotonic() - started:.1f}s in "
         "all with start-up and shutdown)"
     )
+
+
+def demo_spec(spec: WorkflowSpec, model: str) -> WorkflowSpec:
+    """The built-in demo workflow generating with `model` (what the workers serve)."""
+    nodes = []
+    for n in spec.nodes:
+        if n.model:
+            params = n.params
+            if model == "tiny-llama":
+                # its tokenizer has no chat template
+                params = {k: v for k, v in params.items() if k not in ("chat", "system")}
+            n = msgspec.structs.replace(n, model=model, params=params)
+        nodes.append(n)
+    return msgspec.structs.replace(spec, nodes=nodes)
+
+
+def first_records(spec: WorkflowSpec, n: int) -> WorkflowSpec:
+    """`spec` with each dataset cut to its first `n` records."""
+    datasets = {}
+    for name, ds in spec.datasets.items():
+        if ds.digest is not None:
+            raise SpecError([f"dataset {name!r}: --records cannot cut a dataset given by digest"])
+        rows = ds.records if ds.records is not None else read_records(ds.path or "")
+        datasets[name] = DatasetSpec(records=rows[:n])
+    return msgspec.structs.replace(spec, datasets=datasets)
 
 
 async def _wait_for_workers(fm: FlowMesh, n: int, timeout: float = 120.0) -> None:

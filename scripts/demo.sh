@@ -3,5 +3,5 @@
 # nats-server, the engine and two workers on this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --demo
 exec .venv/bin/flowmesh demo "$@"

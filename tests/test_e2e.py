@@ -194,9 +194,19 @@ async def test_submission_is_idempotent_and_garbage_is_dead_lettered(
 
 
 def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
-    """The README's demo command, as a newcomer runs it (private nats, tiny Llama)."""
+    """The README's demo command, as a newcomer runs it (private nats; the tiny Llama
+    rather than the default SmolLM2, whose first run converts it for a minute)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "flowmesh.engine.cli", "demo", "--data-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "flowmesh.engine.cli",
+            "demo",
+            "--model",
+            "tiny-llama",
+            "--data-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -3,8 +3,8 @@
 Real nats-server, real engine and worker processes (tests/conftest.py `make_fabric`).
 While several tenants' workflows run, workers are SIGKILLed over and over, each while it
 holds a batch where possible, and restarted so capacity stays; the engine is SIGKILLed
-and restarted once too. Afterwards the invariants of DESIGN.md are checked from the
-bus's own records:
+and restarted once too. Afterwards the fabric's invariants (README: "How work flows, and
+why nothing is lost") are checked from the bus's own records:
 
 * every workflow completes, with every operator done (none lost);
 * every operator was committed once: its fm_ops KV history (kept for this test, see

@@ -1,4 +1,4 @@
-"""The package boundaries DESIGN.md requires: engine/ and workers/ speak only via topics/,
+"""The package boundaries: engine/ and workers/ speak only via topics/ (the contract),
 and the folders install as one `flowmesh.*` namespace."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Layouts: a record is its canonical JSON; a manifest is the canonical JSON list o
 digests; a table (source datasets, exported results) is Arrow IPC.
 
 Backends (the `BlobBackend` protocol): local files (the embedded default) and the NATS
-JetStream object store. Issue 8 adds S3.
+JetStream object store and S3-compatible stores (topics/cas_s3.py).
 
 Safety: a blob's name is its digest and nothing else (`check_name`: 64 lowercase hex
 characters), checked by the CAS *and* again by every backend, so no name can reach a path

@@ -184,8 +184,8 @@ class OpRequest(msgspec.Struct, frozen=True):
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
-    """fm.worker.hb.<worker>: registration and heartbeat, sent every second and right
-    after each batch."""
+    """A worker's registration and heartbeat: the value of its key in the fm_workers KV
+    bucket (streams.KV_WORKERS), written every second and right after each batch."""
 
     worker: str
     device_class: str

@@ -1,10 +1,10 @@
-"""The scheduler (first version): ready operators in, batch assignments out.
+"""The live scheduler: ready operators in, batch assignments out.
 
 It holds a pool of ready operators (fetched from `fm.op.ready.>`, acked only once their
-assignment is stored), groups compatible ones (same batch key) across workflows, and
-gives each live worker with a free slot the oldest group it can run, up to the worker's
-batch limit. Issue 4 replaces the choice with the utility function; the mechanics here
-(pool, capacity, reclaim) stay.
+assignment is stored), groups compatible ones (same batch key) across workflows, and asks
+the pure policy (`engine/scheduler/policy.py`, scoring with the utility function of
+`engine/scheduler/utility.py`) which batch goes to which live worker with a free slot;
+the simulator runs the same policy.
 
 Capacity is read from the stream itself: the number of messages on `fm.assign.<worker>`
 is exactly the number of batches a worker holds (work-queue retention drops a message

@@ -200,7 +200,8 @@ def overhead_cmd(
         rates = {"raw JetStream": s["raw_ops_per_s"], "fabric": s["fabric_ops_per_s"]}
         if r.ray_s is not None:
             rates["ray"] = s["ray_ops_per_s"]
-        written.append(bar_plot(out / "overhead.png", f"{ops} no-op operators", rates, "ops/s"))
+        png = bar_plot(out / "overhead.png", f"{ops} no-op operators", rates, "ops/s")
+        written += [png] if png else []
     console.print(overhead_markdown(r))
     console.print(json.dumps({k: v for k, v in s.items() if k.endswith("_per_s")}))
     console.print("wrote " + ", ".join(str(p) for p in written))

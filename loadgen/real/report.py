@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flowmesh.loadgen.pyplot import pyplot
 from flowmesh.loadgen.real.results import ModeResult, ratios
 
 
@@ -80,10 +81,9 @@ def run_doc(title: str, results: Sequence[ModeResult], meta: dict[str, Any]) -> 
 def plots(out: Path, title: str, results: Sequence[ModeResult]) -> list[Path]:
     """latency.png (per-workflow latency CDF per mode) and work.png (worker-seconds and
     operators executed per mode)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return []
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -115,11 +115,10 @@ def plots(out: Path, title: str, results: Sequence[ModeResult]) -> list[Path]:
     return written
 
 
-def bar_plot(path: Path, title: str, values: dict[str, float], ylabel: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def bar_plot(path: Path, title: str, values: dict[str, float], ylabel: str) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))

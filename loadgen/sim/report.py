@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
+from flowmesh.loadgen.pyplot import pyplot
 from flowmesh.loadgen.sim.metrics import PolicyResult, ratios
 
 
@@ -78,10 +79,9 @@ def write_json(path: Path, doc: Mapping[str, Any]) -> None:
 
 def plots(out: Path, title: str, results: Sequence[PolicyResult]) -> list[Path]:
     """cost_energy.png (bars per policy) and latency_cdf.png (workflow latency CDF)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return []
 
     out.mkdir(parents=True, exist_ok=True)
     names = [r.policy for r in results]
