@@ -103,7 +103,7 @@ def test_keda_scales_the_worker_deployments_on_the_schedulers_lag() -> None:
 
 
 def test_images_ports_secrets_and_grace_are_consistent() -> None:
-    deployments = kinds("Deployment")
+    deployments = {**kinds("Deployment"), **kinds("StatefulSet")}
     images = {c["image"] for d in deployments.values() for c in containers(d)}
     assert len(images) == 1, f"one image for engine and workers, not {images}"
     secrets = {n: set(s["stringData"]) for n, s in kinds("Secret").items()}
@@ -116,16 +116,16 @@ def test_images_ports_secrets_and_grace_are_consistent() -> None:
                     assert ref["key"] in secrets.get(ref["name"], set()), (name, ref)
             for src in c.get("envFrom", []):
                 assert src["configMapRef"]["name"] in configmaps
-    # the engine Service reaches the ports the engine listens on
-    engine = containers(deployments["flowmesh-engine"])[0]
+    # the gateway Service reaches the ports the gateway (and its console) listens on
+    engine = containers(deployments["flowmesh-gateway"])[0]
     listening = {p["name"]: p["containerPort"] for p in engine["ports"]}
     env = {e["name"]: e.get("value") for e in engine["env"]}
     assert {int(env["FLOWMESH_METRICS_PORT"]), int(env["FLOWMESH_CONSOLE_PORT"])} == set(
         listening.values()
     )
-    service = kinds("Service")["flowmesh-engine"]
+    service = kinds("Service")["flowmesh-gateway"]
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(listening)
-    labels = deployments["flowmesh-engine"]["spec"]["template"]["metadata"]["labels"]
+    labels = deployments["flowmesh-gateway"]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     # a worker scaled away must get time to finish its batch (its stop grace) and leave
     for name in ("flowmesh-worker", "flowmesh-worker-gpu"):
@@ -171,3 +171,21 @@ def test_streams_are_created_with_the_clusters_replica_count(
         monkeypatch.setenv("FLOWMESH_REPLICAS", bad)
         with pytest.raises(ValueError, match="FLOWMESH_REPLICAS"):
             streams.Layout.from_env()
+
+
+def test_planner_shards_take_their_index_from_the_pod_ordinal() -> None:
+    planner = kinds("StatefulSet")["flowmesh-planner"]
+    c = containers(planner)[0]
+    assert c["args"] == ["flowmesh", "planner"]
+    env = {e["name"]: e for e in c["env"]}
+    # every shard is told how many there are: exactly the StatefulSet's replicas
+    assert int(env["FLOWMESH_PLANNER_SHARDS"]["value"]) == planner["spec"]["replicas"] >= 2
+    field = env["FLOWMESH_PLANNER_SHARD"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field == "metadata.labels['apps.kubernetes.io/pod-index']"
+    service = kinds("Service")[planner["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None"
+    # one scheduler; the rest of the engine runs in its own Deployments
+    deployments = kinds("Deployment")
+    assert deployments["flowmesh-scheduler"]["spec"]["replicas"] == 1
+    assert containers(deployments["flowmesh-scheduler"])[0]["args"] == ["flowmesh", "scheduler"]
+    assert containers(deployments["flowmesh-gateway"])[0]["args"] == ["flowmesh", "gateway"]
