@@ -124,8 +124,9 @@ def up(
     def on_signal(signum: int, frame: object) -> None:
         stopping.set()
 
-    # set before anything starts: a signal while it starts still stops all of it
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # set before anything starts: a signal while it starts still stops all of it. SIGHUP
+    # too: the children have sessions of their own, so a closed terminal reaches `up` alone
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     fabric = LocalFabric(
         data_dir=data_dir,
