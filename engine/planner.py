@@ -60,6 +60,10 @@ log = structlog.get_logger("flowmesh.planner")
 Pos = tuple[int, ...]
 
 FANOUT_WINDOW = 512  # operators a fan-out starts concurrently
+# Submissions accepted at once: one tenant's huge fan-out (or a 60 s wait for an
+# executor to appear) never delays another's acceptance; bounded, so a flood of
+# submissions does not expand without limit.
+ACCEPT_CONCURRENCY = 16
 
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -168,9 +172,15 @@ class Planner:
         self.cas = cas
         self.resolve_wait_s = resolve_wait_s
         self.max_attempts = max_attempts or max_attempts_from_env()
-        # the stream sequence of the last submission handled: where a re-created
-        # submissions consumer resumes after a nats restart
+        # the stream sequence of the last submission taken in, and those taken in but
+        # not yet handled: a re-created submissions consumer resumes after the last one
+        # below which everything was handled (_resume_seq)
         self._submit_seq = 0
+        self._unhandled: set[int] = set()
+        self._accepts: dict[int, asyncio.Task[None]] = {}  # stream seq -> its handling
+        self._accept_slots = asyncio.Semaphore(ACCEPT_CONCURRENCY)
+        self._accept_error: Exception | None = None
+        self._accepting: set[str] = set()  # workflow ids being accepted now
         self.status_interval_s = status_interval_s
         self.runs: dict[str, WorkflowRun] = {}
         self.waiters: dict[str, list[Waiter]] = {}
@@ -199,9 +209,10 @@ class Planner:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for t in self._tasks:
+        accepts = list(self._accepts.values())
+        for t in [*self._tasks, *accepts]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *accepts, return_exceptions=True)
         await self._flush_status()
 
     # --- submissions ----------------------------------------------------------------
@@ -217,13 +228,13 @@ class Planner:
         # idle heartbeats, and its own re-creation is not retried if that one fails).
         while not self._stopping.is_set():
             reconnects = self.bus.reconnects
-            if self._submit_seq:
+            if resume := self._resume_seq():
                 sub = await self.bus.js.subscribe(
                     subjects.SUBMIT,
                     ordered_consumer=True,
                     config=ConsumerConfig(
                         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                        opt_start_seq=self._submit_seq + 1,
+                        opt_start_seq=resume + 1,
                     ),
                 )
             else:
@@ -232,15 +243,46 @@ class Planner:
                 )
             try:
                 while self.bus.reconnects == reconnects and not self._stopping.is_set():
+                    if (error := self._accept_error) is not None:
+                        # as when submissions were handled in turn: the loop restarts
+                        # (guarded) and resumes before the one that failed
+                        self._accept_error = None
+                        raise error
                     try:
                         msg = await sub.next_msg(timeout=1.0)
                     except TimeoutError:
                         continue
-                    await self.handle_submission(msg.subject, msg.data)
-                    self._submit_seq = max(self._submit_seq, msg.metadata.sequence.stream)
+                    seq = msg.metadata.sequence.stream
+                    if seq in self._accepts or (
+                        seq <= self._submit_seq and seq not in self._unhandled
+                    ):
+                        continue  # in hand, or handled (a re-created consumer's replay)
+                    await self._accept_slots.acquire()
+                    self._submit_seq = max(self._submit_seq, seq)
+                    self._unhandled.add(seq)
+                    self._accepts[seq] = asyncio.create_task(
+                        self._accept(seq, msg.subject, msg.data)
+                    )
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    def _resume_seq(self) -> int:
+        """The last submission sequence below which every one was handled."""
+        return min(self._unhandled) - 1 if self._unhandled else self._submit_seq
+
+    async def _accept(self, seq: int, subject: str, data: bytes) -> None:
+        """One submission, handled beside the others (ACCEPT_CONCURRENCY at once)."""
+        try:
+            await self.handle_submission(subject, data)
+            self._unhandled.discard(seq)
+        except Exception as exc:
+            # raised in the submissions loop, which restarts and reads it again
+            log.warning("submission failed; it will be read again", seq=seq, error=repr(exc))
+            self._accept_error = exc
+        finally:
+            del self._accepts[seq]
+            self._accept_slots.release()
 
     async def _kafka_submissions_loop(self) -> None:
         # The same replay on Kafka: the submit topic from its first offset, in no group
@@ -265,10 +307,18 @@ class Planner:
         wf_id = sub.workflow_id
         if shard_of(wf_id, self.shards) != self.shard:
             return  # another shard's workflow (it dead-letters it if it is malformed)
-        if wf_id in self.runs or not subjects.is_token(wf_id):
-            if wf_id not in self.runs:
+        if wf_id in self.runs or wf_id in self._accepting or not subjects.is_token(wf_id):
+            if wf_id not in self.runs and wf_id not in self._accepting:
                 await self.bus.dead_letter("planner", subject, f"bad workflow id {wf_id!r}", data)
             return
+        # a duplicate submission handled beside this one waits for nothing: it is skipped
+        self._accepting.add(wf_id)
+        try:
+            await self._handle_new(sub, wf_id)
+        finally:
+            self._accepting.discard(wf_id)
+
+    async def _handle_new(self, sub: SubmitWorkflow, wf_id: str) -> None:
         recorded: WorkflowStatus | None = None
         try:
             get = functools.partial(self.kv_wf.get, wf_id)

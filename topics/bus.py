@@ -45,6 +45,19 @@ TRANSIENT: tuple[type[Exception], ...] = (
 )
 # How long an operation keeps retrying through an outage before giving up.
 RETRY_S = 60.0
+# Publishes in flight at once in publish_many: enough to pipeline a batch's worth.
+PUBLISH_WINDOW = 256
+# JetStream API error codes that come with a 503 but describe the stream, not an outage:
+# retrying them only delays a clear failure (maximum messages / bytes exceeded,
+# insufficient storage).
+DEFINITIVE_503 = frozenset({10047, 10077, 10078})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying once the link is back: an outage, not an answer."""
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return exc.err_code not in DEFINITIVE_503
+    return isinstance(exc, TRANSIENT)
 
 
 @dataclass
@@ -169,7 +182,11 @@ class Bus:
             try:
                 return await call()
             except TRANSIENT as exc:
-                if self.link.closing or time.monotonic() + delay > deadline:
+                if (
+                    not is_transient(exc)
+                    or self.link.closing
+                    or time.monotonic() + delay > deadline
+                ):
                     raise
                 log.warning("nats unavailable; retrying", what=what, error=repr(exc))
                 await asyncio.sleep(delay)
@@ -185,22 +202,30 @@ class Bus:
             return
         await self.retrying(subject, lambda: self.js.publish(subject, data, headers=headers))
 
-    async def publish_many(self, items: list[tuple[str, Any, str | None]]) -> None:
-        """Publish several messages pipelined, then wait until all are stored."""
+    async def publish_many(
+        self, items: list[tuple[str, Any, str | None]], retry_s: float = RETRY_S
+    ) -> None:
+        """Publish several messages pipelined, then wait until all are stored; a
+        refused one (a full stream, a conflict) raises its APIError.
+
+        Each is a request with the context's timeout, up to PUBLISH_WINDOW in flight. Not
+        nats-py's publish_async: in 2.16 its reply handler raises on a rejected PubAck
+        instead of failing the future, which then never resolves (tests/test_bus_bounds.py)."""
         encoded = [(subject, codec.encode(msg), msg_id) for subject, msg, msg_id in items]
 
         async def send() -> None:
-            futures = []
-            for subject, data, msg_id in encoded:
-                headers = {MSG_ID: msg_id} if msg_id else None
-                futures.append(await self.js.publish_async(subject, data, headers=headers))
-            if futures:
-                await asyncio.gather(*futures)
+            for i in range(0, len(encoded), PUBLISH_WINDOW):
+                await asyncio.gather(
+                    *(
+                        self.js.publish(subject, data, headers={MSG_ID: msg_id} if msg_id else None)
+                        for subject, data, msg_id in encoded[i : i + PUBLISH_WINDOW]
+                    )
+                )
 
         if encoded and self.kafka is not None:
             await self.kafka.publish_many(encoded)
         elif encoded:
-            await self.retrying(f"{len(encoded)} messages", send)
+            await self.retrying(f"{len(encoded)} messages", send, retry_s)
 
     async def decode_or_dead_letter(
         self, component: str, subject: str, data: bytes, typ: type[T]

@@ -46,6 +46,11 @@ INLINE_OUTPUTS = 256  # completions list output digests inline up to this many
 # $FLOWMESH_MAX_RECLAIMS losses (default 6) an operator is failed without running again.
 ISOLATE_AFTER = 2
 DEFAULT_MAX_RECLAIMS = 6
+# An idle worker asks the server whether its assignment consumer still exists this
+# often: a consumer deleted while nothing was fetched (a reclaim after a pause) shows
+# only as fetches that time out, the same as no work.
+CONSUMER_CHECK_S = 5.0
+REJOIN_MAX_DELAY_S = 5.0
 
 
 def max_reclaims_from_env() -> int:
@@ -121,6 +126,11 @@ class Worker:
         self.running_batch = ""  # the batch executing now, announced in heartbeats
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # False while we have no assignment consumer: no heartbeats then, so the
+        # scheduler sends us nothing and reclaims what it sent (it goes elsewhere)
+        self.joined = True
+        self.rejoins = 0  # consumers re-created after losing ours
+        self._consumer_checked = time.monotonic()
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -204,6 +214,8 @@ class Worker:
             await self.kv_workers.delete(self.id)
 
     async def heartbeat(self, stopping: bool = False) -> None:
+        if not self.joined and not stopping:
+            return
         info = WorkerInfo(
             worker=self.id,
             device_class=self.config.device_class,
@@ -265,6 +277,11 @@ class Worker:
         try:
             msgs = await self.psub.fetch(1, timeout=1.0)
         except TimeoutError:
+            # no work, or no consumer: every CONSUMER_CHECK_S of idling, ask
+            if time.monotonic() - self._consumer_checked > CONSUMER_CHECK_S:
+                self._consumer_checked = time.monotonic()
+                if await self._consumer_gone():
+                    await self._rejoin()
             return None
         except Exception as exc:
             # a fetch from a deleted consumer fails like one during a nats restart (no
@@ -274,6 +291,7 @@ class Worker:
             if await self._consumer_gone():
                 await self._rejoin()
             return None
+        self._consumer_checked = time.monotonic()
         return await self._prepare(msgs[0]) if msgs else None
 
     async def _consumer_gone(self) -> bool:
@@ -303,14 +321,29 @@ class Worker:
         alive, so we take new work under a fresh consumer; a late commit of the old work
         changes nothing (compare-and-set)."""
         log.warning("assignment consumer gone; rejoining", worker=self.id)
+        # silent until we have a consumer again: work sent meanwhile would only wait
+        self.joined = False
         with contextlib.suppress(Exception):
             await self.psub.unsubscribe()
-        try:
-            self.psub = await self._subscribe_assignments()
-        except Exception as exc:
-            # the scheduler may still be reading our old assignments back: next fetch
-            log.warning("rejoin failed; will retry", worker=self.id, error=repr(exc))
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                self.psub = await self._subscribe_assignments()
+                break
+            except Exception as exc:
+                # e.g. an older scheduler still reading our assignments back through
+                # its own consumer (err 10100): until it is gone, again
+                log.warning(
+                    "rejoin failed; will retry", worker=self.id, error=repr(exc), delay_s=delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REJOIN_MAX_DELAY_S)
+        else:
             return
+        self.joined = True
+        self.rejoins += 1
+        self._consumer_checked = time.monotonic()
+        log.info("rejoined", worker=self.id, rejoins=self.rejoins)
         with contextlib.suppress(Exception):
             await self.heartbeat()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections import Counter
@@ -239,32 +240,55 @@ class Scheduler:
         log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
 
     async def _take_back_nats(self, wid: str, running: str | None) -> int:
-        """The worker's unacked assignments, re-published as ready; how many operators."""
+        """The worker's unacked assignments, re-published as ready; how many operators.
+
+        Read by subject straight from the stream (message get, then delete), not
+        through a consumer of our own: on a work-queue stream a second consumer filtered
+        on fm.assign.<wid> is refused while the worker's exists (err 10100 'filtered
+        consumer not unique'), and the worker may have re-created its own in between
+        (a false death: it rejoins) or be re-creating it now; ours would also block
+        its re-creation. With no consumer of ours neither side can block the other."""
         js = self.bus.js
+        name = streams.worker_consumer_name(wid)
         with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(streams.STREAM_ASSIGN, streams.worker_consumer_name(wid))
-        sub = await js.pull_subscribe(subjects.assign(wid), stream=streams.STREAM_ASSIGN)
+            await self.bus.retrying(
+                "delete worker consumer",
+                lambda: js.delete_consumer(streams.STREAM_ASSIGN, name),
+                retry_s=10.0,
+            )
         n_ops = 0
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(64, timeout=0.5)
-                except TimeoutError:
-                    break
-                for msg in msgs:
-                    batch = await self.bus.decode_or_dead_letter(
-                        "scheduler", msg.subject, msg.data, Assignment
-                    )
-                    if batch is not None:
-                        n_ops += await self._republish(batch, running)
-                    await msg.ack()
-        finally:
-            # deleted now, not after its inactivity threshold: on a work-queue stream
-            # it would keep the worker (resumed after a pause) from re-creating its own
-            with contextlib.suppress(Exception):
-                name = (await sub.consumer_info()).name
-                await js.delete_consumer(streams.STREAM_ASSIGN, name)
-            await sub.unsubscribe()
+        seq = 1
+        while True:
+            try:
+                raw = await self.bus.retrying(
+                    "read back assignment",
+                    functools.partial(
+                        js.get_msg,
+                        streams.STREAM_ASSIGN,
+                        seq=seq,
+                        subject=subjects.assign(wid),
+                        next=True,
+                    ),
+                    retry_s=10.0,
+                )
+            except NotFoundError:
+                break  # none left at or after seq
+            at = raw.seq or seq
+            seq = at + 1
+            batch = await self.bus.decode_or_dead_letter(
+                "scheduler", raw.subject or subjects.assign(wid), raw.data or b"", Assignment
+            )
+            if batch is not None:
+                n_ops += await self._republish(batch, running)
+            # republished first, deleted after: a crash in between replays it again
+            # (safe: commits are compare-and-set), never loses it; gone already means
+            # a rejoined worker acked it
+            with contextlib.suppress(NotFoundError):
+                await self.bus.retrying(
+                    "delete taken-back assignment",
+                    functools.partial(js.delete_msg, streams.STREAM_ASSIGN, at),
+                    retry_s=10.0,
+                )
         return n_ops
 
     async def _republish(self, batch: Assignment, running: str | None) -> int:
