@@ -476,3 +476,79 @@ def test_latency_estimator_stays_on_its_data_when_batch_sizes_barely_vary() -> N
     assert learned is not None
     assert learned.seconds(32) == pytest.approx(full, rel=0.15)
     assert learned.fixed_s >= 0 and learned.per_item_s > 0
+
+
+SNAPSHOTS = Path(__file__).resolve().parent / "data" / "policy_snapshots.json.gz"
+
+
+def test_same_decisions_as_recorded_rounds() -> None:
+    """Rounds recorded from the policy before its rewrite for speed (simulator runs of
+    smoke, rlhf-mix with hold_s and agentic, plus bench-scheduler inputs; made by
+    scripts/record_policy_snapshots.py, fairness weight 0): the same batches go to the
+    same workers with the same model loads and evictions, whether the round is handed a
+    flat list or ready groups."""
+    import dataclasses
+    import gzip
+    import json
+
+    from flowmesh.configs import path as config_path
+    from flowmesh.engine.scheduler.fleet import LatencyModel
+    from flowmesh.engine.scheduler.groups import group_ready
+
+    fleet = load_fleet(config_path("fleet/default.yaml"))
+    fields = [f.name for f in dataclasses.fields(ReadyItem)]
+    snaps = json.loads(gzip.decompress(SNAPSHOTS.read_bytes()))
+    assert len(snaps) > 100
+    for grouped in (False, True):
+        for snap in snaps:
+            c = snap["config"]
+            cfg = PolicyConfig(
+                weights=Weights(**c["weights"]),
+                linger_s=c["linger_s"],
+                aging_scale_s=c["aging_scale_s"],
+                spread_efficiency=c["spread_efficiency"],
+                hold_s=c["hold_s"],
+            )
+            est = LatencyEstimator(fleet)
+            for ck, (fixed, per, maxb) in snap["estimator"].items():
+                cls, kind = ck.split("|")
+                est._cache[(cls, kind)] = LatencyModel(fixed, per, maxb)
+            items = [ReadyItem(**dict(zip(fields, row, strict=True))) for row in snap["items"]]
+            workers = [
+                WorkerState(
+                    id=w["id"],
+                    device_class=w["device_class"],
+                    free_slots=w["free_slots"],
+                    resident=dict(w["resident"]),
+                    executors=None if w["executors"] is None else frozenset(w["executors"]),
+                    models=None if w["models"] is None else frozenset(w["models"]),
+                    batch_caps=w["batch_caps"],
+                    startup_s=w["startup_s"],
+                    busy_until=w["busy_until"],
+                )
+                for w in snap["workers"]
+            ]
+            fair = FairShare(cfg.tenants)
+            if snap["fair"]:
+                fair.usage.update(snap["fair"]["usage"])
+                fair.spent_usd.update(snap["fair"]["spent"])
+                fair._at = snap["fair"]["at"]
+            policy = Policy(fleet, cfg, est)
+            if grouped:
+                out = policy.decide_groups(group_ready(items), workers, snap["now"], fair)
+            else:
+                out = policy.decide(items, workers, snap["now"], fair)
+            got = [
+                {
+                    "worker": d.worker,
+                    "items": [i.key for i in d.items],
+                    "load_model": d.load_model,
+                    "evict": list(d.evict),
+                }
+                for d in out
+            ]
+            keys = ("worker", "items", "load_model", "evict")
+            want = [{k: d[k] for k in keys} for d in snap["decisions"]]
+            assert got == want
+            for d, w in zip(out, snap["decisions"], strict=True):
+                assert d.seconds == pytest.approx(w["seconds"], rel=1e-12)

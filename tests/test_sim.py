@@ -95,7 +95,7 @@ def test_flowmesh_goes_through_the_engine_policy(
     smoke: Workload, fleet: Fleet, config: PolicyConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0, "batches": 0}
-    real = Policy.decide
+    real = Policy.decide_groups
 
     def counting(self: Policy, *args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
@@ -103,7 +103,7 @@ def test_flowmesh_goes_through_the_engine_policy(
         calls["batches"] += len(out)
         return out
 
-    monkeypatch.setattr(Policy, "decide", counting)
+    monkeypatch.setattr(Policy, "decide_groups", counting)
     fm = simulate(smoke, fleet, config, "flowmesh")
     assert calls["n"] > 0
     assert calls["batches"] == fm.batches  # every batch it ran, the Policy chose
@@ -169,16 +169,16 @@ def test_flowmesh_offers_busy_workers_to_the_policy_with_hold(
     """With hold_s, busy workers expected to free within it come with the time the
     scheduler expects them to free (its own estimate, never in the past)."""
     seen = {"busy": 0, "overdue": 0}
-    real = Policy.decide
+    real = Policy.decide_groups
 
-    def spying(self: Policy, items: Any, workers: Any, now: float, *a: Any, **k: Any) -> Any:
+    def spying(self: Policy, groups: Any, workers: Any, now: float, *a: Any, **k: Any) -> Any:
         for w in workers:
             if w.free_slots == 0 and w.busy_until is not None:
                 seen["busy"] += 1
                 seen["overdue"] += w.busy_until < now
-        return real(self, items, workers, now, *a, **k)
+        return real(self, groups, workers, now, *a, **k)
 
-    monkeypatch.setattr(Policy, "decide", spying)
+    monkeypatch.setattr(Policy, "decide_groups", spying)
     fm = simulate(smoke, fleet, replace(config, hold_s=30.0), "flowmesh")
     assert fm.completed == fm.workflows
     assert seen["busy"] > 0 and seen["overdue"] == 0

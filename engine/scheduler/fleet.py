@@ -169,6 +169,10 @@ class LatencyEstimator:
     prior_weight: float = 2.0
     _fits: dict[tuple[str, str], _Fit] = field(default_factory=dict)
     _cache: dict[tuple[str, str], LatencyModel] = field(default_factory=dict)
+    # bumped whenever a model changes; per kind, the version that last changed it (so a
+    # reader refreshes only the kinds that moved)
+    version: int = 0
+    changed: dict[str, int] = field(default_factory=dict)
 
     def model(self, device_class: str, kind: str) -> LatencyModel | None:
         key = (device_class, kind)
@@ -204,6 +208,8 @@ class LatencyEstimator:
         elif per_item <= 0:
             fixed, per_item = fit.sy / fit.w, 1e-9
         self._cache[key] = replace(base, fixed_s=fixed, per_item_s=max(1e-9, per_item))
+        self.version += 1
+        self.changed[kind] = self.version
 
     @staticmethod
     def _add(fit: _Fit, x: float, y: float, weight: float) -> None:

@@ -26,8 +26,10 @@ when a faster one frees soon enough to run the batch sooner and better.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +38,30 @@ import yaml
 
 from flowmesh.engine.scheduler.fairness import FairShare, TenantPolicy
 from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
-from flowmesh.engine.scheduler.utility import TERMS, Weights, estimate, terms, utility
+from flowmesh.engine.scheduler.groups import ReadyGroup, ReadyItem, group_ready
+from flowmesh.engine.scheduler.utility import (
+    TERMS,
+    Weights,
+    estimate,
+    estimate_one,
+    terms,
+    utility,
+)
+
+__all__ = [
+    "Decision",
+    "Policy",
+    "PolicyConfig",
+    "ReadyGroup",
+    "ReadyItem",
+    "WorkerState",
+    "load_policy_config",
+    "parse_policy_config",
+]
 
 NEG = -math.inf
-
-
-@dataclass(frozen=True)
-class ReadyItem:
-    """What the policy sees of one ready operator."""
-
-    key: str
-    batch_key: str
-    kind: str
-    executor: str  # "executor@version": only workers that advertise it may run it
-    model: str | None
-    model_gb: float
-    input_bytes: int
-    tenant: str
-    workflow_id: str
-    ready_at: float
+_Refs = tuple[np.ndarray, np.ndarray, np.ndarray]  # per kind: ops/s, $/op, J/op
+_tenant = attrgetter("tenant")
 
 
 @dataclass
@@ -162,44 +169,56 @@ class Policy:
         self.net_gbps = np.array([c.net_gbps for c in cls])
         self.memory = np.array([c.memory_gb for c in cls])
         self.min_sf = np.array([c.min_size_factor for c in cls])
+        self._ref_model_gb = {**fleet.ref_model_gb, **self.config.ref_model_gb}
+        self._tables_at: int | None = None  # estimator version the tables were read at
+        self._fixed = self._per = self._maxb = np.zeros(0)
+        self._refs: _Refs = (np.ones(0), np.ones(0), np.ones(0))
 
     def size_factor(self, kind: str, model_gb: float, device_class: str) -> float:
         """How a model's size scales a batch's time on a class, relative to the profile
         (the same factor decide() applies): observed times are divided by it before the
         estimator learns from them, so they are not scaled twice."""
-        ref = {**self.fleet.ref_model_gb, **self.config.ref_model_gb}.get(kind, 0.0)
+        ref = self._ref_model_gb.get(kind, 0.0)
         raw = model_gb / ref if model_gb > 0 and ref > 0 else 1.0
         return max(raw, self.fleet.classes[device_class].min_size_factor)
 
     # --- per round tables -----------------------------------------------------------
 
-    def _latency_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        shape = (len(self.classes), max(1, len(self.kinds)))
-        fixed, per, maxb = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-        for ci, c in enumerate(self.classes):
-            for ki, k in enumerate(self.kinds):
-                m = self.estimator.model(c, k)
-                if m is not None:
-                    fixed[ci, ki], per[ci, ki], maxb[ci, ki] = m.fixed_s, m.per_item_s, m.max_batch
-        return fixed, per, maxb
+    def _tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, _Refs]:
+        """(class, kind) latency tables and per-kind references, refreshed only for the
+        kinds whose estimates moved since the last round."""
+        est = self.estimator
+        if self._tables_at is None:
+            shape = (len(self.classes), max(1, len(self.kinds)))
+            self._fixed, self._per, self._maxb = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+            self._refs = (np.ones(shape[1]), np.ones(shape[1]), np.ones(shape[1]))
+            stale = list(range(len(self.kinds)))
+        else:
+            seen, idx = self._tables_at, self._kind_idx
+            stale = [idx[k] for k, v in est.changed.items() if v > seen and k in idx]
+        for ki in stale:
+            self._refresh_kind(ki)
+        self._tables_at = est.version
+        return self._fixed, self._per, self._maxb, self._refs
 
-    def _references(
-        self, fixed: np.ndarray, per: np.ndarray, maxb: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per kind, the geometric mean over the classes that run it (full batch, warm):
-        what a 'typical' device does, so terms of different kinds are comparable."""
-        k = fixed.shape[1]
-        ops, cost, energy = np.ones(k), np.ones(k), np.ones(k)
-        for ki in range(k):
-            can = maxb[:, ki] > 0
-            if not can.any():
-                continue
-            n = maxb[can, ki]
-            secs = fixed[can, ki] + per[can, ki] * n
-            ops[ki] = math.exp(float(np.mean(np.log(n / secs))))
-            cost[ki] = math.exp(float(np.mean(np.log(secs * self.price[can] / 3600 / n))))
-            energy[ki] = math.exp(float(np.mean(np.log(secs * self.watts[can] / n))))
-        return ops, cost, energy
+    def _refresh_kind(self, ki: int) -> None:
+        k = self.kinds[ki]
+        fixed, per, maxb = self._fixed, self._per, self._maxb
+        for ci, c in enumerate(self.classes):
+            m = self.estimator.model(c, k)
+            if m is not None:
+                fixed[ci, ki], per[ci, ki], maxb[ci, ki] = m.fixed_s, m.per_item_s, m.max_batch
+        # the geometric mean over the classes that run the kind (full batch, warm): what
+        # a 'typical' device does, so terms of different kinds are comparable
+        can = maxb[:, ki] > 0
+        if not can.any():
+            return
+        n = maxb[can, ki]
+        secs = fixed[can, ki] + per[can, ki] * n
+        ops, cost, energy = self._refs
+        ops[ki] = math.exp(float(np.mean(np.log(n / secs))))
+        cost[ki] = math.exp(float(np.mean(np.log(secs * self.price[can] / 3600 / n))))
+        energy[ki] = math.exp(float(np.mean(np.log(secs * self.watts[can] / n))))
 
     # --- the round ------------------------------------------------------------------
 
@@ -210,247 +229,465 @@ class Policy:
         now: float,
         fair: FairShare | None = None,
     ) -> list[Decision]:
-        fair = fair or FairShare(self.config.tenants)
-        cfg = self.config
-        free = [w for w in workers if w.free_slots > 0 and w.device_class in self._class_idx]
-        # busy workers that free soon: scored as if free then; what they win is held
-        soon = [
-            w
-            for w in workers
-            if cfg.hold_s > 0
-            and w.free_slots <= 0
-            and w.busy_until is not None
-            and 0 <= w.busy_until - now <= cfg.hold_s  # overdue: no telling when
-            and w.device_class in self._class_idx
-        ]
-        eligible = [i for i in items if not fair.over_budget(i.tenant) and i.kind in self._kind_idx]
-        if not free or not eligible:
-            return []
-        groups: dict[str, list[ReadyItem]] = {}
-        for it in sorted(eligible, key=lambda i: i.ready_at):
-            groups.setdefault(it.batch_key, []).append(it)
-        glist = list(groups.values())
-        deficits = fair.deficits((i.tenant for i in eligible), now)
-        fixed_t, per_t, maxb_t = self._latency_tables()
-        ref_ops, ref_cost, ref_energy = self._references(fixed_t, per_t, maxb_t)
+        """One round over a flat list of ready operators (grouped here by batch key)."""
+        return self.decide_groups(group_ready(items), workers, now, fair)
 
-        n_free = len(free)
-        rows_w = free + soon
-        G, W = len(glist), len(rows_w)
-        kind = np.array([self._kind_idx[g[0].kind] for g in glist])
-        model_gb = np.array([g[0].model_gb if g[0].model else 0.0 for g in glist])
-        ref_model_gb = {**self.fleet.ref_model_gb, **cfg.ref_model_gb}
-        ref_gb = np.array([ref_model_gb.get(g[0].kind, 0.0) for g in glist])
+    def decide_groups(
+        self,
+        groups: Sequence[ReadyGroup],
+        workers: Sequence[WorkerState],
+        now: float,
+        fair: FairShare | None = None,
+    ) -> list[Decision]:
+        """One round over ready operators kept grouped by batch key (each group oldest
+        first, groups by their oldest operator). The groups are not changed; the workers'
+        `free_slots` and `resident` models are updated with what was assigned."""
+        fair = fair or FairShare(self.config.tenants)
+        free, soon = self._available(workers, now)
+        if not free:
+            return []
+        eligible = self._eligible(groups, fair)
+        if not eligible:
+            return []
+        rnd = self._round_tables(eligible, free, soon, now, fair)
+        self._score_all(rnd)
+        return self._assign(rnd, fair, now)
+
+    def _available(
+        self, workers: Sequence[WorkerState], now: float
+    ) -> tuple[list[WorkerState], list[WorkerState]]:
+        """Workers with a free slot, and (with hold_s) busy ones that free soon: scored
+        as if free then; what they win is held, not assigned."""
+        cls = self._class_idx
+        free = [w for w in workers if w.free_slots > 0 and w.device_class in cls]
+        hold = self.config.hold_s
+        soon = (
+            [
+                w
+                for w in workers
+                if w.free_slots <= 0
+                and w.busy_until is not None
+                and 0 <= w.busy_until - now <= hold  # overdue: no telling when
+                and w.device_class in cls
+            ]
+            if hold > 0
+            else []
+        )
+        return free, soon
+
+    def _eligible(self, groups: Sequence[ReadyGroup], fair: FairShare) -> list[ReadyGroup]:
+        """Groups of kinds the fleet runs, less the operators of tenants over budget
+        (they wait; they are not dropped)."""
+        budgets = any(p.budget_usd is not None for p in fair.policies.values())
+        out: list[ReadyGroup] = []
+        trimmed = False
+        for g in groups:
+            if not g.items or g.items[0].kind not in self._kind_idx:
+                continue
+            if budgets:
+                over = {t for t in g.tenants if fair.over_budget(t)}
+                if over:
+                    kept = g.without(over)
+                    if kept is None:
+                        continue
+                    g, trimmed = kept, True
+            out.append(g)
+        if trimmed:
+            out.sort(key=lambda g: g.items[0].ready_at)
+        return out
+
+    def _round_tables(
+        self,
+        groups: list[ReadyGroup],
+        free: list[WorkerState],
+        soon: list[WorkerState],
+        now: float,
+        fair: FairShare,
+    ) -> _Round:
+        """What does not change within the round: per group, per worker type (workers
+        alike in all but their resident models), and which types can run which group."""
+        # copies: the tables move with the estimator, and a decision's terms are read
+        # later from this round's state
+        fixed, per, maxb, (ops, cost, energy) = self._tables()
+        fixed_t, per_t, maxb_t = fixed.copy(), per.copy(), maxb.copy()
+        refs = (ops.copy(), cost.copy(), energy.copy())
+        heads = [g.items[0] for g in groups]
+        G = len(groups)
+        kind = np.array([self._kind_idx[h.kind] for h in heads])
+        model_gb = np.array([h.model_gb if h.model else 0.0 for h in heads])
+        ref_gb = np.array([self._ref_model_gb.get(h.kind, 0.0) for h in heads])
         size_factor = np.where(
             (model_gb > 0) & (ref_gb > 0), model_gb / np.maximum(ref_gb, 1e-9), 1.0
         )
-        in_bytes = np.array([float(np.mean([i.input_bytes for i in g])) for g in glist])
-        priority = np.array([max(fair.policy(i.tenant).priority for i in g) for g in glist])
-        n_g = np.array([len(g) for g in glist], dtype=float)
-        oldest = np.array([now - g[0].ready_at for g in glist])
-        deficit = np.array([float(np.mean([deficits[i.tenant] for i in g])) for g in glist])
-        ci = np.array([self._class_idx[w.device_class] for w in rows_w])
-        slots = np.array([w.free_slots if i < n_free else 1 for i, w in enumerate(rows_w)])
-        startup = np.array(
-            [max(0.0, w.startup_s) if i < n_free else 0.0 for i, w in enumerate(rows_w)]
-        )
-        wait = np.array(
-            [
-                0.0 if i < n_free else max(0.0, (w.busy_until or now) - now)
-                for i, w in enumerate(rows_w)
-            ]
-        )
-        # idle capacity a backlog is spread over: free now (not cold, not busy)
-        ready = (startup <= 0) & (np.arange(W) < n_free)
-        models = sorted({g[0].model for g in glist if g[0].model})
+        sizes = [len(g.items) for g in groups]
+        in_bytes = np.array([g.input_bytes / n for g, n in zip(groups, sizes, strict=True)])
+        n_g = np.array(sizes, dtype=float)
+        oldest = now - np.array([h.ready_at for h in heads])
+        tenants = {t for g in groups for t in g.tenants}
+        deficits = fair.deficits(tenants, now)
+        prio = {t: fair.policy(t).priority for t in tenants}
+        if len(set(prio.values())) <= 1:  # all alike (usually 0): no walk over groups
+            priority = np.full(G, next(iter(prio.values()), 0.0))
+        else:
+            priority = np.array([max(prio[t] for t in g.tenants) for g in groups])
+        if len(set(deficits.values())) <= 1:
+            deficit = np.full(G, next(iter(deficits.values()), 0.0))
+        else:  # the mean over the group's operators
+            deficit = np.array(
+                [
+                    sum(deficits[t] * c for t, c in g.tenants.items()) / n
+                    for g, n in zip(groups, sizes, strict=True)
+                ]
+            )
+        models = sorted({h.model for h in heads if h.model})
         m_idx = {m: j for j, m in enumerate(models)}
-        g_model = np.array([m_idx.get(g[0].model or "", -1) for g in glist])
+        g_model = np.array([m_idx.get(h.model or "", -1) for h in heads])
+        execs = sorted({h.executor for h in heads})
+        e_idx = {e: j for j, e in enumerate(execs)}
+        g_exec = np.array([e_idx[h.executor] for h in heads])
 
-        # compatibility that does not change within the round
-        compat = maxb_t[ci][:, kind] > 0
-        compat &= model_gb[None, :] <= self.memory[ci][:, None]
-        for wi, w in enumerate(rows_w):
+        rows_w = free + soon
+        n_free = len(free)
+        types: dict[tuple[Any, ...], int] = {}
+        type_of = np.empty(len(rows_w), dtype=np.int64)
+        specimens: list[tuple[WorkerState, bool, float, float]] = []
+        for i, w in enumerate(rows_w):
+            is_free = i < n_free
+            startup = max(0.0, w.startup_s) if is_free else 0.0
+            wait = 0.0 if is_free else max(0.0, (w.busy_until or now) - now)
+            caps = tuple(sorted(w.batch_caps.items())) if w.batch_caps else None
+            key = (w.device_class, is_free, startup, wait, w.executors, w.models, caps)
+            t = types.get(key)
+            if t is None:
+                t = types[key] = len(specimens)
+                specimens.append((w, is_free, startup, wait))
+            type_of[i] = t
+        T = len(specimens)
+        t_ci = np.array([self._class_idx[s[0].device_class] for s in specimens])
+        t_free = np.array([s[1] for s in specimens])
+        t_startup = np.array([s[2] for s in specimens])
+        t_wait = np.array([s[3] for s in specimens])
+        compat = (maxb_t[t_ci][:, kind] > 0) & (model_gb[None, :] <= self.memory[t_ci][:, None])
+        cap = np.full((T, G), np.inf)
+        for t, (w, *_rest) in enumerate(specimens):
             if w.executors is not None:
-                compat[wi] &= np.array([g[0].executor in w.executors for g in glist])
+                compat[t] &= np.array([e in w.executors for e in execs])[g_exec]
             if w.models is not None:
-                compat[wi] &= np.array(
-                    [g[0].model is None or g[0].model in w.models for g in glist]
-                )
-        cap = np.full((W, G), np.inf)
-        for wi, w in enumerate(rows_w):
+                known = np.array([m in w.models for m in models] + [True])
+                compat[t] &= known[g_model]
             if w.batch_caps:
-                caps = w.batch_caps
-                cap[wi] = [caps.get(g[0].executor, np.inf) for g in glist]
+                largest = [float(w.batch_caps.get(e, np.inf)) for e in execs]
+                cap[t] = np.array(largest)[g_exec]
         # the work a new worker is expected to do once up: its share of all the backlog
         # it could run (with the idle workers), in seconds on its class at full batches
-        kk = kind[None, :]
-        full = np.maximum(maxb_t[ci[:, None], kk], 1)
+        c2, kk = t_ci[:, None], kind[None, :]
+        full = np.maximum(maxb_t[c2, kk], 1)
         work = (
-            np.ceil(n_g[None, :] / full) * fixed_t[ci[:, None], kk]
-            + n_g[None, :] * per_t[ci[:, None], kk]
-        ) * np.maximum(size_factor[None, :], self.min_sf[ci][:, None])
-        n_idle = int(((startup <= 0) & (np.arange(W) < n_free)).sum())
-        backlog_s = np.where(compat, work, 0.0).sum(axis=1) / (n_idle + 1)
-        resident = np.zeros((W, len(models) + 1), dtype=bool)
+            np.ceil(n_g[None, :] / full) * fixed_t[c2, kk] + n_g[None, :] * per_t[c2, kk]
+        ) * np.maximum(size_factor[None, :], self.min_sf[t_ci][:, None])
+        t_ready = (t_startup <= 0) & t_free
+        ready_w = t_ready[type_of]
+        n_idle = int(ready_w.sum())
+        backlog = np.where(compat, work, 0.0).sum(axis=1) / (n_idle + 1)
+        # idle capacity a backlog is spread over: free now (not cold, not busy)
+        per_type_ready = np.bincount(type_of[ready_w], minlength=T)
+        idle = (compat * per_type_ready[:, None]).sum(axis=0)
+        resident = np.zeros((len(rows_w), len(models) + 1), dtype=bool)
         resident[:, -1] = True  # "no model" is always warm
         for wi, w in enumerate(rows_w):
             for m in w.resident:
-                if m in m_idx:
-                    resident[wi, m_idx[m]] = True
+                j = m_idx.get(m)
+                if j is not None:
+                    resident[wi, j] = True
+        slots = np.array([w.free_slots if i < n_free else 1 for i, w in enumerate(rows_w)])
+        # per worker variant v (type v // 2; the group's model resident when v is odd):
+        # (V, 1) columns, (1, G) rows and (V, G) tables, so a refresh slices views
+        vt = np.repeat(np.arange(T), 2)
+        vc = t_ci[vt][:, None]
+        kk = kind[None, :]
+        e = self.config.spread_efficiency
+        v_per = per_t[vc, kk]
+        v_fixed = fixed_t[vc, kk]
+        sf_row = size_factor[None, :]
+        ref_ops, ref_cost, ref_energy = refs
+        return _Round(
+            groups=groups,
+            taken=[0] * G,
+            rows_w=rows_w,
+            n_free=n_free,
+            fixed_t=fixed_t,
+            per_t=per_t,
+            maxb_t=maxb_t,
+            refs=refs,
+            kind=kind,
+            model_gb=model_gb,
+            size_factor=size_factor,
+            in_bytes=in_bytes,
+            n_g=n_g,
+            oldest=oldest,
+            deficit=deficit,
+            priority=priority,
+            g_model=g_model,
+            m_idx=m_idx,
+            type_of=type_of,
+            t_ci=t_ci,
+            t_startup=t_startup,
+            t_wait=t_wait,
+            compat=compat,
+            cap=cap,
+            backlog=backlog,
+            ready_w=ready_w,
+            idle=idle,
+            resident=resident,
+            warm=resident[:, g_model],
+            slots=slots,
+            scores=np.empty((len(rows_w), G)),
+            charges={},
+            v_warm=(np.arange(2 * T) % 2 == 1)[:, None],
+            v_startup=t_startup[vt][:, None],
+            v_wait=t_wait[vt][:, None],
+            v_backlog=backlog[vt][:, None],
+            v_load_gbps=self.load_gbps[vc],
+            v_net_gbps=self.net_gbps[vc],
+            v_price=self.price[vc],
+            v_watts=self.watts[vc],
+            v_watts_idle=self.watts_idle[vc],
+            g_model_gb=model_gb[None, :],
+            g_in_bytes=in_bytes[None, :],
+            g_ref_ops=ref_ops[kk] / sf_row,
+            g_ref_cost=ref_cost[kk] * sf_row,
+            g_ref_energy=ref_energy[kk] * sf_row,
+            g_deficit=deficit[None, :],
+            g_priority=priority[None, :],
+            vg_fixed=v_fixed,
+            vg_per=v_per,
+            vg_maxb=np.minimum(maxb_t[vc, kk], cap[vt]),
+            vg_efficient=np.ceil(e * v_fixed / ((1 - e) * np.maximum(v_per, 1e-12)) - 1e-9),
+            vg_sfm=np.maximum(sf_row, self.min_sf[vc]),
+            vg_compat=compat[vt],
+        )
 
-        def block(
-            rows: np.ndarray, cols: np.ndarray
-        ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-            c = ci[rows][:, None]
-            k = kind[cols][None, :]
-            maxb = np.minimum(maxb_t[c, k], cap[np.ix_(rows, cols)])
-            # spread a backlog over the idle workers that could take it (latency), but
-            # never into batches so small that fixed overhead dominates (cost); cold
-            # workers (they may never be allocated) and busy ones are not idle capacity
-            able = compat[:, cols] & (slots[:, None] > 0)
-            idle = (able & ready[:, None]).sum(axis=0)[None, :]
-            spread = np.ceil(n_g[cols][None, :] / np.maximum(idle, 1))
-            e = cfg.spread_efficiency
-            efficient = np.ceil(
-                e * fixed_t[c, k] / ((1 - e) * np.maximum(per_t[c, k], 1e-12)) - 1e-9
-            )
-            n = np.minimum(np.maximum(spread, efficient), np.maximum(maxb, 1))
-            n = np.maximum(np.minimum(n, n_g[cols][None, :]), 1)
-            warm = resident[rows][:, g_model[cols]]
-            # the batches of this group the worker is expected to run: its share of the
-            # backlog (a cold one joins the idle ones), over which one-off costs spread
-            share = n_g[cols][None, :] / np.maximum(idle + (startup[rows] > 0)[:, None], 1)
-            runs = np.maximum(share / n, 1.0)
-            batch_s = (fixed_t[c, k] + per_t[c, k] * n) * np.maximum(
-                size_factor[cols][None, :], self.min_sf[c]
-            )
-            startup_runs = np.maximum(backlog_s[rows][:, None] / np.maximum(batch_s, 1e-9), runs)
-            est = estimate(
-                n,
-                fixed_t[c, k],
-                per_t[c, k],
-                np.maximum(size_factor[cols][None, :], self.min_sf[c]),
-                warm,
-                model_gb[cols][None, :],
-                self.load_gbps[c],
-                in_bytes[cols][None, :] * n,
-                self.net_gbps[c],
-                self.price[c],
-                self.watts[c],
-                startup_s=startup[rows][:, None],
-                watts_idle=self.watts_idle[c],
-                wait_s=wait[rows][:, None],
-                runs=runs,
-                startup_runs=startup_runs,
-            )
-            # references scale with the model: a small model's batch is compared with what
-            # a typical device does for a model of that size, not for the reference one
-            sf = size_factor[cols][None, :]
-            parts = terms(
-                n,
-                est,
-                ref_ops[k] / sf,
-                ref_cost[k] * sf,
-                ref_energy[k] * sf,
-                deficit[cols][None, :],
-                oldest[cols][None, :],
-                priority[cols][None, :],
-                cfg.weights,
-                cfg.aging_scale_s,
-            )
-            score = utility(parts)
-            ok = compat[np.ix_(rows, cols)] & (slots[rows][:, None] > 0) & (n_g[cols][None, :] > 0)
-            # linger: a partial batch waits a little for company, unless it is old
-            ok &= (n_g[cols][None, :] >= maxb) | (oldest[cols][None, :] >= cfg.linger_s)
-            return np.where(ok, score, NEG), parts, n
-
-        scores, _, _ = block(np.arange(W), np.arange(G))
-        decisions: list[Decision] = []
-        while True:
-            flat = int(np.argmax(scores))
-            wi, gi = divmod(flat, G)
-            best = float(scores[wi, gi])
-            if best == NEG:
-                break
-            _, parts, n_arr = block(np.array([wi]), np.array([gi]))
-            n = int(n_arr[0, 0])
-            worker = rows_w[wi]
-            group = glist[gi]
-            chosen, glist[gi] = tuple(group[:n]), group[n:]
-            if wi >= n_free:  # held for a busy worker that frees soon: not assigned now
-                self._after_pick(wi, gi, glist, slots, n_g, oldest, now, scores, block)
-                continue
-            c = int(ci[wi])
-            k = int(kind[gi])
-            model = chosen[0].model
-            load = model if model and model not in worker.resident else None
-            evict: list[str] = []
-            if load is not None:
-                evict = self._make_room(worker, float(model_gb[gi]))
-                for m in evict:
-                    worker.resident.pop(m, None)
-                    if m in m_idx:
-                        resident[wi, m_idx[m]] = False
-                worker.resident[load] = float(model_gb[gi])
-                resident[wi, m_idx[load]] = True
-            elif model:
-                worker.resident[model] = worker.resident.pop(model)  # most recently used
-            est = estimate(
-                n,
-                fixed_t[c, k],
-                per_t[c, k],
-                max(float(size_factor[gi]), float(self.min_sf[c])),
-                load is None,
-                model_gb[gi],
-                self.load_gbps[c],
-                in_bytes[gi] * n,
-                self.net_gbps[c],
-                self.price[c],
-                self.watts[c],
-                startup_s=float(startup[wi]),
-                watts_idle=float(self.watts_idle[c]),
-            )
-            decisions.append(
-                Decision(
-                    worker=worker.id,
-                    device_class=worker.device_class,
-                    items=chosen,
-                    score=best,
-                    terms={t: float(np.asarray(parts[t]).reshape(-1)[0]) for t in TERMS},
-                    seconds=float(est.total_s),
-                    cost_usd=float(est.cost_usd),
-                    energy_j=float(est.energy_j),
-                    load_model=load,
-                    evict=tuple(evict),
-                )
-            )
-            for it in chosen:
-                fair.charge(it.tenant, float(est.total_s) / n, float(est.cost_usd) / n, now)
-            worker.free_slots -= 1
-            self._after_pick(wi, gi, glist, slots, n_g, oldest, now, scores, block)
-        return decisions
-
-    @staticmethod
-    def _after_pick(
-        wi: int,
-        gi: int,
-        glist: list[list[ReadyItem]],
-        slots: np.ndarray,
+    def _score(
+        self,
+        rnd: _Round,
+        rows: slice,
+        cols: slice,
         n_g: np.ndarray,
         oldest: np.ndarray,
+        idle: np.ndarray,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Utility of each (worker variant, group) pair in `rows` x `cols`: a variant is a
+        worker type with the group's model resident (odd) or not (even). `n_g`, `oldest`
+        and `idle` are the current sizes, ages and idle capable workers of those groups."""
+        cfg = self.config
+        n_col, oldest_col, idle_col = n_g[None, :], oldest[None, :], idle[None, :]
+        maxb = rnd.vg_maxb[rows, cols]
+        # spread a backlog over the idle workers that could take it (latency), but never
+        # into batches so small that fixed overhead dominates (cost); cold workers (they
+        # may never be allocated) and busy ones are not idle capacity
+        spread = np.ceil(n_col / np.maximum(idle_col, 1))
+        n = np.minimum(np.maximum(spread, rnd.vg_efficient[rows, cols]), np.maximum(maxb, 1))
+        n = np.maximum(np.minimum(n, n_col), 1)
+        # the batches of this group the worker is expected to run: its share of the
+        # backlog (a cold one joins the idle ones), over which one-off costs spread
+        startup = rnd.v_startup[rows]
+        share = n_col / np.maximum(idle_col + (startup > 0), 1)
+        runs = np.maximum(share / n, 1.0)
+        fixed, per, sfm = rnd.vg_fixed[rows, cols], rnd.vg_per[rows, cols], rnd.vg_sfm[rows, cols]
+        batch_s = (fixed + per * n) * sfm
+        startup_runs = np.maximum(rnd.v_backlog[rows] / np.maximum(batch_s, 1e-9), runs)
+        est = estimate(
+            n,
+            fixed,
+            per,
+            sfm,
+            rnd.v_warm[rows],
+            rnd.g_model_gb[:, cols],
+            rnd.v_load_gbps[rows],
+            rnd.g_in_bytes[:, cols] * n,
+            rnd.v_net_gbps[rows],
+            rnd.v_price[rows],
+            rnd.v_watts[rows],
+            startup_s=startup,
+            watts_idle=rnd.v_watts_idle[rows],
+            wait_s=rnd.v_wait[rows],
+            runs=runs,
+            startup_runs=startup_runs,
+        )
+        # references scale with the model: a small model's batch is compared with what
+        # a typical device does for a model of that size, not for the reference one
+        parts = terms(
+            n,
+            est,
+            rnd.g_ref_ops[:, cols],
+            rnd.g_ref_cost[:, cols],
+            rnd.g_ref_energy[:, cols],
+            rnd.g_deficit[:, cols],
+            oldest_col,
+            rnd.g_priority[:, cols],
+            cfg.weights,
+            cfg.aging_scale_s,
+        )
+        score = utility(parts)
+        ok = rnd.vg_compat[rows, cols] & (n_col > 0)
+        # linger: a partial batch waits a little for company, unless it is old
+        ok &= (n_col >= maxb) | (oldest_col >= cfg.linger_s)
+        return np.where(ok, score, NEG), parts, n
+
+    def _score_all(self, rnd: _Round) -> None:
+        """Every (worker, group) pair: scored once per worker variant, then spread to
+        the workers of that type by whether each holds the group's model."""
+        every = slice(None)
+        per_variant, _, _ = self._score(rnd, every, every, rnd.n_g, rnd.oldest, rnd.idle)
+        vidx = 2 * rnd.type_of[:, None] + rnd.warm
+        scores = per_variant[vidx, np.arange(len(rnd.groups))[None, :]]
+        rnd.scores = np.where((rnd.slots > 0)[:, None], scores, NEG)
+
+    def _rescore_group(self, rnd: _Round, gi: int) -> None:
+        if rnd.n_g[gi] <= 0:
+            rnd.scores[:, gi] = NEG
+            return
+        g = slice(gi, gi + 1)
+        col, _, _ = self._score(rnd, slice(None), g, rnd.n_g[g], rnd.oldest[g], rnd.idle[g])
+        vidx = 2 * rnd.type_of + rnd.warm[:, gi]
+        rnd.scores[:, gi] = np.where(rnd.slots > 0, col[vidx, 0], NEG)
+
+    def _rescore_worker(self, rnd: _Round, wi: int) -> None:
+        if rnd.slots[wi] <= 0:
+            rnd.scores[wi, :] = NEG
+            return
+        t = int(rnd.type_of[wi])
+        rows, _, _ = self._score(
+            rnd, slice(2 * t, 2 * t + 2), slice(None), rnd.n_g, rnd.oldest, rnd.idle
+        )
+        rnd.scores[wi, :] = np.where(rnd.warm[wi], rows[1], rows[0])
+
+    def _batch_size(self, rnd: _Round, wi: int, gi: int) -> int:
+        """The batch the pair runs now (the same rule `_score` applies, on scalars)."""
+        t = int(rnd.type_of[wi])
+        c, k = int(rnd.t_ci[t]), int(rnd.kind[gi])
+        fixed, per = float(rnd.fixed_t[c, k]), float(rnd.per_t[c, k])
+        n_g = float(rnd.n_g[gi])
+        maxb = min(float(rnd.maxb_t[c, k]), float(rnd.cap[t, gi]))
+        spread = math.ceil(n_g / max(int(rnd.idle[gi]), 1))
+        e = self.config.spread_efficiency
+        efficient = math.ceil(e * fixed / ((1 - e) * max(per, 1e-12)) - 1e-9)
+        n = min(max(spread, efficient), max(maxb, 1))
+        return int(max(min(n, n_g), 1))
+
+    def _assign(self, rnd: _Round, fair: FairShare, now: float) -> list[Decision]:
+        """Greedy: the best pair is assigned, the scores of its worker and its group are
+        refreshed, until no free worker has a feasible group."""
+        decisions: list[Decision] = []
+        G = len(rnd.groups)
+        while True:
+            wi, gi = divmod(int(np.argmax(rnd.scores)), G)
+            best = float(rnd.scores[wi, gi])
+            if best == NEG:
+                break
+            n = self._batch_size(rnd, wi, gi)
+            terms_at = _TermsAt(
+                self,
+                rnd,
+                2 * int(rnd.type_of[wi]) + int(rnd.warm[wi, gi]),
+                gi,
+                float(rnd.n_g[gi]),
+                float(rnd.oldest[gi]),
+                int(rnd.idle[gi]),
+            )
+            group = rnd.groups[gi]
+            off = rnd.taken[gi]
+            chosen = tuple(group.items[off : off + n])
+            rnd.taken[gi] = off + n
+            if wi < rnd.n_free:  # else: held for a busy worker that frees soon
+                decisions.append(self._commit(rnd, wi, gi, chosen, best, terms_at, fair, now))
+            self._after_pick(rnd, wi, gi, now)
+        for tenant, (device_s, cost_usd) in rnd.charges.items():
+            fair.charge(tenant, device_s, cost_usd, now)
+        return decisions
+
+    def _commit(
+        self,
+        rnd: _Round,
+        wi: int,
+        gi: int,
+        chosen: tuple[ReadyItem, ...],
+        best: float,
+        terms_at: Mapping[str, float],
+        fair: FairShare,
         now: float,
-        scores: np.ndarray,
-        block: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, Any, np.ndarray]],
-    ) -> None:
+    ) -> Decision:
+        """The decision for a pick: model load and evictions on the worker, the batch's
+        estimate, the tenants charged."""
+        worker = rnd.rows_w[wi]
+        n = len(chosen)
+        c = int(rnd.t_ci[rnd.type_of[wi]])
+        k = int(rnd.kind[gi])
+        gb = float(rnd.model_gb[gi])
+        model = chosen[0].model
+        load = model if model and model not in worker.resident else None
+        evict: list[str] = []
+        if load is not None:
+            evict = self._make_room(worker, gb)
+            for m in evict:
+                worker.resident.pop(m, None)
+                j = rnd.m_idx.get(m)
+                if j is not None:
+                    rnd.resident[wi, j] = False
+            worker.resident[load] = gb
+            rnd.resident[wi, rnd.m_idx[load]] = True
+            rnd.warm[wi] = rnd.resident[wi, rnd.g_model]
+        elif model:
+            worker.resident[model] = worker.resident.pop(model)  # most recently used
+        est = estimate_one(
+            n,
+            float(rnd.fixed_t[c, k]),
+            float(rnd.per_t[c, k]),
+            max(float(rnd.size_factor[gi]), float(self.min_sf[c])),
+            load is None,
+            gb,
+            float(self.load_gbps[c]),
+            float(rnd.in_bytes[gi]) * n,
+            float(self.net_gbps[c]),
+            float(self.price[c]),
+            float(self.watts[c]),
+            startup_s=float(rnd.t_startup[rnd.type_of[wi]]),
+            watts_idle=float(self.watts_idle[c]),
+        )
+        group = rnd.groups[gi]
+        tenants = Counter(map(_tenant, chosen)) if len(group.tenants) > 1 else {chosen[0].tenant: n}
+        for tenant, count in tenants.items():
+            # charged to the fair share once, at the end of the round: its deficits
+            # were read at the start
+            used = rnd.charges.setdefault(tenant, [0.0, 0.0])
+            used[0] += est.total_s / n * count
+            used[1] += est.cost_usd / n * count
+        worker.free_slots -= 1
+        return Decision(
+            worker=worker.id,
+            device_class=worker.device_class,
+            items=chosen,
+            score=best,
+            terms=terms_at,
+            seconds=est.total_s,
+            cost_usd=est.cost_usd,
+            energy_j=est.energy_j,
+            load_model=load,
+            evict=tuple(evict),
+        )
+
+    def _after_pick(self, rnd: _Round, wi: int, gi: int, now: float) -> None:
         """A worker slot and part of a group are taken: refresh their scores."""
-        slots[wi] -= 1
-        n_g[gi] = len(glist[gi])
-        if glist[gi]:
-            oldest[gi] = now - glist[gi][0].ready_at
-        row, _, _ = block(np.array([wi]), np.arange(scores.shape[1]))
-        scores[wi, :] = row[0]
-        col, _, _ = block(np.arange(scores.shape[0]), np.array([gi]))
-        scores[:, gi] = col[:, 0]
+        rnd.slots[wi] -= 1
+        if rnd.slots[wi] <= 0 and rnd.ready_w[wi]:
+            rnd.idle -= rnd.compat[rnd.type_of[wi]]  # one idle worker fewer for its groups
+        group = rnd.groups[gi]
+        left = len(group.items) - rnd.taken[gi]
+        rnd.n_g[gi] = left
+        if left:
+            rnd.oldest[gi] = now - group.items[rnd.taken[gi]].ready_at
+        self._rescore_worker(rnd, wi)
+        self._rescore_group(rnd, gi)
 
     def _make_room(self, worker: WorkerState, need_gb: float) -> list[str]:
         """Least-recently-used resident models to drop so `need_gb` fits."""
@@ -463,3 +700,107 @@ class Policy:
             evict.append(m)
             used -= gb
         return evict
+
+
+@dataclass
+class _Round:
+    """One round's tables (see Policy._round_tables); scores, slots, sizes and residency
+    change as pairs are assigned."""
+
+    groups: list[ReadyGroup]
+    taken: list[int]  # per group: its first operators assigned so far this round
+    rows_w: list[WorkerState]  # free workers, then busy ones that free soon
+    n_free: int
+    fixed_t: np.ndarray  # (class, kind) latency tables
+    per_t: np.ndarray
+    maxb_t: np.ndarray
+    refs: _Refs  # per kind: ops/s, $/op, J/op
+    kind: np.ndarray  # per group
+    model_gb: np.ndarray
+    size_factor: np.ndarray
+    in_bytes: np.ndarray  # mean per operator
+    n_g: np.ndarray  # operators left
+    oldest: np.ndarray  # seconds its oldest operator has waited
+    deficit: np.ndarray
+    priority: np.ndarray
+    g_model: np.ndarray  # index into m_idx, -1: no model
+    m_idx: dict[str, int]
+    type_of: np.ndarray  # per worker: its type
+    t_ci: np.ndarray  # per type: class index
+    t_startup: np.ndarray
+    t_wait: np.ndarray
+    compat: np.ndarray  # (type, group): can run it
+    cap: np.ndarray  # (type, group): largest batch the worker takes
+    backlog: np.ndarray  # per type: seconds of work it could run, per idle worker
+    ready_w: np.ndarray  # per worker: free now, not cold
+    idle: np.ndarray  # per group: ready workers with a slot that can run it
+    resident: np.ndarray  # (worker, model + none)
+    warm: np.ndarray  # (worker, group): the group's model is resident
+    slots: np.ndarray
+    scores: np.ndarray  # (worker, group)
+    charges: dict[str, list[float]]  # per tenant: device-seconds and $ assigned
+    # per worker variant (V, 1), per group (1, G), per pair (V, G): see _round_tables
+    v_warm: np.ndarray
+    v_startup: np.ndarray
+    v_wait: np.ndarray
+    v_backlog: np.ndarray
+    v_load_gbps: np.ndarray
+    v_net_gbps: np.ndarray
+    v_price: np.ndarray
+    v_watts: np.ndarray
+    v_watts_idle: np.ndarray
+    g_model_gb: np.ndarray
+    g_in_bytes: np.ndarray
+    g_ref_ops: np.ndarray
+    g_ref_cost: np.ndarray
+    g_ref_energy: np.ndarray
+    g_deficit: np.ndarray
+    g_priority: np.ndarray
+    vg_fixed: np.ndarray
+    vg_per: np.ndarray
+    vg_maxb: np.ndarray
+    vg_efficient: np.ndarray
+    vg_sfm: np.ndarray
+    vg_compat: np.ndarray
+
+
+class _TermsAt(Mapping[str, float]):
+    """A decision's utility terms, computed when first read (logs read them; the
+    simulator never does), from the state of the round when the pair was picked."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        rnd: _Round,
+        variant: int,
+        gi: int,
+        n_g: float,
+        oldest: float,
+        idle: int,
+    ) -> None:
+        self._args = (policy, rnd, variant, gi, n_g, oldest, idle)
+        self._terms: dict[str, float] | None = None
+
+    def _get(self) -> dict[str, float]:
+        if self._terms is None:
+            policy, rnd, variant, gi, n_g, oldest, idle = self._args
+            _, parts, _ = policy._score(
+                rnd,
+                slice(variant, variant + 1),
+                slice(gi, gi + 1),
+                np.array([n_g]),
+                np.array([oldest]),
+                np.array([idle]),
+            )
+            self._terms = {t: float(np.asarray(parts[t]).reshape(-1)[0]) for t in TERMS}
+            self._args = None  # type: ignore[assignment]
+        return self._terms
+
+    def __getitem__(self, key: str) -> float:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(TERMS)

@@ -34,18 +34,16 @@ class SchedulerBench:
         return statistics.median(self.runs_ms)
 
 
-def bench_scheduler(
+def bench_inputs(
     fleet: Fleet,
-    config: PolicyConfig,
     n_items: int = 10_000,
     n_workers: int = 200,
     n_groups: int = 200,
-    runs: int = 5,
     seed: int = 0,
-) -> SchedulerBench:
-    """Median wall time of one Policy.decide round over `n_items` ready operators in
-    `n_groups` batch keys (a mix of GPU and CPU kinds, 24 models, 32 tenants) and
-    `n_workers` free workers spread over the fleet's classes, some models resident."""
+) -> tuple[list[ReadyItem], list[tuple[str, str, dict[str, float]]]]:
+    """`n_items` ready operators in `n_groups` batch keys (a mix of GPU and CPU kinds, 24
+    models, 32 tenants) and the layout of `n_workers` workers (id, class, resident
+    models) spread over the fleet's classes."""
     rng = random.Random(seed)
     kinds = [k for k in (*GPU_KINDS, *CPU_KINDS) if k in fleet.kinds]
     models = [f"model-{i}" for i in range(24)]
@@ -78,6 +76,21 @@ def bench_scheduler(
         cls = classes[w % len(classes)]
         resident = {m: 16.0 for m in rng.sample(models, rng.randrange(3))}
         layout.append((f"w{w}", cls, resident))
+    return items, layout
+
+
+def bench_scheduler(
+    fleet: Fleet,
+    config: PolicyConfig,
+    n_items: int = 10_000,
+    n_workers: int = 200,
+    n_groups: int = 200,
+    runs: int = 5,
+    seed: int = 0,
+) -> SchedulerBench:
+    """Median wall time of one Policy.decide round over `n_items` ready operators in
+    `n_groups` batch keys and `n_workers` free workers (`bench_inputs`)."""
+    items, layout = bench_inputs(fleet, n_items, n_workers, n_groups, seed)
     policy = Policy(fleet, config)
     times, decisions = [], 0
     for _ in range(runs):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import copy
 import time
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from flowmesh.engine.scheduler.fairness import FairShare
 from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
+from flowmesh.engine.scheduler.groups import ReadyGroup
 from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from flowmesh.engine.scheduler.rightsize import idle_to_keep
 from flowmesh.loadgen.sim.autoscale import allowance
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 POLICIES = ("flowmesh", "shared-fifo", "isolated")
 RIGHT_AFTER = 1e-3  # s: after the current instant's scheduling round
 RECHECKS = 6  # forecast release: re-checks of a kept idle worker per break-even horizon
+_ready_at = attrgetter("ready_at")
 
 
 class SimPolicy:
@@ -153,14 +156,17 @@ class FlowMeshPolicy(SimPolicy):
         only its best one; the rest are dropped."""
         q = sim.queue
         n_workers = len(workers) + len(busy)
-        items: list[ReadyItem] = []
+        groups: list[ReadyGroup] = []
         by_key: dict[str, Exec] = {}
         for bk in q.oldest(self.max_groups):
             # more than maxb x workers of one group cannot change this round
             limit = self.kind_maxb.get(q.head(bk).item.kind, 1) * n_workers
-            for e in q.first(bk, limit):
-                items.append(e.item)
-                by_key[e.item.key] = e
+            execs = q.first(bk, limit)
+            by_key.update((e.item.key, e) for e in execs)
+            # oldest first (a replayed operator is queued at the front)
+            groups.append(ReadyGroup.of(sorted((e.item for e in execs), key=_ready_at)))
+        groups.sort(key=lambda g: g.items[0].ready_at)
+        n_items = len(by_key)
         # candidates are offered without their cold start (startup_s): priced at each
         # class's $/h it makes the default weights pick the cheapest slow class for a
         # small backlog, which cost energy and p95 on rlhf-mix (loadgen/README.md)
@@ -171,10 +177,10 @@ class FlowMeshPolicy(SimPolicy):
         states += busy
         fair = self.fair if allow is None else copy.deepcopy(self.fair)
         t0 = time.perf_counter()
-        decisions = self.policy.decide(items, states, now, fair)
+        decisions = self.policy.decide_groups(groups, states, now, fair)
         self.decide_s += time.perf_counter() - t0
         self.decide_calls += 1
-        self.decide_items += len(items)
+        self.decide_items += n_items
         by_id = {w.id: w for w in workers}
         started = 0
         for d in decisions:
