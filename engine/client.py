@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
-from flowmesh.engine.spec import Catalog, SpecError, validate
+from flowmesh.engine.spec import MAX_DATASET_BYTES, Catalog, SpecError, check_records, validate
 from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.cas import CAS, Record, open_cas
 from flowmesh.topics.messages import (
@@ -41,6 +41,10 @@ class WorkflowFailed(RuntimeError):
     def __init__(self, status: WorkflowStatus) -> None:
         self.status = status
         super().__init__(f"workflow {status.workflow_id} failed: {status.error}")
+
+
+# dataset files whose size on disk is close to their size as JSON records
+TEXT_DATASETS = (".jsonl", ".json", ".csv")
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -121,7 +125,25 @@ class FlowMesh:
                     raise SpecError([f"dataset {name!r}: digest {ds.digest[:12]} not in the CAS"])
                 datasets[name] = ds
                 continue
-            records = ds.records if ds.records is not None else read_records(ds.path or "")
+            if ds.records is not None:
+                records = ds.records  # validate() held them to the limits
+            else:
+                # a file is held to the same documented limits as inline records
+                # (engine/spec.py: MAX_DATASET_BYTES, MAX_DATASET_RECORDS, MAX_RECORD_BYTES):
+                # a text file far past them is refused before it is read into memory
+                path = Path(ds.path or "")
+                size = path.stat().st_size if path.is_file() else 0
+                if path.suffix.lower() in TEXT_DATASETS and size > 2 * MAX_DATASET_BYTES:
+                    raise SpecError(
+                        [
+                            f"dataset {name!r}: {path} is {size} bytes; the limit is "
+                            f"{MAX_DATASET_BYTES} bytes per dataset: split it into several "
+                            "workflows"
+                        ]
+                    )
+                records = read_records(path)
+                if problems := check_records(name, records):
+                    raise SpecError([*problems, "split the dataset into several workflows"])
             if not all(isinstance(r, dict) for r in records):
                 raise SpecError([f"dataset {name!r}: every record must be a mapping"])
             datasets[name] = DatasetSpec(digest=await self.cas.put_table(records))

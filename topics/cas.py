@@ -157,6 +157,12 @@ class FileBackend:
             await asyncio.sleep(0)  # let other tasks run on a large store
 
 
+# nats-py's object get reads the chunks through an ordered consumer with no bound: one
+# that dies with a nats restart mid-read would wait forever. Generous (a large model at
+# a few MB/s), but an end; a timeout is a TimeoutError, which callers retry or fail on.
+OBJECT_GET_TIMEOUT_S = 300.0
+
+
 class NatsObjectBackend:
     """Blobs as objects in a JetStream object store bucket (no shared disk needed)."""
 
@@ -172,7 +178,7 @@ class NatsObjectBackend:
         from nats.js.errors import ObjectNotFoundError
 
         try:
-            res = await self.store.get(check_name(name))
+            res = await asyncio.wait_for(self.store.get(check_name(name)), OBJECT_GET_TIMEOUT_S)
         except ObjectNotFoundError:
             return None
         data: bytes = res.data or b""
