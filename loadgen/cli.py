@@ -232,11 +232,15 @@ def bench_scheduler_cmd(
     b = bench_scheduler(
         load_fleet(fleet_path), load_policy_config(scheduler_path), items, workers, groups, runs
     )
+
+    def spread(ms: list[float]) -> str:
+        return f"median {statistics.median(ms):.1f} ms [{min(ms):.1f}-{max(ms):.1f}]"
+
     console.print(
         f"Policy.decide: {b.items:,} ready operators in {b.groups} batch keys x "
-        f"{b.workers} free workers -> {b.decisions} batches assigned; "
-        f"median {b.median_ms:.0f} ms over {len(b.runs_ms)} runs "
-        f"(min {min(b.runs_ms):.0f}, max {max(b.runs_ms):.0f})"
+        f"{b.workers} free workers -> {b.decisions} batches assigned; over {len(b.runs_ms)} "
+        f"runs: wall {spread(b.runs_ms)}, process CPU {spread(b.cpu_ms)}; from a flat "
+        f"list (grouped in the round): wall {spread(b.flat_ms)}"
     )
 
 

@@ -206,6 +206,55 @@ def test_fair_share_favours_the_tenant_that_got_less() -> None:
     assert d.items[0].tenant == "meek" and d.terms["fairness"] > 0
 
 
+def test_small_tenant_is_served_before_a_big_backlog_that_had_the_fleet() -> None:
+    """Weighted fair share under a backlog: a tenant with a backlog of 256-operator
+    batches has had the only worker for a while; another tenant's 5 operators arrive.
+    The next batch is the small tenant's, although it loses on throughput and cost
+    (about 2.4 points): the fairness term outweighs the batch-size advantage."""
+    fleet = load_fleet(REPO / "configs/fleet/default.yaml")
+    cfg = PolicyConfig()
+    policy = Policy(fleet, cfg)
+    fair = FairShare(cfg.tenants)
+    big = [replace_kind(item(i, tenant="big", bkey="big", model=None), "map") for i in range(4096)]
+    worker = WorkerState("w", "cpu-amx", 1)
+    now = 0.0
+    for _ in range(3):  # the big tenant has the worker for a few rounds
+        worker.free_slots = 1
+        [d] = policy.decide(big, worker_list(worker), now, fair)
+        assert d.items[0].tenant == "big" and len(d.items) == 256
+        big = big[256:]
+        now += d.seconds
+    small = [
+        replace_kind(item(i, tenant="small", bkey="small", model=None, ready_at=now), "map")
+        for i in range(5)
+    ]
+    worker.free_slots = 1
+    [d] = policy.decide([*big, *small], worker_list(worker), now + 0.5, fair)
+    assert [it.tenant for it in d.items] == ["small"] * 5
+    # what it had to outweigh: the big batch scores more on every other term
+    terms_small = dict(d.terms)
+    worker.free_slots = 1
+    [d_big] = policy.decide(big, worker_list(worker), now + 0.5, FairShare())
+    rest = ("throughput", "cost", "energy", "locality")
+    assert sum(d_big.terms[t] for t in rest) - sum(terms_small[t] for t in rest) > 1.0
+    assert terms_small["fairness"] > 2.0
+    # with fairness off the backlog would have kept the worker
+    worker.free_slots = 1
+    off = Policy(fleet, PolicyConfig(weights=Weights(fairness=0.0)))
+    [d_off] = off.decide([*big, *small], worker_list(worker), now + 0.5, fair)
+    assert d_off.items[0].tenant == "big"
+
+
+def replace_kind(it: ReadyItem, kind: str) -> ReadyItem:
+    from dataclasses import replace
+
+    return replace(it, kind=kind, executor=f"{kind}@1")
+
+
+def worker_list(w: WorkerState) -> list[WorkerState]:
+    return [w]
+
+
 def test_over_budget_tenant_waits() -> None:
     fleet = fleet_of(gpu={"price_per_hour": 2.0})
     cfg = PolicyConfig(tenants={"broke": TenantPolicy(budget_usd=0.5)})

@@ -16,12 +16,21 @@ class TenantPolicy:
 
 @dataclass
 class FairShare:
-    """Decayed device-seconds per tenant. A tenant's deficit is its weighted share of the
-    active tenants minus its share of recent usage: positive when it got less than its
-    due, so the utility favours its batches until the fleet has caught up."""
+    """Weighted fair share over decayed device-seconds per tenant.
+
+    A tenant's deficit is log(due / got): `due` its weight's share of the tenants with
+    ready work, `got` its share of their recent usage (floored at `floor` x due). 0 at
+    its share, positive below it, up to log(1 / floor) (4.6 by default) for a tenant
+    that got nothing yet, negative above it. Scaled by the utility's fairness weight it
+    outweighs a batch-size advantage: a tenant with 5 ready operators is served before
+    the next batch of a tenant with a backlog of thousands that has had the fleet (a
+    5-operator batch loses about 2.4 points of throughput and cost to a 256-operator
+    one). A bounded share difference (due - got, at most 1) could not: the small tenant
+    waited for the whole backlog."""
 
     policies: Mapping[str, TenantPolicy] = field(default_factory=dict)
     half_life_s: float = 300.0
+    floor: float = 0.01
     usage: dict[str, float] = field(default_factory=dict)
     spent_usd: dict[str, float] = field(default_factory=dict)
     _at: float = 0.0
@@ -52,7 +61,7 @@ class FairShare:
         for t in active:
             due = self.policy(t).weight / total_w
             got = self.usage.get(t, 0.0) / total_u if total_u > 0 else due
-            out[t] = due - got
+            out[t] = math.log(due / max(got, self.floor * due)) if due > 0 else 0.0
         return out
 
     def over_budget(self, tenant: str) -> bool:

@@ -349,19 +349,22 @@ class Policy:
         rows_w = free + soon
         n_free = len(free)
         types: dict[tuple[Any, ...], int] = {}
-        type_of = np.empty(len(rows_w), dtype=np.int64)
         specimens: list[tuple[WorkerState, bool, float, float]] = []
+        type_list: list[int] = []
         for i, w in enumerate(rows_w):
             is_free = i < n_free
-            startup = max(0.0, w.startup_s) if is_free else 0.0
-            wait = 0.0 if is_free else max(0.0, (w.busy_until or now) - now)
             caps = tuple(sorted(w.batch_caps.items())) if w.batch_caps else None
-            key = (w.device_class, is_free, startup, wait, w.executors, w.models, caps)
+            # free: its startup; held: its wait (0 for the other)
+            when = w.startup_s if is_free else w.busy_until
+            key = (w.device_class, is_free, when, w.executors, w.models, caps)
             t = types.get(key)
             if t is None:
                 t = types[key] = len(specimens)
+                startup = max(0.0, w.startup_s) if is_free else 0.0
+                wait = 0.0 if is_free else max(0.0, (w.busy_until or now) - now)
                 specimens.append((w, is_free, startup, wait))
-            type_of[i] = t
+            type_list.append(t)
+        type_of = np.array(type_list, dtype=np.int64)
         T = len(specimens)
         t_ci = np.array([self._class_idx[s[0].device_class] for s in specimens])
         t_free = np.array([s[1] for s in specimens])
@@ -394,11 +397,12 @@ class Policy:
         idle = (compat * per_type_ready[:, None]).sum(axis=0)
         resident = np.zeros((len(rows_w), len(models) + 1), dtype=bool)
         resident[:, -1] = True  # "no model" is always warm
-        for wi, w in enumerate(rows_w):
-            for m in w.resident:
-                j = m_idx.get(m)
-                if j is not None:
-                    resident[wi, j] = True
+        if models:
+            for wi, w in enumerate(rows_w):
+                for m in w.resident:
+                    j = m_idx.get(m)
+                    if j is not None:
+                        resident[wi, j] = True
         slots = np.array([w.free_slots if i < n_free else 1 for i, w in enumerate(rows_w)])
         # per worker variant v (type v // 2; the group's model resident when v is odd):
         # (V, 1) columns, (1, G) rows and (V, G) tables, so a refresh slices views

@@ -9,7 +9,8 @@ one pass; called with plain floats it scores one pair (tests, logs). Pure: no I/
       - w_en   * (energy_per_op / ref_energy_per_op)    joules per operator
       - w_loc  * (load_s + fetch_s + start_s) / time    time lost to moving weights/data
                                                         or to a cold start / a wait
-      + w_fair * deficit                                tenant got less than its share
+      + w_fair * log(due / got)                         tenant got less than its weighted
+                                                        share (fairness.py: bounded)
       + w_age  * oldest_wait_s / aging_scale_s          unbounded: nothing starves
       + priority                                        the tenant's priority
 """
@@ -30,7 +31,7 @@ class Weights:
     cost: float = 1.0
     energy: float = 0.3
     locality: float = 0.5
-    fairness: float = 0.5
+    fairness: float = 1.0
     aging: float = 1.0
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from flowmesh.engine.scheduler.fairness import FairShare
 from flowmesh.engine.scheduler.fleet import Fleet
+from flowmesh.engine.scheduler.groups import group_ready
 from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from flowmesh.loadgen.sim.metrics import PolicyResult, simulate
 from flowmesh.loadgen.sim.workload import Workload, parse_workload
@@ -23,10 +24,16 @@ CPU_KINDS = ("map", "filter", "group")
 
 @dataclass
 class SchedulerBench:
+    """Per run: wall and process CPU milliseconds of one round over ready groups kept by
+    batch key (what a scheduler that groups operators as they arrive hands the policy),
+    and of one round over the flat list (grouped inside the round)."""
+
     items: int
     workers: int
     groups: int
     runs_ms: list[float]
+    cpu_ms: list[float]
+    flat_ms: list[float]
     decisions: int
 
     @property
@@ -91,16 +98,21 @@ def bench_scheduler(
     """Median wall time of one Policy.decide round over `n_items` ready operators in
     `n_groups` batch keys and `n_workers` free workers (`bench_inputs`)."""
     items, layout = bench_inputs(fleet, n_items, n_workers, n_groups, seed)
+    groups = group_ready(items)
     policy = Policy(fleet, config)
-    times, decisions = [], 0
+    times, cpu, flat, decisions = [], [], [], 0
     for _ in range(runs):
         workers = [WorkerState(wid, cls, 1, dict(res)) for wid, cls, res in layout]
-        fair = FairShare(config.tenants)
-        t0 = time.perf_counter()
-        out = policy.decide(items, workers, 120.0, fair)
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = policy.decide_groups(groups, workers, 120.0, FairShare(config.tenants))
         times.append(1000 * (time.perf_counter() - t0))
+        cpu.append(1000 * (time.process_time() - c0))
         decisions = len(out)
-    return SchedulerBench(n_items, n_workers, n_groups, times, decisions)
+        workers = [WorkerState(wid, cls, 1, dict(res)) for wid, cls, res in layout]
+        t0 = time.perf_counter()
+        policy.decide(items, workers, 120.0, FairShare(config.tenants))
+        flat.append(1000 * (time.perf_counter() - t0))
+    return SchedulerBench(n_items, n_workers, n_groups, times, cpu, flat, decisions)
 
 
 def scale_workload(gpus: int, operators: int, seed: int = 0, window_s: float = 60.0) -> Workload:
