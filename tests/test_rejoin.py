@@ -91,6 +91,38 @@ async def test_take_back_succeeds_when_the_worker_recreates_its_consumer_mid_rec
         await bus.close()
 
 
+async def test_take_back_goes_on_when_the_rejoined_worker_acked_a_batch_meanwhile(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read back, then gone before the scheduler deletes it (the rejoined worker ran and
+    acked it: work-queue retention removed it): JetStream answers err 10057 'no message
+    found', which must not abort the reclaim (it did in `loadgen large`)."""
+    bus = await Bus.connect(nats_url, "test-take-back-acked", layout=streams.Layout())
+    try:
+        wid = "cpu-quick"
+        batches = [
+            Assignment(batch_id=f"b{i}", worker=wid, ops=[_op(i)], assigned_at=0) for i in range(3)
+        ]
+        for b in batches:
+            await bus.publish(subjects.assign(wid), b, msg_id=b.batch_id)
+        real_get = bus.js.get_msg
+
+        async def get_then_the_worker_acks(*args: Any, **kwargs: Any) -> Any:
+            raw = await real_get(*args, **kwargs)
+            await bus.js.delete_msg(streams.STREAM_ASSIGN, raw.seq)  # its ack, in effect
+            return raw
+
+        monkeypatch.setattr(bus.js, "get_msg", get_then_the_worker_acks)
+        scheduler = Scheduler(bus)
+        assert await asyncio.wait_for(scheduler._take_back_nats(wid, "b1"), 30) == 3
+        ready = await bus.js.pull_subscribe(subjects.READY_ALL, stream=streams.STREAM_READY)
+        ops = [codec.decode(m.data, ReadyOp) for m in await ready.fetch(10, timeout=2.0)]
+        # only the batch that was running counts a loss
+        assert sorted((op.key, op.attempt) for op in ops) == [("k0", 0), ("k1", 1), ("k2", 0)]
+    finally:
+        await bus.close()
+
+
 async def _consumers(bus: Bus) -> Any:
     for c in await bus.js.consumers_info(streams.STREAM_ASSIGN):
         yield c

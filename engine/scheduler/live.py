@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from flowmesh.engine import metrics
 from flowmesh.engine.scheduler.fairness import FairShare
@@ -41,6 +41,8 @@ from flowmesh.topics.operators import pool_of
 from flowmesh.topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.scheduler")
+
+NO_MESSAGE_FOUND = 10057  # JetStream's answer to deleting a message already gone
 
 
 @dataclass
@@ -281,14 +283,17 @@ class Scheduler:
             if batch is not None:
                 n_ops += await self._republish(batch, running)
             # republished first, deleted after: a crash in between replays it again
-            # (safe: commits are compare-and-set), never loses it; gone already means
-            # a rejoined worker acked it
-            with contextlib.suppress(NotFoundError):
+            # (safe: commits are compare-and-set), never loses it; gone already (err
+            # 10057 'no message found') means a rejoined worker acked it meanwhile
+            try:
                 await self.bus.retrying(
                     "delete taken-back assignment",
                     functools.partial(js.delete_msg, streams.STREAM_ASSIGN, at),
                     retry_s=10.0,
                 )
+            except APIError as exc:
+                if not isinstance(exc, NotFoundError) and exc.err_code != NO_MESSAGE_FOUND:
+                    raise
         return n_ops
 
     async def _republish(self, batch: Assignment, running: str | None) -> int:
