@@ -425,8 +425,14 @@ def status(
                 total = sum(n.total for n in s.nodes.values())
                 done = sum(n.done for n in s.nodes.values())
                 secs = (s.ended_at or time.time()) - s.submitted_at
+                # names are tenants' text: a `[/red]` in one is not markup
                 table.add_row(
-                    s.workflow_id, s.name, s.tenant, s.state, f"{done}/{total}", f"{secs:.1f}"
+                    s.workflow_id,
+                    escape(s.name),
+                    s.tenant,
+                    s.state,
+                    f"{done}/{total}",
+                    f"{secs:.1f}",
                 )
             Console().print(table)
             Console().print(
@@ -491,6 +497,31 @@ def result(
         click.echo(text, nl=False)
 
 
+@main.command()
+@nats_option
+@data_option
+@cas_option
+@click.argument("workflow_id")
+@tenant_creds_option
+def cancel(
+    nats_url: str,
+    data_dir: Path,
+    cas_url: str | None,
+    workflow_id: str,
+    tenant_creds: Path | None,
+) -> None:
+    """Cancel a running workflow: nothing more of it starts; it ends `cancelled`."""
+
+    async def go() -> str:
+        if tenant_creds:
+            async with await TenantClient.from_creds(tenant_creds) as tc:
+                return await tc.cancel(workflow_id)
+        async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
+            return await fm.cancel(workflow_id)
+
+    click.echo(f"{workflow_id} {_run(go)}")
+
+
 def _show_status(st: WorkflowStatus | None, workflow_id: str, as_json: bool) -> None:
     if st is None:
         raise KeyError(f"no workflow {workflow_id!r}")
@@ -514,7 +545,7 @@ async def _tenant_status(creds: Path, workflow_id: str | None, as_json: bool) ->
         for s in summaries:
             secs = (s.ended_at or time.time()) - s.submitted_at
             table.add_row(
-                s.workflow_id, s.name, s.state, f"{s.ops_done}/{s.ops_total}", f"{secs:.1f}"
+                s.workflow_id, escape(s.name), s.state, f"{s.ops_done}/{s.ops_total}", f"{secs:.1f}"
             )
         Console().print(table)
 
@@ -525,7 +556,7 @@ def _print_status(st: WorkflowStatus) -> None:
         table.add_column(col)
     for name, ns in st.nodes.items():
         table.add_row(
-            name,
+            escape(name),
             str(ns.total),
             str(ns.done),
             str(ns.failed),

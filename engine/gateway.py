@@ -16,14 +16,24 @@ Verbs (request body -> reply data, all JSON):
   result   {workflow_id, node, offset?, limit?} -> ResultPage
   lineage  {workflow_id, node?} -> lineage dict, other tenants' requests redacted
   cost     {}                   -> {tenant: bill, workflows: {id: bill}}
+  cancel   {workflow_id}        -> {workflow_id, state}
 Every reply is an ApiReply: {ok, data} or {ok: false, code, error}.
+
+One tenant cannot take the service from the others (issue 17): each has a request rate,
+a number of requests in progress at once, and a number of operators in flight of its
+running workflows (Quotas); past one, it is answered `too_many_requests` at once, without
+queueing. Gateway tenants get `dedup_scope: tenant` whatever their spec asks, unless the
+operator lets them share (FLOWMESH_SHARE_TENANTS): shared results tell a tenant whether
+and when another ran the same record (see the README, "Tenancy").
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
@@ -34,10 +44,10 @@ from nats.aio.subscription import Subscription
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.cost import cost_report
 from flowmesh.engine.lineage import LineageError, build_lineage
-from flowmesh.engine.spec import SpecError
+from flowmesh.engine.spec import SpecError, planned_operators
 from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.cas import CAS, CASError, Record
-from flowmesh.topics.messages import WorkflowSpec, WorkflowStatus
+from flowmesh.topics.messages import CancelWorkflow, WorkflowSpec, WorkflowStatus
 
 log = structlog.get_logger("flowmesh.gateway")
 
@@ -52,7 +62,45 @@ CONCURRENCY = 32  # requests handled at once per engine
 # after it finds it; past that the submission (stored in its stream) is still run.
 ACCEPT_WAIT_S = 10.0
 
-ErrorCode = Literal["not_found", "bad_request", "too_large", "internal"]
+ErrorCode = Literal["not_found", "bad_request", "too_large", "too_many_requests", "internal"]
+CANCEL_WAIT_S = 5.0  # how long cancel waits to see the planner mark it cancelled
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Per tenant, per gateway process. Defaults from FLOWMESH_TENANT_* variables."""
+
+    rps: float = 50.0  # sustained requests per second
+    burst: int = 100  # requests at once above the rate
+    concurrent: int = 8  # requests in progress at once
+    ops_in_flight: int = 200_000  # operators of its running workflows (planned, not done)
+    workflows_running: int = 100
+
+    @classmethod
+    def from_env(cls) -> Quotas:
+        env = os.environ.get
+        return cls(
+            rps=float(env("FLOWMESH_TENANT_RPS", cls.rps)),
+            burst=int(env("FLOWMESH_TENANT_BURST", cls.burst)),
+            concurrent=int(env("FLOWMESH_TENANT_CONCURRENT", cls.concurrent)),
+            ops_in_flight=int(env("FLOWMESH_TENANT_OPS_IN_FLIGHT", cls.ops_in_flight)),
+            workflows_running=int(env("FLOWMESH_TENANT_WORKFLOWS", cls.workflows_running)),
+        )
+
+
+def share_tenants_from_env() -> frozenset[str]:
+    """Tenants the operator lets dedup globally (FLOWMESH_SHARE_TENANTS=a,b)."""
+    raw = os.environ.get("FLOWMESH_SHARE_TENANTS", "")
+    return frozenset(t.strip() for t in raw.split(",") if t.strip())
+
+
+@dataclass
+class _TenantUse:
+    tokens: float
+    stamp: float
+    active: int = 0
+    # its workflows this gateway saw submitted and not yet seen finished: id -> operators
+    running: dict[str, int] = field(default_factory=dict)
 
 
 class ApiError(Exception):
@@ -142,9 +190,19 @@ def _decode(data: bytes, typ: type[Any]) -> Any:
 
 
 class Gateway:
-    def __init__(self, bus: Bus, cas: CAS, concurrency: int = CONCURRENCY) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        cas: CAS,
+        concurrency: int = CONCURRENCY,
+        quotas: Quotas | None = None,
+        share_tenants: frozenset[str] | None = None,
+    ) -> None:
         self.bus = bus
         self.cas = cas
+        self.quotas = quotas or Quotas.from_env()
+        self.share_tenants = share_tenants_from_env() if share_tenants is None else share_tenants
+        self._use: dict[str, _TenantUse] = {}
         self.fm = FlowMesh(bus, cas)  # submit/validation/upload as the SDK does them
         self._sem = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -187,8 +245,15 @@ class Gateway:
             log.warning("gateway reply subject outside the tenant's inbox", subject=msg.subject)
             return
         started = time.monotonic()
+        use = self._admit(tenant)
         async with self._sem:
             try:
+                if use is None:
+                    raise ApiError(
+                        "too_many_requests",
+                        f"tenant {tenant!r} is over its request quota ({self.quotas.rps:g}/s, "
+                        f"{self.quotas.concurrent} at once); retry later",
+                    )
                 if len(msg.data) > MAX_REQUEST_BYTES:
                     raise ApiError(
                         "too_large",
@@ -203,6 +268,9 @@ class Gateway:
                 ref = uuid.uuid4().hex[:8]
                 log.exception("gateway request failed", ref=ref, verb=verb, tenant=tenant)
                 reply = ApiReply(ok=False, code="internal", error=f"internal error (ref {ref})")
+            finally:
+                if use is not None:
+                    use.active -= 1
         body = codec.encode(reply)
         if len(body) > MAX_REPLY_BYTES:
             body = codec.encode(
@@ -246,15 +314,38 @@ class Gateway:
         if verb == "cost":
             _decode(data, NoArgs)
             return await self.cost(tenant)
+        if verb == "cancel":
+            return await self.cancel(tenant, _decode(data, WorkflowRequest).workflow_id)
         verbs = ", ".join(subjects.API_VERBS)
         raise ApiError("bad_request", f"unknown verb {verb!r} (one of {verbs})")
+
+    def _use_of(self, tenant: str) -> _TenantUse:
+        use = self._use.get(tenant)
+        if use is None:
+            use = self._use[tenant] = _TenantUse(float(self.quotas.burst), time.monotonic())
+        return use
+
+    def _admit(self, tenant: str) -> _TenantUse | None:
+        """Take one request of `tenant` from its token bucket and its in-progress slots;
+        None when it is over either (answered at once: nothing queues for it)."""
+        now = time.monotonic()
+        use = self._use_of(tenant)
+        use.tokens = min(float(self.quotas.burst), use.tokens + (now - use.stamp) * self.quotas.rps)
+        use.stamp = now
+        if use.tokens < 1.0 or use.active >= self.quotas.concurrent:
+            return None
+        use.tokens -= 1.0
+        use.active += 1
+        return use
 
     # --- verbs ------------------------------------------------------------------------
 
     async def _owned(self, tenant: str, workflow_id: str) -> WorkflowStatus:
         """The workflow's status if it is this tenant's; "not found" in every other case,
-        worded the same whether it exists or not."""
-        status = await self.fm.status(workflow_id) if subjects.is_token(workflow_id) else None
+        worded the same whether it exists or not. An id outside the tenant's namespace is
+        never looked up, so the answer's time says nothing about other tenants' ids."""
+        mine = subjects.is_token(workflow_id) and workflow_id.startswith(f"{tenant}_")
+        status = await self.fm.status(workflow_id) if mine else None
         if status is None or status.tenant != tenant:
             raise ApiError("not_found", f"no workflow {workflow_id!r}")
         return status
@@ -277,18 +368,61 @@ class Gateway:
                     f"dataset {name!r}: give its records inline (path and digest datasets "
                     "are not accepted through the gateway)",
                 )
+        if spec.dedup_scope == "global" and tenant not in self.share_tenants:
+            # sharing results across tenants is a side channel (whether and when another
+            # tenant ran a record): only tenants the operator opted in share
+            spec = msgspec.structs.replace(spec, dedup_scope="tenant")
         workflow_id = gateway_workflow_id(tenant, req.workflow_id)
+        await self._check_in_flight(tenant, workflow_id, spec)
         try:
             await self.fm.submit(spec, workflow_id, tenant=tenant)
         except SpecError as exc:
             raise ApiError("bad_request", str(exc)) from exc
         except CASError as exc:
             raise ApiError("bad_request", f"cannot store the datasets: {exc}") from exc
+        self._use_of(tenant).running[workflow_id] = planned_operators(spec)
         log.info("gateway submission", tenant=tenant, workflow=workflow_id, name=spec.name)
         deadline = time.monotonic() + ACCEPT_WAIT_S
         while await self.fm.status(workflow_id) is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return SubmitReply(workflow_id=workflow_id)
+
+    async def _check_in_flight(self, tenant: str, workflow_id: str, spec: WorkflowSpec) -> None:
+        """The tenant's running workflows and their operators stay within its quota."""
+        running = self._use_of(tenant).running
+        for wf in list(running):
+            status = await self.fm.status(wf)
+            if status is not None and status.state != "running":
+                del running[wf]
+        running.pop(workflow_id, None)  # a resubmission of its own id counts once
+        planned = planned_operators(spec)
+        if len(running) >= self.quotas.workflows_running:
+            raise ApiError(
+                "too_many_requests",
+                f"{len(running)} workflows running; the quota is {self.quotas.workflows_running}",
+            )
+        if sum(running.values()) + planned > self.quotas.ops_in_flight:
+            raise ApiError(
+                "too_many_requests",
+                f"{sum(running.values())} operators in flight and {planned} more asked for; "
+                f"the quota is {self.quotas.ops_in_flight} (wait for some to finish, or cancel)",
+            )
+
+    async def cancel(self, tenant: str, workflow_id: str) -> dict[str, str]:
+        """Stop one of the tenant's workflows: its planner starts nothing more for it and
+        marks it cancelled. Operators already running finish (each within its limits)."""
+        status = await self._owned(tenant, workflow_id)
+        if status.state == "running":
+            await self.bus.nc.publish(
+                subjects.CANCEL,
+                codec.encode(CancelWorkflow(workflow_id, reason=f"cancelled by {tenant}")),
+            )
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while status.state == "running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                status = await self._owned(tenant, workflow_id)
+        self._use_of(tenant).running.pop(workflow_id, None)
+        return {"workflow_id": workflow_id, "state": status.state}
 
     async def list(self, tenant: str) -> list[WorkflowSummary]:
         out = []

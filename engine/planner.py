@@ -33,6 +33,7 @@ from flowmesh.engine.supervise import guarded
 from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.cas import CAS, CASError
 from flowmesh.topics.messages import (
+    CancelWorkflow,
     NodeSpec,
     NodeStatus,
     OpDone,
@@ -189,6 +190,7 @@ class Planner:
         self._resolved: dict[tuple[str, str], tuple[str | None, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._cancel_sub: Any = None  # fm.wf.cancel (core NATS; none on Kafka)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -206,14 +208,43 @@ class Planner:
             asyncio.create_task(guarded("planner", "status", self._status_loop, self._stopping)),
             asyncio.create_task(guarded("planner", "parked", self._parked_loop, self._stopping)),
         ]
+        if self.bus.kafka is None:
+            self._cancel_sub = await self.bus.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._cancel_sub is not None:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await self._cancel_sub.unsubscribe()
         accepts = list(self._accepts.values())
         for t in [*self._tasks, *accepts]:
             t.cancel()
         await asyncio.gather(*self._tasks, *accepts, return_exceptions=True)
         await self._flush_status()
+
+    async def _on_cancel(self, msg: Any) -> None:
+        """Stop a running workflow of this shard: no operator of it starts any more, its
+        waiters go, and its status says `cancelled` (a replay skips it from then on)."""
+        try:
+            req = codec.decode(msg.data, CancelWorkflow)
+        except codec.DecodeError:
+            return
+        run = self.runs.get(req.workflow_id)
+        if run is None or run.state != "running":
+            return
+        run.state = "cancelled"
+        run.error = req.reason
+        run.ended_at = time.time()
+        for key in [k for k, ws in self.waiters.items() if any(w.run is run for w in ws)]:
+            kept = [w for w in self.waiters[key] if w.run is not run]
+            if kept:
+                self.waiters[key] = kept
+            else:
+                del self.waiters[key]
+        self.parked = [p for p in self.parked if p.run is not run]
+        self._dirty.add(run.wf_id)
+        await self._write_status(run)
+        log.info("workflow cancelled", workflow=run.wf_id, reason=req.reason)
 
     # --- submissions ----------------------------------------------------------------
 
@@ -689,14 +720,39 @@ class Planner:
         await self._maybe_complete(run, name)
 
     async def _maybe_complete(self, run: WorkflowRun, name: str) -> None:
+        # a worklist, not recursion: a chain of ~970 record nodes completing in turn hit
+        # Python's recursion limit here and left the workflow running forever
+        todo = [name]
+        while todo:
+            await self._complete_node(run, todo.pop(), todo)
+        if all(n.complete for n in run.nodes.values()) and run.state == "running":
+            run.state = "completed"
+            run.ended_at = time.time()
+            await self._write_status(run)
+            log.info(
+                "workflow completed",
+                workflow=run.wf_id,
+                seconds=round(run.ended_at - run.submitted_at, 3),
+            )
+
+    async def _complete_node(self, run: WorkflowRun, name: str, todo: list[str]) -> None:
+        """Complete `name` if it can be; record-fanout children that may complete in turn
+        go on `todo`."""
         node = run.nodes[name]
         if node.complete or not node.upstream_complete or node.pending > 0:
             return
+        ordered = [d for pos in sorted(node.outputs) for d in (node.outputs[pos] or [])]
+        try:
+            node.manifest = await self.cas.put_manifest(ordered)
+            if node.keys:
+                node.status.ops = await self.cas.put_manifest(
+                    [node.keys[p] for p in sorted(node.keys)]
+                )
+        except CASError as exc:  # a full disk, a store that refuses: this run fails
+            await self._fail(run, f"node {name!r}: cannot store its output manifest: {exc}")
+            return
         node.complete = True
-        node.ordered = [d for pos in sorted(node.outputs) for d in (node.outputs[pos] or [])]
-        node.manifest = await self.cas.put_manifest(node.ordered)
-        if node.keys:
-            node.status.ops = await self.cas.put_manifest([node.keys[p] for p in sorted(node.keys)])
+        node.ordered = ordered
         node.status.complete = True
         node.status.output = node.manifest
         node.status.n_outputs = len(node.ordered)
@@ -707,7 +763,7 @@ class Planner:
             assert child.kind is not None
             if child.kind.fanout == "record":
                 child.upstream_complete = True
-                await self._maybe_complete(run, child_name)
+                todo.append(child_name)
             elif all(run.nodes[i].complete for i in child.inputs):
                 child.upstream_complete = True
                 child.outputs[(0,)] = None
@@ -715,15 +771,6 @@ class Planner:
                 child.status.total += 1
                 inputs = [run.nodes[i].manifest or "" for i in child.inputs]
                 await self._start_op(run, child_name, (0,), inputs)
-        if all(n.complete for n in run.nodes.values()) and run.state == "running":
-            run.state = "completed"
-            run.ended_at = time.time()
-            await self._write_status(run)
-            log.info(
-                "workflow completed",
-                workflow=run.wf_id,
-                seconds=round(run.ended_at - run.submitted_at, 3),
-            )
 
     async def _release_adapter_users(self, run: WorkflowRun, name: str) -> None:
         """`name` completed: nodes that generate with the adapter it trained may start."""
@@ -810,6 +857,15 @@ class Planner:
             return
         run.done_floor = 0
         data = codec.encode(run.to_status())
+        if len(data) > streams.MAX_MESSAGE_BYTES and run.state == "running":
+            # it could never be written (the tenant would see "not found" and this would
+            # retry forever): the run fails, and says why, in a status that fits
+            run.state, run.ended_at = "failed", time.time()
+            run.error = (
+                f"the workflow's status ({len(data)} bytes) is too large to record; "
+                "split the workflow"
+            )
+            data = codec.encode(dataclasses.replace(run, nodes={}).to_status())
         await self.bus.retrying("write status", functools.partial(self.kv_wf.put, run.wf_id, data))
         self._dirty.discard(run.wf_id)
         # finished: its status lives in the KV; a replayed submission is skipped there

@@ -123,7 +123,6 @@ def validate(spec: WorkflowSpec, catalog: Catalog | None = None) -> None:
         # past this the other checks would only add work: say this one thing
         raise SpecError([f"workflow has {len(spec.nodes)} nodes; the limit is {MAX_NODES}"])
 
-    source_records = 0
     for name, ds in spec.datasets.items():
         if not NAME_RE.match(name):
             problems.append(f"dataset name {name!r} must match {NAME_RE.pattern}")
@@ -133,12 +132,11 @@ def validate(spec: WorkflowSpec, catalog: Catalog | None = None) -> None:
         if ds.digest is not None and not codec.is_digest(ds.digest):
             problems.append(f"dataset {name!r}: digest is not a sha256 hex digest")
         if ds.records is not None:
-            source_records += len(ds.records)
             problems.extend(check_records(name, ds.records))
-    if source_records * max(len(spec.nodes), 1) > MAX_OPERATORS:
+    if planned_operators(spec) > MAX_OPERATORS:
         problems.append(
-            f"{source_records} source records x {len(spec.nodes)} nodes would start more than "
-            f"{MAX_OPERATORS} operators; split the workflow"
+            f"{planned_operators(spec)} operators (source records x nodes) is more than "
+            f"{MAX_OPERATORS}; split the workflow"
         )
 
     names = {n.name for n in spec.nodes}
@@ -162,6 +160,12 @@ def validate(spec: WorkflowSpec, catalog: Catalog | None = None) -> None:
         problems.append("cycle: " + " -> ".join(cycle))
     if problems:
         raise SpecError(problems)
+
+
+def planned_operators(spec: WorkflowSpec) -> int:
+    """The operators a submission can start, as the MAX_OPERATORS check counts them."""
+    records = sum(len(ds.records) for ds in spec.datasets.values() if ds.records is not None)
+    return max(records, 1) * max(len(spec.nodes), 1)
 
 
 def check_records(dataset: str, records: list[Any]) -> list[str]:

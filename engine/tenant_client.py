@@ -33,6 +33,7 @@ from flowmesh.engine.gateway import (
     ResultPage,
     SubmitReply,
     SubmitRequest,
+    WorkflowRequest,
     WorkflowSummary,
 )
 from flowmesh.engine.spec import SpecError, validate
@@ -249,6 +250,11 @@ class TenantClient:
             "lineage", {"workflow_id": workflow_id, "node": node}
         )
         return data
+
+    async def cancel(self, workflow_id: str) -> str:
+        """Cancel one of this tenant's running workflows; its state after the request."""
+        data = await self.call("cancel", WorkflowRequest(workflow_id=workflow_id))
+        return str(data["state"])
 
     async def cost(self) -> dict[str, Any]:
         data: dict[str, Any] = await self.call("cost")

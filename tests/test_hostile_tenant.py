@@ -191,3 +191,92 @@ async def test_tenant_patterns_and_params_run_bounded(auth_fabric: AuthFabric) -
         }
         error = await refused(a, "submit", raw_spec([train], [{"text": "x"}]))
         assert "steps 1000000000000 > 10000" in str(error)
+
+
+async def test_floods_are_refused_and_a_workflow_can_be_cancelled(
+    auth_fabric: AuthFabric,
+) -> None:
+    """1,500 requests dropped 215 and starved others; no quotas, no cancel verb."""
+    async with (
+        await TenantClient.from_creds(auth_fabric.creds("a"), timeout=60) as a,
+        await TenantClient.from_creds(auth_fabric.creds("b"), timeout=60) as b,
+    ):
+        await gateway_up(b)
+
+        async def flood() -> list[str]:
+            async def one() -> str:
+                try:
+                    await a.call("list")
+                    return "ok"
+                except GatewayError as exc:
+                    return exc.code
+
+            return list(await asyncio.gather(*(one() for _ in range(400))))
+
+        alone, during, codes = await under_attack(b, flood)
+        assert set(codes) <= {"ok", "too_many_requests"} and "too_many_requests" in codes
+        assert during < 2 * alone, (alone, during)
+
+        # a slow workflow, cancelled while it runs: it ends `cancelled`, not running on
+        slow = {
+            "name": "slow",
+            "op": "map",
+            "fn": "test.slow_upper",
+            "inputs": ["src"],
+            "params": {"field": "text", "delay": 0.5},
+        }
+        body = raw_spec([slow], [{"text": f"t{i}"} for i in range(200)])
+        wf = str((await a.call("submit", body))["workflow_id"])
+        await asyncio.sleep(1.0)
+        assert await a.cancel(wf) == "cancelled"
+        status = await a.status(wf)
+        assert status is not None and status.state == "cancelled"
+        assert sum(n.done for n in status.nodes.values()) < 200
+        # b is not held behind a's queued remainder for long: at most a batch or two
+        assert await run_victim(b) < 60
+        # another tenant cannot cancel it, and learns nothing from trying
+        with pytest.raises(GatewayError) as other:
+            await b.call("cancel", {"workflow_id": wf})
+        assert other.value.code == "not_found"
+
+
+async def test_no_existence_bit_leaks_across_tenants(auth_fabric: AuthFabric) -> None:
+    """`adapter: <digest>` probed the CAS; global dedup said whether and when another
+    tenant ran a record; status took 8 ms vs 1.1 ms for another's id vs a missing one."""
+    nonce = uuid.uuid4().hex[:8]
+    async with (
+        await TenantClient.from_creds(auth_fabric.creds("a"), timeout=60) as a,
+        await TenantClient.from_creds(auth_fabric.creds("b"), timeout=60) as b,
+    ):
+        await gateway_up(b)
+        # b runs its records, asking for global sharing; a then runs the same records
+        wf_b = await b.submit(spec("secret", nonce, scope="global"))
+        await b.wait(wf_b, timeout=120)
+        wf_a = await a.submit(spec("probe", nonce, scope="global"))
+        status = await a.wait(wf_a, timeout=120)
+        leaks = sum(n.reused for n in status.nodes.values())
+        lineage = await a.lineage(wf_a)
+        leaks += sum(op.get("other_requests", 0) for op in lineage["ops"].values())
+        assert leaks == 0, (status.nodes, lineage)
+        assert status.dedup_scope == "tenant"  # not opted into sharing by the operator
+
+        # another tenant's id answers exactly as a missing one, without a lookup
+        errors = set()
+        for target in (wf_b, f"b_wf-{uuid.uuid4().hex[:16]}", "a_wf-missing"):
+            with pytest.raises(GatewayError) as info:
+                await a.call("status", {"workflow_id": target})
+            errors.add((info.value.code, str(info.value).replace(target, "ID")))
+        assert len(errors) == 1
+
+        # a record naming a blob cannot be loaded as an adapter: only train nodes adapt
+        probe = raw_spec(
+            [
+                {"name": "m", "op": "map", "fn": "field.set", "inputs": ["src"],
+                 "params": {"values": {"adapter": "0" * 64}}},
+                {"name": "g", "op": "generate", "model": "tiny", "adapter": "m",
+                 "inputs": ["src"]},
+            ],
+            [{"text": "x"}],
+        )  # fmt: skip
+        error = await refused(a, "submit", probe)
+        assert "adapter 'm' is not a train node" in str(error)

@@ -269,7 +269,12 @@ class CAS:
             actual, packed = sha256_hex(data), self._cctx.compress(data)
         if digest is not None and check_name(digest) != actual:
             raise DigestMismatch(f"content has digest {actual}, not the claimed {digest}")
-        await self.backend.put(actual, packed)
+        try:
+            await self.backend.put(actual, packed)
+        except OSError as exc:
+            # a full disk or a read-only store: every caller handles CASError (the
+            # planner fails the workflow with this reason instead of hanging on it)
+            raise CASError(f"cannot store blob {actual[:12]}: {exc}") from exc
         return actual
 
     def _pack(self, data: bytes) -> tuple[str, bytes]:
@@ -286,15 +291,21 @@ class CAS:
             packed = await asyncio.to_thread(
                 lambda rows: [self._pack(canonical(r)) for r in rows], chunk
             )
-            if isinstance(self.backend, FileBackend):
-                await self.backend.put_many(packed)
-            else:
-                await asyncio.gather(*(self.backend.put(d, b) for d, b in packed))
+            try:
+                if isinstance(self.backend, FileBackend):
+                    await self.backend.put_many(packed)
+                else:
+                    await asyncio.gather(*(self.backend.put(d, b) for d, b in packed))
+            except OSError as exc:
+                raise CASError(f"cannot store records: {exc}") from exc
             out.extend(d for d, _ in packed)
         return out
 
     async def get(self, digest: str) -> bytes:
-        raw = await self.backend.get(self._check(digest))
+        try:
+            raw = await self.backend.get(self._check(digest))
+        except OSError as exc:
+            raise CASError(f"cannot read blob {digest[:12]}: {exc}") from exc
         if raw is None:
             raise BlobNotFound(digest)
         if len(raw) > OFF_LOOP_BYTES:
@@ -374,6 +385,10 @@ def records_to_arrow(records: list[Record]) -> bytes:
     sink = io.BytesIO()
     with ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
+    del table
+    # Arrow's allocator keeps what it freed for reuse: in a long-lived engine that
+    # converts a tenant's large dataset now and then, that is memory never given back
+    pa.default_memory_pool().release_unused()
     return sink.getvalue()
 
 
@@ -381,6 +396,8 @@ def arrow_to_records(data: bytes) -> list[Record]:
     try:
         table = ipc.open_stream(pa.py_buffer(data)).read_all()
         rows: list[Record] = table.to_pylist()
+        del table
+        pa.default_memory_pool().release_unused()  # see records_to_arrow
     except (pa.ArrowException, OSError, ValueError) as exc:
         # odd bytes give ArrowInvalid, ArrowTypeError, or a bare OSError
         # (b"\x00\x00\x00\x80": "negative continuation token")

@@ -55,6 +55,13 @@ class SubmitWorkflow(msgspec.Struct, frozen=True):
     submitted_at: float
 
 
+class CancelWorkflow(msgspec.Struct, frozen=True):
+    """fm.wf.cancel: stop a workflow; its planner drops its waiters and starts nothing more."""
+
+    workflow_id: str
+    reason: str = "cancelled"
+
+
 # --- operators ------------------------------------------------------------------------
 
 
@@ -249,7 +256,7 @@ class WorkflowStatus(msgspec.Struct):
     workflow_id: str
     name: str
     tenant: str
-    state: Literal["running", "completed", "failed"]
+    state: Literal["running", "completed", "failed", "cancelled"]
     submitted_at: float
     updated_at: float
     nodes: dict[str, NodeStatus]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 SUBMIT = "fm.wf.submit"
+# a CancelWorkflow, core NATS to every planner shard; the one running it stops it
+CANCEL = "fm.wf.cancel"
 READY_PREFIX = "fm.op.ready"
 READY_ALL = "fm.op.ready.>"
 ASSIGN_PREFIX = "fm.assign"
@@ -49,7 +51,7 @@ def dlq(component: str) -> str:
 # tenant token is an identity the server vouches for.
 API_PREFIX = "fm.api"
 API_ALL = f"{API_PREFIX}.*.*"  # what the gateway serves: fm.api.<tenant>.<verb>
-API_VERBS = ("submit", "status", "list", "result", "lineage", "cost")
+API_VERBS = ("submit", "status", "list", "result", "lineage", "cost", "cancel")
 INBOX_PREFIX = "_INBOX"
 # Tenant names on the gateway: a subject token without "_", which separates the tenant
 # from its own id in a gateway workflow id ("<tenant>_<id>").

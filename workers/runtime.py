@@ -11,6 +11,7 @@ replays it elsewhere; a replay finds the committed entry and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -27,12 +28,28 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 
 from flowmesh.topics import Bus, codec, logs, streams, subjects
 from flowmesh.topics.cas import CAS, CASError
-from flowmesh.topics.messages import Assignment, OpDone, OpState, ReadyOp, WorkerInfo
+from flowmesh.topics.messages import (
+    Assignment,
+    CancelWorkflow,
+    OpDone,
+    OpState,
+    ReadyOp,
+    WorkerInfo,
+)
 from flowmesh.topics.operators import KINDS, pool_of
 from flowmesh.topics.settings import env_int
 from flowmesh.topics.transport import Consumer
 from flowmesh.workers import metrics
-from flowmesh.workers.executors.base import Executor, OpError, OpInput, Outcome
+from flowmesh.workers.executors.base import (
+    CANCELLED,
+    MAX_CANCELLED_KEPT,
+    Executor,
+    OpError,
+    OpInput,
+    Outcome,
+    cancel_keys,
+    uncancel_keys,
+)
 from flowmesh.workers.models.adapters import store_artifacts
 
 log = structlog.get_logger("flowmesh.worker")
@@ -124,6 +141,9 @@ class Worker:
         self.started_at = time.time()
         self.max_reclaims = max_reclaims_from_env()
         self.running_batch = ""  # the batch executing now, announced in heartbeats
+        self._running: list[Todo] = []  # its operators
+        # workflows cancelled lately (fm.wf.cancel): their queued operators are not run
+        self.cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # False while we have no assignment consumer: no heartbeats then, so the
@@ -175,6 +195,8 @@ class Worker:
             )
         else:
             self.psub = await self._subscribe_assignments()
+        if self.bus.kafka is None:
+            await self.bus.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
         await self.heartbeat()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop()),
@@ -187,6 +209,17 @@ class Worker:
             executors=len(self.executors),
             models=self.model_digests,
         )
+
+    async def _on_cancel(self, msg: Any) -> None:
+        try:
+            wf = codec.decode(msg.data, CancelWorkflow).workflow_id
+        except codec.DecodeError:
+            return
+        self.cancelled[wf] = None
+        while len(self.cancelled) > MAX_CANCELLED_KEPT:
+            self.cancelled.popitem(last=False)
+        # the batch in hand stops before its next operator of that workflow
+        cancel_keys(t.op.key for t in self._running if t.op.workflow_id == wf)
 
     async def _publish_model(self, source: str) -> tuple[str, str]:
         """Put the model a source names into the CAS: (advertised name, digest).
@@ -446,6 +479,16 @@ class Worker:
                     *(self._commit_final(t, self._lost_error(t), now, now, 0.0, 1) for t in lost)
                 )
             )
+        dropped = [t for t in p.todo if t.op.workflow_id in self.cancelled]
+        if dropped:
+            # committed failed, not run: a later request of the same work claims it again
+            p.todo = [t for t in p.todo if t.op.workflow_id not in self.cancelled]
+            now = time.time()
+            p.done.extend(
+                await asyncio.gather(
+                    *(self._commit_final(t, OpError(CANCELLED), now, now, 0.0, 1) for t in dropped)
+                )
+            )
         if not p.todo:
             return []
         if len(p.todo) > 1 and max(losses(t.op) for t in p.todo) >= ISOLATE_AFTER:
@@ -490,12 +533,15 @@ class Worker:
         # said before it runs: if this process dies now, the scheduler counts a loss
         # for this batch's operators only, not for those queued behind it
         self.running_batch = p.batch.batch_id
+        self._running = p.todo
         with contextlib.suppress(Exception):
             await self.heartbeat()
         try:
             return await self._run_and_commit(p)
         finally:
             self.running_batch = ""
+            self._running = []
+            uncancel_keys(t.op.key for t in p.todo)
 
     async def _run_and_commit(self, p: Prepared) -> list[OpDone]:
         started = time.time()
@@ -523,7 +569,12 @@ class Worker:
         share = (ended - started) / len(todo)
         commits = []
         for t, outcome in zip(todo, outcomes, strict=True):
-            if isinstance(outcome, OpError) and t.op.failures + 1 < t.op.max_attempts:
+            cancelled = isinstance(outcome, OpError) and str(outcome) == CANCELLED
+            if (
+                isinstance(outcome, OpError)
+                and not cancelled
+                and t.op.failures + 1 < t.op.max_attempts
+            ):
                 p.retries.append(self._retry(t, outcome))
                 continue
             commits.append(self._commit_final(t, outcome, started, ended, share, len(todo)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +23,21 @@ MAX_OUTPUT_RECORDS = 10_000  # records one operator writes
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # one operator's records, as JSON
 MAX_FIELD_WIDTH = 10_000  # a width or precision in a template's format spec
 OP_WALL_S = float(os.environ.get("FLOWMESH_OP_WALL_S", "900"))  # one operator's run
+
+
+MAX_CANCELLED_KEPT = 10_000  # cancelled workflow ids a worker remembers
+CANCELLED = "its workflow was cancelled"
+# operator keys of the running batch whose workflow was cancelled: run_each skips them
+# (set from the worker's event loop, read by the executor's thread; set ops are atomic)
+_cancelled_keys: set[str] = set()
+
+
+def cancel_keys(keys: Iterable[str]) -> None:
+    _cancelled_keys.update(keys)
+
+
+def uncancel_keys(keys: Iterable[str]) -> None:
+    _cancelled_keys.difference_update(keys)
 
 
 class Deadline:
@@ -124,6 +139,9 @@ def run_each(batch: list[OpInput], fn: Callable[[OpInput], list[Record]]) -> lis
     operator's outcome."""
     outcomes: list[Outcome] = []
     for op in batch:
+        if op.key in _cancelled_keys:
+            outcomes.append(OpError(CANCELLED))
+            continue
         try:
             outcomes.append(check_output(op.key[:12], fn(op)))
         except OpError as exc:
