@@ -386,13 +386,14 @@ class Planner:
                     raise CASError("dataset was not uploaded (no digest)")
                 records = await self.cas.get_table(ds.digest)
                 digests = await self.cas.put_records(records)  # off the event loop
-            except CASError as exc:
+                # the manifest first: the status names the source data even if the run
+                # fails while it fans out
+                manifest = await self.cas.put_manifest(digests)
+            except CASError as exc:  # a full disk too: the workflow fails, and says so
                 await self._fail(run, f"dataset {name!r}: {exc}")
                 return
             node = run.nodes[name]
-            # the manifest first: the status names the source data even if the run
-            # fails while it fans out
-            node.manifest = await self.cas.put_manifest(digests)
+            node.manifest = manifest
             for i, d in enumerate(digests):
                 node.outputs[(i,)] = [d]
             node.upstream_complete = True
