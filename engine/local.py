@@ -102,17 +102,18 @@ class LocalFabric:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         assert self.log_dir is not None
-        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         env = dict(
             os.environ, FLOWMESH_LOG_JSON="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
         )
         if self.creds is not None:
             env["FLOWMESH_CREDS"] = str(Path(self.creds).resolve())
         # a session of its own: a Ctrl-C at the terminal reaches `flowmesh up` alone, which
-        # then stops the workers before the engine and the nats-server they need
-        return subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        # then stops the nats-server only after everything that needs it. The child keeps
+        # its own copy of the log's descriptor; ours is closed (restarts must not leak one)
+        with open(self.log_dir / f"{name}.log", "ab") as out:
+            return subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     def ensure_nats(self) -> None:
         if reachable(self.nats_url):
@@ -297,9 +298,9 @@ class LocalFabric:
         return {name: p is not None and p.poll() is None for name, p in procs.items()}
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to every process at once (workers, then the engine's parts finish
-        their last writes in parallel), SIGKILL to whatever is left after `timeout`;
-        the nats-server last, since the others need it to stop cleanly."""
+        """SIGTERM to the workers and the engine's processes at once (each finishes its
+        last writes in parallel), SIGKILL to whatever is left after `timeout`; the
+        nats-server last, since the others need it to stop cleanly."""
         self.supervisor.children.clear()  # nothing is restarted from here on
         procs = [
             p

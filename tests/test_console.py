@@ -8,6 +8,7 @@ workers are listed; clicking a node shows its operators' lineage.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import urllib.error
@@ -145,3 +146,32 @@ async def test_console_shows_the_live_run(
     assert err.value.code == 404
     assert "no-such-wf" in json.loads(err.value.read())["error"]
     assert fabric.alive()["engine"]
+
+
+async def test_console_scans_are_shared_and_slow_ones_are_reused_longer(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """However many requests come in, the console scans the buckets at most once per
+    interval, and a slow scan (a big fabric) is reused for 5x as long."""
+    from flowmesh.engine.console import ConsoleServer
+    from flowmesh.topics import Bus
+    from flowmesh.topics.cas import open_cas
+
+    bus = await Bus.connect(nats_url, "console-test")
+    try:
+        console = ConsoleServer(bus, await open_cas(str(tmp_path / "cas")), interval_s=0.05)
+        first = await console.latest()
+        assert await console.latest() is first  # within the interval: shared
+        bill = await console.cost_report()
+        assert await console.cost_report() is bill
+        # the interval, or 5x the scan on a slow box
+        assert console.reuse_s() >= 0.05
+        await asyncio.sleep(console.reuse_s() + 0.05)
+        second = await console.latest()
+        assert second is not first  # that long passed: scanned again
+        console._scan_s = 60.0  # as if the last scan had taken a minute
+        await asyncio.sleep(0.1)
+        assert await console.latest() is second
+        assert await console.cost_report() is bill
+    finally:
+        await bus.close()

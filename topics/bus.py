@@ -38,6 +38,9 @@ T = TypeVar("T")
 TRANSIENT: tuple[type[Exception], ...] = (
     TimeoutError,  # nats.errors.TimeoutError is one too
     nats.errors.NoRespondersError,  # JetStream not up yet after a server restart
+    # a JetStream publish nobody answered: the stream has no leader for the moment (a
+    # cluster electing one after a server died), so nothing was stored
+    nats.js.errors.NoStreamResponseError,
     nats.errors.StaleConnectionError,
     nats.errors.OutboundBufferLimitError,
     nats.errors.ConnectionReconnectingError,

@@ -12,9 +12,11 @@ One static page (static/index.html, plain HTML + JS, no build step) and a small 
     GET /api/workers                    workers
     GET /api/cost                       per-workflow and per-tenant bills (engine/cost.py)
 
-Snapshots are computed at most once per interval however many browsers watch, so the
-console's load on the bus does not grow with its audience. A request that fails answers
-a JSON error; it never takes the engine down.
+Snapshots and bills are computed at most once per interval however many browsers watch,
+and less often when a scan is slow (a scan of t seconds is reused for 5t), so the
+console's load on the bus grows neither with its audience nor past a fifth of its time.
+It runs in the gateway's process (`flowmesh gateway`), off the planner's event loop. A
+request that fails answers a JSON error; it never takes the engine down.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from flowmesh.engine.cost import cost_report
+from flowmesh.engine.cost import CostReport, cost_report
 from flowmesh.engine.lineage import LineageError, build_lineage
 from flowmesh.engine.monitor import Snapshot, snapshot
 from flowmesh.topics import Bus
@@ -42,6 +44,7 @@ log = structlog.get_logger("flowmesh.console")
 
 STATIC = Path(__file__).resolve().parent / "static"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SCAN_SHARE_INVERSE = 5.0  # a scan that took t seconds is reused for at least 5t
 
 
 @dataclass
@@ -76,18 +79,41 @@ class ConsoleServer:
         self.interval_s = interval_s
         self._latest: Snapshot | None = None
         self._lock = asyncio.Lock()
+        self._scan_s = 0.0  # how long the last scan took
+        self._cost: tuple[float, CostReport] | None = None
+        self._cost_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     # --- data -------------------------------------------------------------------------
 
+    def reuse_s(self) -> float:
+        """How long a scan's result is served before the next scan."""
+        # the scans read whole buckets: on a big fabric they may take a while, and the
+        # console must not keep the bus busy, so it scans at most 20% of the time
+        return max(self.interval_s, SCAN_SHARE_INVERSE * self._scan_s)
+
     async def latest(self) -> Snapshot:
-        """A snapshot no older than the interval, shared by every caller."""
+        """A snapshot no older than the interval (longer when scans are slow), shared by
+        every caller."""
         async with self._lock:
-            if self._latest is None or time.time() - self._latest.at >= self.interval_s:
+            if self._latest is None or time.time() - self._latest.at >= self.reuse_s():
+                started = time.monotonic()
                 self._latest = await snapshot(self.bus)
+                self._scan_s = time.monotonic() - started
             return self._latest
+
+    async def cost_report(self) -> CostReport:
+        """The bills, computed at most as often as a snapshot (a scan of every operator)."""
+        async with self._cost_lock:
+            cached = self._cost
+            if cached is None or time.monotonic() - cached[0] >= self.reuse_s():
+                started = time.monotonic()
+                report = await cost_report(self.bus)
+                self._scan_s = max(self._scan_s, time.monotonic() - started)
+                self._cost = cached = (time.monotonic(), report)
+            return cached[1]
 
     # --- handlers ---------------------------------------------------------------------
 
@@ -120,7 +146,7 @@ class ConsoleServer:
         return _json((await self.latest()).to_dict()["workers"])
 
     async def cost(self, request: web.Request) -> web.Response:
-        report = await cost_report(self.bus)
+        report = await self.cost_report()
         return _json(
             {
                 "workflows": {k: {"id": k, **b.as_dict()} for k, b in report.workflows.items()},
