@@ -5,6 +5,7 @@ loadgen bench-scheduler [--items 10000 --workers 200]
 loadgen bench-sim [--gpus 1000 --operators 1000000]
 loadgen run --workload configs/workloads/real-8tenants.yaml [--modes fabric,isolated,ray]
 loadgen overhead [--ops 20000]
+loadgen large [--records 92651]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flowmesh import configs
 from flowmesh.engine.scheduler.fleet import Fleet, load_fleet
 from flowmesh.engine.scheduler.policy import PolicyConfig, load_policy_config
 from flowmesh.loadgen.real import commands as real_commands
+from flowmesh.loadgen.real.large import large_cmd
 from flowmesh.loadgen.sim.metrics import PolicyResult, comparison, ratios, simulate
 from flowmesh.loadgen.sim.policies import POLICIES
 from flowmesh.loadgen.sim.report import plots, table, write_json
@@ -287,6 +289,7 @@ def bench_sim_cmd(
 # (loadgen/real/commands.py)
 main.add_command(real_commands.run_cmd)
 main.add_command(real_commands.overhead_cmd)
+main.add_command(large_cmd)
 
 
 if __name__ == "__main__":
