@@ -32,6 +32,7 @@ from flowmesh.engine.local import LocalFabric
 from flowmesh.engine.shards import check_shard, done_consumer_name, shard_of
 from flowmesh.engine.spec import parse_spec
 from flowmesh.topics import codec, streams, subjects
+from flowmesh.topics.creds import Creds, redact_url, url_with_creds
 from flowmesh.topics.messages import OpDone, OpState, WorkflowStatus
 from tests.conftest import PLUGINS, REPO, NatsCluster, connect
 from tests.test_faults import dataset, expected, read_stream, workflow
@@ -219,3 +220,10 @@ async def test_cluster_survives_a_dead_server_and_a_dead_planner_shard(
         fabric.stop()
         for log in sorted((tmp_path / "data" / "logs").glob("*.log")):
             print(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-20:]))
+
+
+def test_credentials_reach_every_server_of_a_cluster_url_and_logs_hide_them() -> None:
+    creds = Creds(user="fabric", password="s3cret")
+    url = url_with_creds("nats://10.0.0.1:4222, nats://10.0.0.2:4223", creds)
+    assert url == "nats://fabric:s3cret@10.0.0.1:4222,nats://fabric:s3cret@10.0.0.2:4223"
+    assert redact_url(url) == "nats://fabric:***@10.0.0.1:4222,nats://fabric:***@10.0.0.2:4223"

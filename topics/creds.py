@@ -4,6 +4,7 @@ import the engine."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
@@ -41,8 +42,16 @@ def load_creds(path: str | Path) -> Creds:
     return creds
 
 
+def _each_server(url: str, one: Callable[[str], str]) -> str:
+    # a cluster's URL lists every server, comma-separated (Bus.connect splits it)
+    return ",".join(one(u.strip()) for u in url.split(","))
+
+
 def url_with_creds(url: str, creds: Creds) -> str:
-    """The URL with the credentials as its userinfo (how nats-py takes user/password)."""
+    """The URL with the credentials as its userinfo (how nats-py takes user/password),
+    on every server of a comma-separated cluster URL."""
+    if "," in url:
+        return _each_server(url, lambda u: url_with_creds(u, creds))
     parsed = urlparse(url)
     host = parsed.hostname or "127.0.0.1"
     netloc = f"{creds.user}:{creds.password}@{host}"
@@ -59,7 +68,9 @@ def resolve_url(url: str, creds_path: str | Path | None) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL fit for a log line: any password replaced."""
+    """The URL fit for a log line: any password replaced (on every server of a cluster)."""
+    if "," in url:
+        return _each_server(url, redact_url)
     parsed = urlparse(url)
     if parsed.password is None:
         return url
