@@ -280,3 +280,76 @@ async def test_no_existence_bit_leaks_across_tenants(auth_fabric: AuthFabric) ->
         )  # fmt: skip
         error = await refused(a, "submit", probe)
         assert "adapter 'm' is not a train node" in str(error)
+
+
+async def test_console_and_metrics_show_tenants_only_their_own(auth_fabric: AuthFabric) -> None:
+    """Metrics listened on 0.0.0.0 with no auth (tenant names, per-tenant dedup hits and
+    costs); the console checked no Host header (DNS rebinding read every tenant)."""
+    import base64
+
+    import aiohttp
+
+    from flowmesh.engine.console import ConsoleServer
+    from flowmesh.engine.local import free_port
+    from flowmesh.topics import exporter
+    from flowmesh.topics.creds import load_creds
+
+    nonce = uuid.uuid4().hex[:8]
+    async with (
+        await TenantClient.from_creds(auth_fabric.creds("a"), timeout=60) as a,
+        await TenantClient.from_creds(auth_fabric.creds("b"), timeout=60) as b,
+        await auth_fabric.operator() as fm,
+    ):
+        await gateway_up(b)
+        wf_a = await a.submit(spec("mine", nonce))
+        wf_b = await b.submit(spec("theirs", nonce))
+        await a.wait(wf_a, timeout=120)
+        await b.wait(wf_b, timeout=120)
+
+        console = ConsoleServer(fm.bus, fm.cas, interval_s=0.2)
+        port = await console.start(0, host="127.0.0.1")
+        base = f"http://127.0.0.1:{port}"
+        creds = load_creds(auth_fabric.creds("a"))
+        login = base64.b64encode(f"{creds.user}:{creds.password}".encode()).decode()
+        wrong = base64.b64encode(f"{creds.user}:not-it".encode()).decode()
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def get(path: str, **headers: str) -> tuple[int, Any]:
+                    async with http.get(base + path, headers=headers) as resp:
+                        return resp.status, await resp.json(content_type=None)
+
+                # a rebinding page sends its own name: refused
+                assert (await get("/api/workflows", Host=f"evil.example:{port}"))[0] == 403
+                # on loopback with no token, the machine's own users are the operator
+                status, rows = await get("/api/workflows")
+                assert status == 200 and {wf_a, wf_b} <= {w["workflow_id"] for w in rows}
+                # a tenant's login: its own workflows only, and b's lineage is "missing"
+                auth = {"Authorization": f"Basic {login}"}
+                status, rows = await get("/api/workflows", **auth)
+                assert status == 200 and {w["tenant"] for w in rows} == {"a"}
+                assert (await get(f"/api/workflows/{wf_b}/lineage", **auth))[0] == 404
+                status, bill = await get("/api/cost", **auth)
+                assert status == 200 and set(bill["tenants"]) <= {"a"}
+                assert all(w.startswith("a_") for w in bill["workflows"])
+                bad = {"Authorization": f"Basic {wrong}"}
+                assert (await get("/api/workflows", **bad))[0] == 401
+                # with an operator token set, nobody gets in without a credential
+                assert console.access is not None
+                console.access.token = "s3cret"
+                assert (await get("/api/workflows"))[0] == 401
+                op = {"Authorization": "Bearer s3cret"}
+                assert (await get("/api/workflows", **op))[0] == 200
+        finally:
+            await console.stop()
+
+        # metrics exposed beyond loopback need the token: a scrape without it is refused
+        assert not exporter.is_loopback("0.0.0.0")
+        mport = free_port()
+        assert exporter.serve(mport, addr="0.0.0.0", token="t0k")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{mport}/metrics") as resp:
+                assert resp.status == 401
+            headers = {"Authorization": "Bearer t0k"}
+            async with http.get(f"http://127.0.0.1:{mport}/metrics", headers=headers) as resp:
+                assert resp.status == 200

@@ -16,7 +16,9 @@ Snapshots and bills are computed at most once per interval however many browsers
 and less often when a scan is slow (a scan of t seconds is reused for 5t), so the
 console's load on the bus grows neither with its audience nor past a fifth of its time.
 It runs in the gateway's process (`flowmesh gateway`), off the planner's event loop. A
-request that fails answers a JSON error; it never takes the engine down.
+request that fails answers a JSON error; it never takes the engine down. Who may look,
+and at what: access.py (the operator sees every tenant; a tenant logged in with its
+credentials only its own).
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ from typing import Any
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from flowmesh.engine.console.access import Access, viewer_of
 from flowmesh.engine.cost import CostReport, cost_report
+from flowmesh.engine.gateway import redact_lineage
 from flowmesh.engine.lineage import LineageError, build_lineage
 from flowmesh.engine.monitor import Snapshot, snapshot
 from flowmesh.topics import Bus
@@ -85,6 +90,7 @@ class ConsoleServer:
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.access: Access | None = None  # made in start(), for the host it binds
 
     # --- data -------------------------------------------------------------------------
 
@@ -120,15 +126,32 @@ class ConsoleServer:
     async def index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html")
 
+    async def view(self, request: web.Request) -> dict[str, Any]:
+        """The snapshot as the asker may see it: all of it for the operator; for a
+        tenant its own workflows and bill, and nothing of the fleet's or others'."""
+        data = (await self.latest()).to_dict()
+        tenant = viewer_of(request).tenant
+        if tenant is None:
+            return data
+        data["workflows"] = [w for w in data["workflows"] if w.get("tenant") == tenant]
+        data["tenants"] = [t for t in data["tenants"] if t.get("tenant") == tenant]
+        data["streams"], data["consumers"], data["workers"] = [], [], []
+        data["ready_by_pool"], data["batches_in_flight"] = {}, 0
+        data["dedup"] = {k: 0 for k in data["dedup"]}  # a fleet-wide, cross-tenant signal
+        data["total_usd"] = data["total_energy_j"] = 0.0
+        data["operators"] = 0
+        data["errors"] = []
+        return data
+
     async def get_snapshot(self, request: web.Request) -> web.Response:
-        return _json((await self.latest()).to_dict())
+        return _json(await self.view(request))
 
     async def workflows(self, request: web.Request) -> web.Response:
-        return _json((await self.latest()).to_dict()["workflows"])
+        return _json((await self.view(request))["workflows"])
 
     async def workflow(self, request: web.Request) -> web.Response:
         wf_id = request.match_info["wf"]
-        for w in (await self.latest()).to_dict()["workflows"]:
+        for w in (await self.view(request))["workflows"]:
             if w["workflow_id"] == wf_id:
                 return _json(w)
         return _json({"error": f"no workflow {wf_id!r}"}, status=404)
@@ -136,17 +159,36 @@ class ConsoleServer:
     async def lineage(self, request: web.Request) -> web.Response:
         wf_id = request.match_info["wf"]
         node = request.query.get("node") or None
+        tenant = viewer_of(request).tenant
+        if tenant is not None and not wf_id.startswith(f"{tenant}_"):
+            # another tenant's workflow answers as a missing one, without a lookup
+            return _json({"error": f"no workflow {wf_id!r}"}, status=404)
         try:
             lin = await build_lineage(_Fabric(self.bus, self.cas), wf_id, node)
-        except LineageError as exc:
-            return _json({"error": str(exc)}, status=404)
-        return _json(lin.to_dict())
+        except LineageError:
+            return _json({"error": f"no workflow {wf_id!r}"}, status=404)
+        out = lin.to_dict()
+        if tenant is not None:
+            if out.get("tenant") not in (None, tenant):
+                return _json({"error": f"no workflow {wf_id!r}"}, status=404)
+            out = redact_lineage(out, tenant)
+        return _json(out)
 
     async def workers(self, request: web.Request) -> web.Response:
-        return _json((await self.latest()).to_dict()["workers"])
+        return _json((await self.view(request))["workers"])
 
     async def cost(self, request: web.Request) -> web.Response:
         report = await self.cost_report()
+        tenant = viewer_of(request).tenant
+        if tenant is not None:
+            own = {k: b for k, b in report.workflows.items() if b.tenant == tenant}
+            bill = report.tenants.get(tenant)
+            return _json(
+                {
+                    "workflows": {k: {"id": k, **b.as_dict()} for k, b in own.items()},
+                    "tenants": {tenant: bill.as_dict()} if bill else {},
+                }
+            )
         return _json(
             {
                 "workflows": {k: {"id": k, **b.as_dict()} for k, b in report.workflows.items()},
@@ -172,7 +214,7 @@ class ConsoleServer:
         try:
             while not self._stopping.is_set():
                 try:
-                    body = msgspec.json.encode((await self.latest()).to_dict())
+                    body = msgspec.json.encode(await self.view(request))
                     await resp.write(b"event: snapshot\ndata: " + body + b"\n\n")
                 except (ConnectionResetError, asyncio.CancelledError):
                     raise
@@ -188,7 +230,10 @@ class ConsoleServer:
     # --- lifecycle --------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors])
+        middlewares: list[Middleware] = [_errors]
+        if self.access is not None:
+            middlewares.insert(0, self.access.middleware())
+        app = web.Application(middlewares=middlewares)
         app.add_routes(
             [
                 web.get("/", self.index),
@@ -207,10 +252,11 @@ class ConsoleServer:
     async def start(self, port: int, host: str | None = None) -> int:
         """Listen on `port` (0: any free port); returns the port bound.
 
-        Loopback unless $FLOWMESH_CONSOLE_HOST says otherwise: the console shows every
-        tenant's workflows and has no login, so reaching it from elsewhere is a choice
-        (a port-forward, or an authenticating proxy in front of 0.0.0.0)."""
+        Loopback unless $FLOWMESH_CONSOLE_HOST says otherwise; elsewhere every request
+        needs a tenant login or the operator token (access.py)."""
         host = host or os.environ.get("FLOWMESH_CONSOLE_HOST", "127.0.0.1")
+        if self.access is None:
+            self.access = Access(host, _nats_url(self.bus))
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, shutdown_timeout=2.0)
@@ -218,6 +264,7 @@ class ConsoleServer:
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        self.access.port = self.port
         log.info("console listening", url=f"http://{host}:{self.port}/")
         return self.port
 
@@ -225,6 +272,15 @@ class ConsoleServer:
         self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+def _nats_url(bus: Bus) -> str | None:
+    """The server the engine is on, without its credentials: tenant logins go there."""
+    nc = getattr(bus, "nc", None)
+    url = getattr(nc, "connected_url", None) if nc is not None else None
+    if url is None or url.hostname is None:
+        return None
+    return f"{url.scheme}://{url.hostname}:{url.port or 4222}"
 
 
 async def start_console(bus: Bus, cas: CAS, port: int, interval_s: float = 1.0) -> ConsoleServer:
