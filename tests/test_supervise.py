@@ -23,8 +23,9 @@ import pytest
 
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.local import LocalFabric, free_port
+from flowmesh.engine.shards import shard_of
 from flowmesh.engine.supervise import Supervisor
-from tests.conftest import MakeFabric, connect, nats_server_binary
+from tests.conftest import PLUGINS, REPO, MakeFabric, connect, nats_server_binary
 from tests.workflows import map_then_count
 
 
@@ -310,3 +311,46 @@ async def test_a_restarted_planner_never_reports_less_progress(make_fabric: Make
         assert not drops, drops[:5]
     finally:
         await fm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_a_dead_shard_stops_only_its_own_workflows(
+    nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two planner shards: while shard 0 is down, shard 1 plans and completes its own
+    workflow (and leaves shard 0's alone); once restarted, shard 0 completes its own."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), str(REPO)]))
+    fabric = LocalFabric(
+        data_dir=tmp_path / "data",
+        nats_url=nats_url,
+        cas_url=f"file://{tmp_path / 'data' / 'cas'}",
+        workers=1,
+        planner_shards=2,
+        worker_args=["--plugin", "fm_test_transforms", "--no-models"],
+    )
+    fabric.start()
+    try:
+        fm = await connect(fabric, 1)
+        down = fabric.planner_procs[0]
+        os.kill(down.pid, signal.SIGKILL)
+        down.wait()
+        ids = {shard_of(wf, 2): wf for wf in (f"wf-{i}" for i in range(20))}
+        rows = [{"text": f"r{i}", "colour": "red"} for i in range(6)]
+        for shard in (0, 1):
+            spec = map_then_count(f"shard{shard}", rows, "text.upper")
+            await fm.submit(spec, workflow_id=ids[shard])
+        done = await fm.wait(ids[1], timeout=60)
+        assert done.state == "completed", done.error
+        assert await fm.status(ids[0]) is None  # nobody planned it: its shard is down
+        assert fabric.supervise() == [] and not fabric.alive()["planner-0"]  # backing off
+        deadline = time.monotonic() + 10
+        while "planner-0" not in fabric.supervise():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        late = await fm.wait(ids[0], timeout=60)
+        assert late.state == "completed", late.error
+        assert await fm.result(ids[0], "count") == [{"colour": "red", "count": 6}]
+        await fm.close()
+    finally:
+        fabric.stop()
