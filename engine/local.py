@@ -257,7 +257,15 @@ class LocalFabric:
 
     def start(self) -> LocalFabric:
         """Start every process; each is watched by `supervisor`, which restarts it when
-        `supervise()` finds it dead (workers the autoscaler starts are its own)."""
+        `supervise()` finds it dead (workers the autoscaler starts are its own). If any
+        fails to start, those started already are stopped."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LocalFabric:
         self.ensure_nats()
         watch = self.supervisor.adopt
         if self.nats_proc is not None:  # ours: restarted too if it dies
