@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -36,8 +37,14 @@ FABRIC_USER = "fabric"
 TENANT_USER_PREFIX = "tenant-"
 CONFIG_NAME = "nats-server.conf"
 CREDS_DIR = "creds"
-# nats-server checks a bcrypt hash on every connect; 10 keeps that ~50 ms
-BCRYPT_ROUNDS = 10
+# nats-server checks a bcrypt hash on every connect, failed ones included: at cost 10 a
+# stream of wrong passwords for a known user burned 60 ms of server CPU each (200: 12 s).
+# The passwords are 192 random bits (secrets.token_urlsafe(24)), which no guessing
+# reaches whatever the cost, so key stretching buys nothing here: the minimum cost keeps
+# a failed login at ~1 ms. (A password typed by a person would need the opposite.)
+BCRYPT_ROUNDS = 4
+PASSWORD_BYTES = 24
+_GENERATED_LEN = len(secrets.token_urlsafe(PASSWORD_BYTES))
 # what no tenant may touch even if an allow rule were widened by hand
 _INTERNAL = ["$JS.>", "$KV.>", "$O.>", "$SYS.>"]
 
@@ -80,21 +87,52 @@ def _user_entry(
 
 
 def _write_private(path: Path, text: str) -> None:
-    # created 0600 from the start: never world-readable, not even for a moment
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+    """Write `path` 0600 from the start (never readable by others, not even for a
+    moment), as a new file renamed over it: a symlink planted at `path` is replaced, not
+    followed into whatever it points at."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _private_dir(path: Path) -> None:
+    """`path` as a directory of ours that nobody else can write into; a symlink there
+    (planted to send the credentials elsewhere) is refused."""
+    if path.is_symlink():
+        raise CredsError(f"{path} is a symbolic link; refusing to write credentials through it")
+    path.mkdir(parents=True, exist_ok=True)
+    st = path.lstat()
+    if st.st_uid != os.getuid():
+        raise CredsError(f"{path} belongs to another user; refusing to write credentials there")
+    os.chmod(path, 0o700)
 
 
 def _password_for(path: Path, user: str) -> str:
-    """The password already handed out in `path`, or a new one."""
-    if path.exists():
-        creds = load_creds(path)
-        if creds.user != user:
+    """The password already handed out in `path`, or a new one. An existing file is
+    trusted only if it is ours, private, not a link, and holds a password as we generate
+    them: one planted by someone else (a password they know) is replaced."""
+    if path.is_symlink() or path.exists():
+        st = path.lstat()
+        planted = path.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077 != 0
+        creds = None if planted else load_creds(path)
+        if creds is not None and creds.user != user:
             raise CredsError(f"{path} holds credentials of {creds.user!r}, not {user!r}")
-        return creds.password
-    return secrets.token_urlsafe(24)  # URL-safe: it goes into a URL's userinfo as is
+        if creds is not None and _looks_generated(creds.password):
+            return creds.password
+        click.echo(f"replacing the password in {path}: not one this tool wrote", err=True)
+    # URL-safe: it goes into a URL's userinfo as is
+    return secrets.token_urlsafe(PASSWORD_BYTES)
+
+
+def _looks_generated(password: str) -> bool:
+    return len(password) >= _GENERATED_LEN and all(
+        c.isascii() and (c.isalnum() or c in "-_") for c in password
+    )
 
 
 def init_auth(tenants: list[str], out: Path, url: str) -> AuthFiles:
@@ -108,9 +146,9 @@ def init_auth(tenants: list[str], out: Path, url: str) -> AuthFiles:
             raise CredsError(str(exc)) from exc
     if len(set(tenants)) != len(tenants):
         raise CredsError(f"tenants listed twice: {', '.join(tenants)}")
+    out.mkdir(parents=True, exist_ok=True)
     creds_dir = out / CREDS_DIR
-    creds_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(creds_dir, 0o700)
+    _private_dir(creds_dir)
 
     fabric_path = creds_dir / f"{FABRIC_USER}.json"
     fabric = Creds(user=FABRIC_USER, password=_password_for(fabric_path, FABRIC_USER), url=url)

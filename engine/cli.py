@@ -36,6 +36,7 @@ from flowmesh.engine.client import FlowMesh, read_records
 from flowmesh.engine.local import LocalFabric, free_port
 from flowmesh.engine.spec import SpecError, load_spec
 from flowmesh.engine.tenant_client import TenantClient
+from flowmesh.engine.top import printable
 from flowmesh.topics import codec, logs
 from flowmesh.topics.cas import records_to_arrow
 from flowmesh.topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
@@ -428,7 +429,7 @@ def status(
                 # names are tenants' text: a `[/red]` in one is not markup
                 table.add_row(
                     s.workflow_id,
-                    escape(s.name),
+                    printable(s.name),
                     s.tenant,
                     s.state,
                     f"{done}/{total}",
@@ -545,18 +546,22 @@ async def _tenant_status(creds: Path, workflow_id: str | None, as_json: bool) ->
         for s in summaries:
             secs = (s.ended_at or time.time()) - s.submitted_at
             table.add_row(
-                s.workflow_id, escape(s.name), s.state, f"{s.ops_done}/{s.ops_total}", f"{secs:.1f}"
+                s.workflow_id,
+                printable(s.name),
+                s.state,
+                f"{s.ops_done}/{s.ops_total}",
+                f"{secs:.1f}",
             )
         Console().print(table)
 
 
 def _print_status(st: WorkflowStatus) -> None:
-    table = Table(title=escape(f"{st.workflow_id}  {st.name}  tenant={st.tenant}  [{st.state}]"))
+    table = Table(title=printable(f"{st.workflow_id}  {st.name}  tenant={st.tenant}  [{st.state}]"))
     for col in ("node", "ops", "done", "failed", "reused", "outputs", "complete"):
         table.add_column(col)
     for name, ns in st.nodes.items():
         table.add_row(
-            escape(name),
+            printable(name),
             str(ns.total),
             str(ns.done),
             str(ns.failed),

@@ -10,6 +10,7 @@ whatever died (engine/supervise.py); `stop()` stops every process this fabric st
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -46,6 +47,24 @@ def reachable(url: str, timeout: float = 0.3) -> bool:
         except OSError:
             continue
     return False
+
+
+def requires_auth(url: str, timeout: float = 1.0) -> bool | None:
+    """Whether the server at `url` asks for credentials (its INFO line says so), or None
+    when it cannot be asked."""
+    try:
+        with socket.create_connection(nats_address(url), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            line = sock.makefile("rb").readline(64 * 1024)
+    except OSError:
+        return None
+    if not line.startswith(b"INFO "):
+        return None
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        return None
+    return bool(info.get("auth_required")) if isinstance(info, dict) else None
 
 
 def find_nats_server() -> str | None:
@@ -117,6 +136,14 @@ class LocalFabric:
 
     def ensure_nats(self) -> None:
         if reachable(self.nats_url):
+            if self.nats_config is not None and requires_auth(self.nats_url) is False:
+                # the config asks for tenants' permissions; a server already on the port
+                # without them would let every tenant do anything, silently
+                raise RuntimeError(
+                    f"a nats-server that requires no credentials already listens at "
+                    f"{self.nats_url}; stop it, or give another port, to run with "
+                    f"{self.nats_config}"
+                )
             return
         binary = find_nats_server()
         if binary is None:

@@ -28,6 +28,17 @@ from flowmesh.topics.creds import CredsError, resolve_url
 STALE_S = 5.0  # a worker silent this long is shown as stale
 
 
+def printable(text: str) -> str:
+    """Text from tenants (workflow names) or the bus, fit for a terminal: rich markup
+    escaped (`[/red]` is text, not a tag) and control characters shown as escapes, so a
+    name cannot clear the screen or move the cursor."""
+    shown = "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+        for c in text
+    )
+    return escape(shown)
+
+
 def _bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -48,8 +59,7 @@ def render(snap: Snapshot, max_workflows: int = 15) -> RenderableType:
         f"batches in flight {snap.batches_in_flight}  ",
         f"ready {sum(snap.ready_by_pool.values())} "
         f"({', '.join(f'{p}={n}' for p, n in sorted(snap.ready_by_pool.items())) or '-'})\n",
-        f"dedup hit rate {d.hit_rate:.0%} ({d.joined} joined, {d.reused} reused "
-        f"of {d.requests})  ",
+        f"dedup hit rate {d.hit_rate:.0%} ({d.joined} joined, {d.reused} reused of {d.requests})  ",
         f"spent ${snap.total_usd:.6f} {snap.total_energy_j / 1000:.3f} kJ",
     )
 
@@ -58,7 +68,7 @@ def render(snap: Snapshot, max_workflows: int = 15) -> RenderableType:
         st.add_column(col, justify="right" if col in ("messages", "bytes", "consumers") else "left")
     for s in snap.streams:
         subj = ", ".join(f"{k}={v}" for k, v in sorted(s.subjects.items())[:6])
-        st.add_row(s.name, str(s.messages), _bytes(s.bytes), str(s.consumers), escape(subj))
+        st.add_row(s.name, str(s.messages), _bytes(s.bytes), str(s.consumers), printable(subj))
 
     ct = Table(title="consumer lag", title_justify="left")
     for col in ("stream", "consumer", "pending", "ack pending", "redelivered"):
@@ -75,11 +85,11 @@ def render(snap: Snapshot, max_workflows: int = 15) -> RenderableType:
     for wk in snap.workers:
         style = "red" if wk.stopping or wk.age_s > STALE_S else ""
         wt.add_row(
-            wk.worker,
+            printable(wk.worker),
             wk.device_class,
             f"{wk.in_flight}/{wk.slots}",
             str(wk.batches_done),
-            escape(", ".join(wk.resident) or "-"),
+            printable(", ".join(wk.resident) or "-"),
             wk.last_batch or "-",
             f"{wk.price_per_hour:.2f}",
             f"{wk.age_s:.0f}s ago",
@@ -87,12 +97,20 @@ def render(snap: Snapshot, max_workflows: int = 15) -> RenderableType:
         )
 
     tt = Table(title="tenants", title_justify="left")
-    for col in ("tenant", "workflows", "running", "ops", "ops/s (1 min)", "paid $", "saved $",
-                "kJ"):
+    for col in (
+        "tenant",
+        "workflows",
+        "running",
+        "ops",
+        "ops/s (1 min)",
+        "paid $",
+        "saved $",
+        "kJ",
+    ):
         tt.add_column(col, justify="left" if col == "tenant" else "right")
     for t in snap.tenants:
         tt.add_row(
-            t.tenant,
+            printable(t.tenant),
             str(t.workflows),
             str(t.running),
             str(t.ops),
@@ -104,14 +122,15 @@ def render(snap: Snapshot, max_workflows: int = 15) -> RenderableType:
 
     ft = Table(title="workflows", title_justify="left")
     for col in ("workflow", "name", "tenant", "state", "ops done", "reused", "seconds", "$"):
-        ft.add_column(col, justify="right" if col in ("ops done", "reused", "seconds", "$")
-                      else "left")
+        ft.add_column(
+            col, justify="right" if col in ("ops done", "reused", "seconds", "$") else "left"
+        )
     colours = {"running": "cyan", "completed": "green", "failed": "red"}
     for w in snap.workflows[:max_workflows]:
         ft.add_row(
             w.workflow_id,
-            escape(w.name),
-            w.tenant,
+            printable(w.name),
+            printable(w.tenant),
             Text(w.state, style=colours.get(w.state, "")),
             f"{w.ops_done}/{w.ops_total}",
             str(w.ops_reused),

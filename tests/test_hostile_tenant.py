@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from flowmesh.engine import spec as limits
@@ -353,3 +354,79 @@ async def test_console_and_metrics_show_tenants_only_their_own(auth_fabric: Auth
             headers = {"Authorization": "Bearer t0k"}
             async with http.get(f"http://127.0.0.1:{mport}/metrics", headers=headers) as resp:
                 assert resp.status == 200
+
+
+# --- the small items ------------------------------------------------------------------
+
+
+def test_auth_init_neither_follows_planted_links_nor_keeps_planted_passwords(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    from click.testing import CliRunner
+
+    from flowmesh.engine.cli import main as cli_main
+    from flowmesh.topics.creds import load_creds
+
+    out = tmp_path / "auth"
+    (out / "creds").mkdir(parents=True)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("untouched")
+    (out / "creds" / "a.json").symlink_to(target)
+    planted = out / "creds" / "fabric.json"
+    planted.write_text('{"user": "fabric", "password": "known-to-the-attacker"}')
+    os.chmod(planted, 0o600)
+    res = CliRunner().invoke(cli_main, ["auth", "init", "--tenants", "a", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert target.read_text() == "untouched"
+    a = out / "creds" / "a.json"
+    assert not a.is_symlink() and a.stat().st_mode & 0o777 == 0o600
+    assert load_creds(planted).password != "known-to-the-attacker"
+    # a failed login costs the server the cheapest bcrypt (the passwords are random)
+    assert '"$2b$04$' in (out / "nats-server.conf").read_text()
+
+
+def test_up_with_a_config_refuses_an_unauthenticated_server_on_its_port(
+    tmp_path: Path, nats_server: Any
+) -> None:
+    from flowmesh.engine.local import LocalFabric
+
+    fabric = LocalFabric(
+        data_dir=tmp_path / "data",
+        nats_url=nats_server.url,
+        cas_url=f"file://{tmp_path / 'cas'}",
+        nats_config=tmp_path / "nats-server.conf",
+    )
+    with pytest.raises(RuntimeError, match="requires no credentials"):
+        fabric.ensure_nats()
+
+
+def test_operator_commands_use_flowmesh_creds_and_print_names_safely(
+    auth_fabric: AuthFabric,
+) -> None:
+    import os
+
+    from click.testing import CliRunner
+
+    from flowmesh.engine.cli import main as cli_main
+
+    async def submit() -> str:
+        async with await auth_fabric.operator() as fm:
+            hostile = msgspec.structs.replace(
+                spec("x", uuid.uuid4().hex[:8]), name="n[/red]\x1b[2J\x1b]0;pwned\x07"
+            )
+            wf = await fm.submit(hostile)
+            await fm.wait(wf, timeout=120)
+            return wf
+
+    wf = asyncio.run(submit())
+    env = {**os.environ, "FLOWMESH_CREDS": str(auth_fabric.files.fabric)}
+    runner = CliRunner()
+    for args in (["status"], ["status", wf], ["top", "--once"]):
+        res = runner.invoke(cli_main, [*args, "--nats", auth_fabric.url], env=env)
+        assert res.exit_code == 0, (args, res.output)
+        assert "\x1b" not in res.output and "\x07" not in res.output, args
+    assert (
+        "n[/red]" in runner.invoke(cli_main, ["status", "--nats", auth_fabric.url], env=env).output
+    )

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlparse
 
 import nats
 import nats.errors
@@ -22,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from flowmesh.topics import codec, streams, subjects, transport
+from flowmesh.topics.creds import resolve_url
 from flowmesh.topics.messages import DeadLetter
 
 if TYPE_CHECKING:
@@ -109,6 +112,7 @@ class Bus:
             link.reconnects += 1
             log.info("nats reconnected", client=name, reconnects=link.reconnects)
 
+        url = _with_fabric_creds(url)
         nc = await nats.connect(
             # "nats://a:4222,nats://b:4222": every server of a cluster, so a client fails
             # over to another when the one it is on dies
@@ -271,3 +275,13 @@ class Bus:
         if self.kafka is not None:
             await self.kafka.close()
         await self.nc.close()
+
+
+def _with_fabric_creds(url: str) -> str:
+    """`url` with the fabric credentials of $FLOWMESH_CREDS when it carries none: every
+    operator command (status, cost, lineage, cache, ...) then works against a server
+    that requires them, as the engine and workers already do."""
+    path = os.environ.get("FLOWMESH_CREDS")
+    if not path or any(urlparse(u.strip()).password for u in url.split(",")):
+        return url
+    return resolve_url(url, path)
