@@ -33,7 +33,7 @@ from flowmesh.engine.scheduler.policy import PolicyConfig, load_policy_config
 from flowmesh.loadgen.real import commands as real_commands
 from flowmesh.loadgen.real.large import large_cmd
 from flowmesh.loadgen.sim.metrics import PolicyResult, comparison, ratios, simulate
-from flowmesh.loadgen.sim.policies import POLICIES
+from flowmesh.loadgen.sim.policies import ALIASES, POLICIES
 from flowmesh.loadgen.sim.report import plots, table, write_json
 from flowmesh.loadgen.sim.workload import Workload, load_workload
 
@@ -113,12 +113,12 @@ def _setup(
         isolated_per=opts["isolated_per"],
         cpu_runs_gpu_kinds=opts["cpu_runs_gpu_kinds"],
     )
-    names = [p.strip() for p in opts["policies"].split(",") if p.strip()]
+    names = [ALIASES.get(p.strip(), p.strip()) for p in opts["policies"].split(",") if p.strip()]
     for n in names:
         if n not in POLICIES:
             raise click.BadParameter(f"unknown policy {n!r}; known: {', '.join(POLICIES)}")
-    # isolated first: the others are compared with it
-    names.sort(key=lambda n: POLICIES.index(n), reverse=True)
+    # baselines first, flowmesh last: it is compared with the strongest of them
+    names = list(dict.fromkeys(sorted(names, key=lambda n: POLICIES.index(n), reverse=True)))
     fleet = load_fleet(opts["fleet_path"])
     return wl, fleet, load_policy_config(opts["scheduler_path"]), names
 
@@ -141,7 +141,7 @@ def sim(seed: int | None, out_dir: str | None, no_plots: bool, **opts: Any) -> N
 
             results.append(simulate(wl, fleet, config, name, tick))
     title = f"{wl.name} (seed {wl.seed})"
-    console.print(table(title, results))
+    Console(width=max(console.width, 170)).print(table(title, results))
     out = Path(out_dir) if out_dir else Path(".flowmesh") / "sim" / wl.name
     s = wl.settings
     doc = comparison(
@@ -183,12 +183,13 @@ def sim(seed: int | None, out_dir: str | None, no_plots: bool, **opts: Any) -> N
 @_workload_options
 @click.option("--seeds", default="1,2,3,4,5", show_default=True, help="comma-separated")
 def sweep(seeds: str, **opts: Any) -> None:
-    """The ratios against isolated over several seeds: mean [min-max]."""
-    rows: dict[str, list[dict[str, float]]] = {}
+    """Every policy over several seeds: flowmesh's ratios against the strongest baseline
+    on each metric and against each baseline, mean [min-max] over the seeds."""
     seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     wl0, _, _, names = _setup(opts, None)
-    if "isolated" not in names:
-        raise click.BadParameter("sweep compares with isolated: include it in --policies")
+    if "flowmesh" not in names or len(names) < 2:
+        raise click.BadParameter("sweep compares flowmesh with baselines: include both")
+    per_seed: list[dict[str, PolicyResult]] = []
     with _progress() as bar:
         task = bar.add_task("seeds", total=len(seed_list) * len(names))
         for seed in seed_list:
@@ -197,25 +198,53 @@ def sweep(seeds: str, **opts: Any) -> None:
             for name in names:
                 results[name] = simulate(wl, fleet, config, name)
                 bar.advance(task)
-            for name, rat in ratios(results).items():
-                rows.setdefault(name, []).append(rat)
-    t = Table(title=f"{wl0.name}: vs isolated over seeds {seeds}", title_justify="left")
-    t.add_column("policy")
+            per_seed.append(results)
     keys = {
         "cost_reduction_x": "cost reduction",
         "energy_reduction_x": "energy reduction",
-        "p50_latency_ratio": "p50 / isolated",
-        "p95_latency_ratio": "p95 / isolated",
+        "p50_latency_ratio": "p50 ratio",
+        "p95_latency_ratio": "p95 ratio",
     }
+    rows: dict[str, list[dict[str, Any]]] = {"strongest baseline": []}
+    for results in per_seed:
+        rows["strongest baseline"].append(ratios(results))
+        for b in names:
+            if b != "flowmesh":
+                rows.setdefault(b, []).append(ratios(results, b))
+    t = Table(
+        title=f"{wl0.name}: flowmesh against each baseline, seeds {seeds}: mean [min-max]",
+        title_justify="left",
+    )
+    t.add_column("against")
     for label in keys.values():
         t.add_column(label, justify="right")
-    for name, rs in rows.items():
+    t.add_column("strongest by cost (per seed)")
+    for against, rs in rows.items():
         cells = []
         for k in keys:
-            v = [r[k] for r in rs]
+            v = [r["flowmesh"][k] for r in rs]
             cells.append(f"{statistics.mean(v):.2f} [{min(v):.2f}-{max(v):.2f}]")
-        t.add_row(name, *cells)
-    Console(width=max(console.width, 110)).print(t)
+        who = ",".join(r["against"]["cost_reduction_x"] for r in rs)
+        t.add_row(against, *cells, who if against == "strongest baseline" else "")
+    Console(width=max(console.width, 140)).print(t)
+    base_cost = Table(title="$ cost per policy: mean [min-max]", title_justify="left")
+    base_cost.add_column("policy")
+    for c in ("$ cost", "energy kWh", "p95 s", "workflows done"):
+        base_cost.add_column(c, justify="right")
+    for name in names:
+        rs2 = [res[name] for res in per_seed]
+
+        def span(v: list[float]) -> str:
+            return f"{statistics.mean(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
+
+        base_cost.add_row(
+            name,
+            span([r.cost_usd for r in rs2]),
+            span([r.energy_kwh for r in rs2]),
+            span([r.latency_p95_s for r in rs2]),
+            f"{sum(r.completed for r in rs2)}/{sum(r.workflows for r in rs2)}",
+        )
+    Console(width=max(console.width, 140)).print(base_cost)
 
 
 @main.command("bench-scheduler")

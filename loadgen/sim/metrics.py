@@ -1,4 +1,5 @@
-"""What one simulated run measured, and how the policies compare with isolated.
+"""What one simulated run measured, and how the policies compare with the strongest
+baseline.
 
 Cost and energy follow the billing rules in loadgen/sim/pool.py. Workflow latency is
 arrival -> completion (the last operator done, dedup hits included). Operators
@@ -143,22 +144,46 @@ def simulate(
     return measure(sim, time.perf_counter() - t0)
 
 
-def ratios(results: Mapping[str, PolicyResult], base: str = "isolated") -> dict[str, Any]:
-    """Per policy: reductions vs `base` (base / policy: >1 is better) for cost and
-    energy, and latency ratios (policy / base: <1 is better)."""
-    if base not in results:
+METRICS = {  # ratio -> (result attribute, lower is better)
+    "cost_reduction_x": "cost_usd",
+    "energy_reduction_x": "energy_kwh",
+    "p50_latency_ratio": "latency_p50_s",
+    "p95_latency_ratio": "latency_p95_s",
+    "p99_latency_ratio": "latency_p99_s",
+    "makespan_ratio": "makespan_s",
+}
+
+
+def strongest(results: Mapping[str, PolicyResult]) -> dict[str, str]:
+    """Per metric, the baseline (every policy but flowmesh) that does best on it: the
+    one each ratio is taken against."""
+    base = {n: r for n, r in results.items() if n != "flowmesh" and r.completed == r.workflows}
+    base = base or {n: r for n, r in results.items() if n != "flowmesh"}
+    if not base:
         return {}
-    b = results[base]
+    return {k: min(base, key=lambda n: getattr(base[n], attr)) for k, attr in METRICS.items()}
+
+
+def ratios(results: Mapping[str, PolicyResult], base: str | None = None) -> dict[str, Any]:
+    """Per policy: reductions (base / policy: >1 is better) for cost and energy, and
+    latency ratios (policy / base: <1 is better), against `base`, or by default against
+    the strongest baseline on each metric (`strongest`; named under "against")."""
+    if base is not None and base not in results:
+        return {}
+    against = {k: base for k in METRICS} if base is not None else strongest(results)
+    if not against:
+        return {}
     out: dict[str, Any] = {}
     for name, r in results.items():
-        out[name] = {
-            "cost_reduction_x": _div(b.cost_usd, r.cost_usd),
-            "energy_reduction_x": _div(b.energy_kwh, r.energy_kwh),
-            "p50_latency_ratio": _div(r.latency_p50_s, b.latency_p50_s),
-            "p95_latency_ratio": _div(r.latency_p95_s, b.latency_p95_s),
-            "p99_latency_ratio": _div(r.latency_p99_s, b.latency_p99_s),
-            "makespan_ratio": _div(r.makespan_s, b.makespan_s),
-        }
+        row: dict[str, Any] = {}
+        for k, attr in METRICS.items():
+            b = results[against[k]]
+            if k.endswith("reduction_x"):
+                row[k] = _div(getattr(b, attr), getattr(r, attr))
+            else:
+                row[k] = _div(getattr(r, attr), getattr(b, attr))
+        out[name] = row
+    out["against"] = dict(against)
     return out
 
 
@@ -176,7 +201,8 @@ def comparison(
         "seed": workload.seed,
         **meta,
         "policies": {r.policy: r.summary() for r in results},
-        "ratios_vs_isolated": ratios(by_name),
+        "ratios_vs_strongest_baseline": ratios(by_name),
+        "ratios_vs": {n: ratios(by_name, n) for n in by_name if n != "flowmesh"},
         "latencies_s": {r.policy: r.latencies_s for r in results},
         "timing": {r.policy: r.timing for r in results},
     }

@@ -7,10 +7,13 @@
 - `shared-fifo`: the same shared elastic pool, no dedup; the oldest ready operator's
   batch key goes to the first free worker that can run it (its pool's classes), a batch
   of that key only, up to the class's max batch.
-- `isolated`: every workflow on its own dedicated workers (one per model it uses, or per
-  model and kind, of the `isolated.gpu` class, plus one `isolated.cpu` worker for CPU
-  kinds), allocated from its arrival to its completion; no dedup, no batching across
-  workflows; batching within the workflow, oldest batch key first, as a pipeline would.
+- `isolated-dedicated` (was `isolated`; the name is still accepted): every workflow on
+  its own dedicated workers (one per model it uses, or per model and kind, of the
+  `isolated.gpu` class, plus one `isolated.cpu` worker for CPU kinds), allocated from its
+  arrival to its completion, idle or not; no dedup, no batching across workflows;
+  batching within the workflow, oldest batch key first, as a pipeline would. A generous
+  baseline to beat: `isolated-lean` and `reference` (loadgen/sim/baselines.py) are the
+  ones a competent user would run.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ if TYPE_CHECKING:
     from flowmesh.loadgen.sim.simulator import Simulation
     from flowmesh.loadgen.sim.workload import Stage, WorkflowRun
 
-POLICIES = ("flowmesh", "shared-fifo", "isolated")
+POLICIES = ("flowmesh", "reference", "shared-fifo", "isolated-lean", "isolated-dedicated")
+BASELINES = POLICIES[1:]
+ALIASES = {"isolated": "isolated-dedicated"}
 RIGHT_AFTER = 1e-3  # s: after the current instant's scheduling round
 RECHECKS = 6  # forecast release: re-checks of a kept idle worker per break-even horizon
 _ready_at = attrgetter("ready_at")
@@ -288,7 +293,7 @@ class SharedFifoPolicy(SimPolicy):
 
 
 class IsolatedPolicy(SimPolicy):
-    name = "isolated"
+    name = "isolated-dedicated"
     shared = False
 
     def __init__(self, fleet: Fleet, gpu: str, cpu: str, per: str = "model") -> None:
@@ -375,7 +380,14 @@ def make_policy(
         return FlowMeshPolicy(fleet, config, sim_settings.max_groups)
     if name == "shared-fifo":
         return SharedFifoPolicy()
-    if name == "isolated":
+    name = ALIASES.get(name, name)
+    if name == "isolated-dedicated":
         iso = sim_settings.isolated
         return IsolatedPolicy(fleet, iso.gpu, iso.cpu, iso.per)
+    from flowmesh.loadgen.sim.baselines import IsolatedLeanPolicy, ReferencePolicy
+
+    if name == "isolated-lean":
+        return IsolatedLeanPolicy(fleet)
+    if name == "reference":
+        return ReferencePolicy()
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")

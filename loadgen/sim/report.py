@@ -25,7 +25,8 @@ def _s(v: float) -> str:
 
 
 def table(title: str, results: Sequence[PolicyResult]) -> Table:
-    """Metrics as rows, policies as columns; ratios against isolated at the bottom."""
+    """Metrics as rows, policies as columns; at the bottom, ratios against the strongest
+    baseline on each metric (named in the row)."""
     t = Table(title=title, title_justify="left")
     t.add_column("metric")
     for r in results:
@@ -60,15 +61,19 @@ def table(title: str, results: Sequence[PolicyResult]) -> Table:
         t.add_row(name, *(fmt(r) for r in results))
     rat = ratios({r.policy: r for r in results})
     if rat:
+        against = rat["against"]
         t.add_section()
         for key, label in (
-            ("cost_reduction_x", "cost reduction vs isolated"),
-            ("energy_reduction_x", "energy reduction vs isolated"),
-            ("p50_latency_ratio", "p50 latency / isolated"),
-            ("p95_latency_ratio", "p95 latency / isolated"),
-            ("p99_latency_ratio", "p99 latency / isolated"),
+            ("cost_reduction_x", "cost reduction vs {}"),
+            ("energy_reduction_x", "energy reduction vs {}"),
+            ("p50_latency_ratio", "p50 latency / {}"),
+            ("p95_latency_ratio", "p95 latency / {}"),
+            ("p99_latency_ratio", "p99 latency / {}"),
         ):
-            t.add_row(label, *(_x(rat[r.policy][key]) for r in results))
+            t.add_row(
+                label.format(f"best baseline ({against[key]})"),
+                *(_x(rat[r.policy][key]) for r in results),
+            )
     return t
 
 
@@ -85,7 +90,13 @@ def plots(out: Path, title: str, results: Sequence[PolicyResult]) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     names = [r.policy for r in results]
-    colors = {"flowmesh": "#2a9d8f", "shared-fifo": "#e9c46a", "isolated": "#e76f51"}
+    colors = {
+        "flowmesh": "#2a9d8f",
+        "reference": "#264653",
+        "shared-fifo": "#e9c46a",
+        "isolated-lean": "#f4a261",
+        "isolated-dedicated": "#e76f51",
+    }
     col = [colors.get(n, "#888888") for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, values, label in (

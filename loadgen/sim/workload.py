@@ -28,8 +28,15 @@ A workload names tenants, workflow templates (DAGs of stages), datasets and arri
 Datasets. Each workflow draws `records` records from a dataset: a fraction `overlap` from
 a pool of `shared_pool` records that every tenant draws from (`draw: random`: a uniform
 sample without replacement per workflow; `sequential`: every tenant walks the pool in the
-same order, as when all iterate one public dataset in its canonical order), the rest
-private to the tenant (fresh records, or draws from a `private_pool` of that size).
+same order, as when all iterate one public dataset in its canonical order; `zipf`: a
+sample without replacement where the i-th record has weight 1 / i^zipf_s, popular
+records first), the rest private to the tenant (fresh records, or draws from a
+`private_pool` of that size).
+
+Arrivals per tenant: `poisson`, `uniform`, `bursty` (Poisson bursts of `burst_size`),
+`onoff` (Poisson at `peak` x the mean rate during `on_s` windows, the rest of the mean
+rate in the `off_s` windows between). `deadline_s` on a tenant (or in defaults): each of
+its workflows' latency budget, which `isolated-lean` sizes its class choice by.
 
 Stages. `input` is a dataset or an earlier stage. A stage runs one operator per input
 item times `n` (samples per item: sample i is part of the key, not of the batch key, so
@@ -63,7 +70,7 @@ import yaml
 
 Reduce = Literal["none", "record", "all"]
 Scope = Literal["global", "tenant", "workflow"]
-Draw = Literal["random", "sequential"]
+Draw = Literal["random", "sequential", "zipf"]
 
 
 def digest(*parts: str) -> str:
@@ -93,17 +100,23 @@ class DatasetSpec:
     shared_pool: int = 0
     draw: Draw = "random"
     private_pool: int | None = None  # None: every private record is fresh
+    zipf_s: float = 1.1  # draw: zipf: popularity of the i-th shared record ~ 1 / i^s
 
 
 @dataclass(frozen=True)
 class ArrivalSpec:
-    process: Literal["poisson", "bursty", "uniform"] = "poisson"
+    process: Literal["poisson", "bursty", "uniform", "onoff"] = "poisson"
     rate_per_h: float = 1.0
     duration_s: float | None = 3600.0
     count: int | None = None  # exactly this many (overrides duration_s)
     start_s: float = 0.0
     burst_size: int = 4  # bursty: workflows per burst (bursts arrive at rate/burst_size)
     burst_spread_s: float = 5.0
+    # onoff: Poisson arrivals at rate x peak during `on_s` windows, the rest of the mean
+    # rate spread over the `off_s` windows between them (none when peak x on covers it)
+    on_s: float = 600.0
+    off_s: float = 1800.0
+    peak: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,7 @@ class TenantSpec:
     vars: Mapping[str, str] = field(default_factory=dict)
     dedup_scope: Scope = "global"
     overlap: float | None = None  # overrides every dataset's overlap for this tenant
+    deadline_s: float | None = None  # each workflow's latency budget from its arrival
 
 
 @dataclass(frozen=True)
@@ -205,6 +219,7 @@ class WorkflowInstance:
     round: int  # the tenant's n-th workflow
     arrival: float
     records: Mapping[str, tuple[str, ...]]  # dataset -> record identities
+    deadline_s: float | None = None
 
 
 # --- parsing ------------------------------------------------------------------------
@@ -265,6 +280,7 @@ def parse_workload(data: Mapping[str, Any]) -> Workload:
                 vars={str(k): str(v) for k, v in (t.get("vars") or {}).items()},
                 dedup_scope=t.get("dedup_scope", "global"),
                 overlap=None if t.get("overlap") is None else float(t["overlap"]),
+                deadline_s=None if t.get("deadline_s") is None else float(t["deadline_s"]),
             )
         )
     billing = data.get("billing") or {}
@@ -361,6 +377,8 @@ def _arrival_times(a: ArrivalSpec, rng: random.Random) -> list[float]:
                 break
             times.append(t)
         return times
+    if a.process == "onoff":
+        return _onoff_times(a, rate_s, end, limit, rng)
     # bursty: bursts arrive as a Poisson process; each holds burst_size workflows
     t = a.start_s
     size = max(1, a.burst_size)
@@ -371,6 +389,42 @@ def _arrival_times(a: ArrivalSpec, rng: random.Random) -> list[float]:
         for _ in range(min(size, limit - len(times))):
             times.append(t + rng.uniform(0.0, a.burst_spread_s))
     return sorted(times)
+
+
+def _onoff_times(
+    a: ArrivalSpec, rate_s: float, end: float, limit: int, rng: random.Random
+) -> list[float]:
+    """On/off bursts: the mean rate `rate_s`, `peak` times it while on."""
+    period = a.on_s + a.off_s
+    on_rate = rate_s * a.peak
+    off_rate = max(0.0, rate_s * period - on_rate * a.on_s) / max(a.off_s, 1e-9)
+    times: list[float] = []
+    t = a.start_s
+    while len(times) < limit and t < end:
+        phase = (t - a.start_s) % period
+        on = phase < a.on_s
+        rate = on_rate if on else off_rate
+        boundary = t + ((a.on_s - phase) if on else (period - phase))
+        if rate <= 0:
+            t = boundary
+            continue
+        nxt = t + rng.expovariate(rate)
+        if nxt >= boundary:
+            t = boundary
+            continue
+        t = nxt
+        if t < end:
+            times.append(t)
+    return times
+
+
+def _zipf_sample(pool: int, k: int, s: float, rng: random.Random) -> list[int]:
+    """k distinct records of a pool of `pool`, record i drawn with weight 1 / (i+1)^s
+    (a few popular records most workflows touch, a long tail)."""
+    k = min(k, pool)
+    # weighted sampling without replacement (Efraimidis-Spirakis): the k largest u^(1/w)
+    keys = [rng.random() ** ((i + 1) ** s) for i in range(pool)]
+    return sorted(range(pool), key=lambda i: -keys[i])[:k]
 
 
 def instances(wl: Workload) -> list[WorkflowInstance]:
@@ -394,6 +448,8 @@ def instances(wl: Workload) -> list[WorkflowInstance]:
                 if ds.draw == "sequential":
                     start = r * n_shared
                     shared = [(start + j) % ds.shared_pool for j in range(n_shared)]
+                elif ds.draw == "zipf":
+                    shared = _zipf_sample(ds.shared_pool, n_shared, ds.zipf_s, rng)
                 else:
                     shared = rng.sample(range(ds.shared_pool), n_shared)
                 ids = [f"{ds_name}:shared:{i}" for i in shared]
@@ -406,7 +462,7 @@ def instances(wl: Workload) -> list[WorkflowInstance]:
                     ids += [f"{ds_name}:{tenant.name}:{base + j}" for j in range(n_private)]
                     private_seq[ds_name] = base + n_private
                 records[ds_name] = tuple(ids)
-            out.append(WorkflowInstance(wid, tenant.name, tmpl, r, t, records))
+            out.append(WorkflowInstance(wid, tenant.name, tmpl, r, t, records, tenant.deadline_s))
     out.sort(key=lambda w: (w.arrival, w.id))
     return out
 
@@ -464,10 +520,20 @@ class Op:
 
 
 class WorkflowRun:
-    __slots__ = ("completed_at", "instance", "ops", "remaining", "stages", "tenant", "wid")
+    __slots__ = (
+        "completed_at",
+        "deadline_s",
+        "instance",
+        "ops",
+        "remaining",
+        "stages",
+        "tenant",
+        "wid",
+    )
 
     def __init__(self, instance: WorkflowInstance) -> None:
         self.instance = instance
+        self.deadline_s = instance.deadline_s
         self.wid = instance.id
         self.tenant = instance.tenant
         self.stages: list[Stage] = []
