@@ -206,6 +206,7 @@ async def run_large(
     sample_s: float = 2.0,
     timeout_s: float = 3600.0,
     engine_args: list[str] | None = None,
+    planner_shards: int = 1,
     tick: Tick = _no_tick,
     seed: int = 13,
 ) -> LargeResult:
@@ -220,6 +221,9 @@ async def run_large(
         workers=workers,
         worker_args=["--no-models"],
         engine_args=list(engine_args or []),  # the defaults `flowmesh up` runs with
+        # as `flowmesh up` runs it: planner shard(s), scheduler and gateway as processes
+        # of their own (0: the whole engine in one process)
+        planner_shards=planner_shards,
     )
     fabric.start()
     try:
@@ -372,6 +376,13 @@ def write(out_dir: Path, r: LargeResult) -> list[Path]:
 @click.option("--small-after-s", type=float, default=10.0, show_default=True)
 @click.option("--small-every-s", type=float, default=5.0, show_default=True)
 @click.option("--timeout-s", type=float, default=3600.0, show_default=True)
+@click.option(
+    "--planner-shards",
+    type=int,
+    default=1,
+    show_default=True,
+    help="as flowmesh up (0: the whole engine in one process)",
+)
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="[.flowmesh/large]")
 def large_cmd(
     records: int,
@@ -380,6 +391,7 @@ def large_cmd(
     small_after_s: float,
     small_every_s: float,
     timeout_s: float,
+    planner_shards: int,
     out_dir: str | None,
 ) -> None:
     """One huge map workflow on 2 workers with another tenant's small ones beside it."""
@@ -407,6 +419,7 @@ def large_cmd(
                 small_after_s=small_after_s,
                 small_every_s=small_every_s,
                 timeout_s=timeout_s,
+                planner_shards=planner_shards,
                 tick=lambda _, d, t: bar.update(task, completed=d, total=t),
             )
         )
