@@ -181,6 +181,18 @@ async def test_a_worker_whose_consumer_is_deleted_and_recreate_blocked_rejoins_a
         )
         try:
             await _wait_for_log(log, "rejoin failed; will retry", timeout=30)
+            # without a consumer it announces nothing: the scheduler takes it for dead
+            # (--dead-after 2) and routes no work to it, instead of sending work that
+            # would wait (it kept heartbeating before, and every tenant stalled)
+            for _ in range(300):
+                if wid not in {w.worker for w in await fm.workers()}:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("a worker with no consumer still announces itself")
+            for _ in range(30):  # and stays silent (it beats every second when it does)
+                await asyncio.sleep(0.1)
+                assert wid not in {w.worker for w in await fm.workers()}, "it announced itself"
         finally:
             await js.delete_consumer(streams.STREAM_ASSIGN, blocker)
         # it re-creates its consumer by itself once nothing blocks it any more
