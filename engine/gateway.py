@@ -40,9 +40,10 @@ import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import NoKeysError
 
 from flowmesh.engine.client import FlowMesh
-from flowmesh.engine.cost import cost_report
+from flowmesh.engine.cost import workflows_cost
 from flowmesh.engine.lineage import LineageError, build_lineage
 from flowmesh.engine.spec import SpecError, planned_operators
 from flowmesh.topics import Bus, codec, streams, subjects
@@ -57,6 +58,7 @@ MAX_REQUEST_BYTES = 768 * 1024
 MAX_REPLY_BYTES = 768 * 1024
 RESULT_PAGE_ROWS = 1000
 LIST_MAX = 1000  # newest workflows a list answers with
+LIST_PAGE = 100  # workflows per list or cost page unless asked otherwise
 CONCURRENCY = 32  # requests handled at once per engine
 # How long submit waits for the planner to accept the workflow, so that a status right
 # after it finds it; past that the submission (stored in its stream) is still run.
@@ -142,6 +144,13 @@ class LineageRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
     pass
+
+
+class PageRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """list and cost: the tenant's workflows newest first, `limit` from `offset`."""
+
+    offset: int = 0
+    limit: int = LIST_PAGE
 
 
 class SubmitReply(msgspec.Struct):
@@ -305,15 +314,15 @@ class Gateway:
         if verb == "status":
             return await self._owned(tenant, _decode(data, WorkflowRequest).workflow_id)
         if verb == "list":
-            _decode(data, NoArgs)
-            return await self.list(tenant)
+            page = _decode(data, PageRequest)
+            return await self.list(tenant, page.offset, page.limit)
         if verb == "result":
             return await self.result(tenant, _decode(data, ResultRequest))
         if verb == "lineage":
             return await self.lineage(tenant, _decode(data, LineageRequest))
         if verb == "cost":
-            _decode(data, NoArgs)
-            return await self.cost(tenant)
+            page = _decode(data, PageRequest)
+            return await self.cost(tenant, page.offset, page.limit)
         if verb == "cancel":
             return await self.cancel(tenant, _decode(data, WorkflowRequest).workflow_id)
         verbs = ", ".join(subjects.API_VERBS)
@@ -424,28 +433,42 @@ class Gateway:
         self._use_of(tenant).running.pop(workflow_id, None)
         return {"workflow_id": workflow_id, "state": status.state}
 
-    async def list(self, tenant: str) -> list[WorkflowSummary]:
-        out = []
-        for _, value, _ in await self.bus.kv_items(streams.KV_WF):
-            try:
-                st = codec.decode(value, WorkflowStatus)
-            except codec.DecodeError:
-                continue
-            if st.tenant != tenant:
-                continue
-            out.append(
-                WorkflowSummary(
-                    workflow_id=st.workflow_id,
-                    name=st.name,
-                    state=st.state,
-                    submitted_at=st.submitted_at,
-                    ended_at=st.ended_at,
-                    ops_total=sum(n.total for n in st.nodes.values()),
-                    ops_done=sum(n.done for n in st.nodes.values()),
-                )
+    async def own_workflows(self, tenant: str) -> list[str]:
+        """The tenant's workflow ids: the bucket's key names filtered by the tenant's
+        namespace ("<tenant>_"), no other tenant's status read or decoded."""
+        kv = await self.bus.kv(streams.KV_WF)
+        try:
+            names = await kv.keys()
+        except NoKeysError:
+            return []
+        return [n for n in names if n.startswith(f"{tenant}_")]
+
+    async def _page(self, tenant: str, offset: int, limit: int) -> list[WorkflowStatus]:
+        if offset < 0 or not 1 <= limit <= LIST_MAX:
+            raise ApiError("bad_request", f"offset must be >= 0 and limit 1..{LIST_MAX}")
+        ids = await self.own_workflows(tenant)
+        statuses = [s for s in await asyncio.gather(*(self.fm.status(w) for w in ids)) if s]
+        statuses = [s for s in statuses if s.tenant == tenant]
+        statuses.sort(key=lambda s: s.submitted_at, reverse=True)
+        return statuses[offset : offset + limit]
+
+    async def list(
+        self, tenant: str, offset: int = 0, limit: int = LIST_PAGE
+    ) -> list[WorkflowSummary]:
+        out = [
+            WorkflowSummary(
+                workflow_id=st.workflow_id,
+                name=st.name,
+                state=st.state,
+                submitted_at=st.submitted_at,
+                ended_at=st.ended_at,
+                ops_total=sum(n.total for n in st.nodes.values()),
+                ops_done=sum(n.done for n in st.nodes.values()),
             )
+            for st in await self._page(tenant, offset, limit)
+        ]
         out.sort(key=lambda s: s.submitted_at)
-        return out[-LIST_MAX:]
+        return out
 
     async def result(self, tenant: str, req: ResultRequest) -> ResultPage:
         status = await self._owned(tenant, req.workflow_id)
@@ -489,13 +512,18 @@ class Gateway:
             raise ApiError("not_found", str(exc)) from exc
         return redact_lineage(lin.to_dict(), tenant)
 
-    async def cost(self, tenant: str) -> dict[str, Any]:
-        report = await cost_report(self.bus)
+    async def cost(self, tenant: str, offset: int = 0, limit: int = LIST_PAGE) -> dict[str, Any]:
+        """The bills of a page of the tenant's workflows (newest first), and their sum;
+        read from those workflows' own records (engine/cost.py workflows_cost)."""
+        page = [s.workflow_id for s in await self._page(tenant, offset, limit)]
+        report = await workflows_cost(self.bus, page)
         own = {wf: b for wf, b in report.workflows.items() if b.tenant == tenant}
         bill = report.tenants.get(tenant)
         return {
             "tenant": bill.as_dict() if bill else None,
             "workflows": {wf: b.as_dict() for wf, b in sorted(own.items())},
+            "offset": offset,
+            "limit": limit,
         }
 
 

@@ -87,9 +87,21 @@ def auth_fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthFabric
                 async with await env.operator() as fm:
                     for _ in range(600):
                         if await fm.workers():
-                            return
+                            break
                         await asyncio.sleep(0.1)
-                raise AssertionError("the worker did not register")
+                    else:
+                        raise AssertionError("the worker did not register")
+                # and the gateway: it may subscribe a moment after the worker registers
+                async with await TenantClient.from_creds(env.creds("a")) as a:
+                    for _ in range(600):
+                        try:
+                            await a.call("list")
+                            return
+                        except GatewayError as exc:
+                            if exc.code != "unavailable":
+                                raise
+                        await asyncio.sleep(0.1)
+                raise AssertionError("the gateway did not come up")
 
             asyncio.run(workers_up())
             yield env
