@@ -133,6 +133,7 @@ async def test_inputs_that_blocked_the_engine_get_clear_errors(auth_fabric: Auth
 
         # memory returns: within 20% of the start
         await asyncio.sleep(1.0)
+        print(f"engine memory: {rss_start:.0f} MB at start, {rss_mb(engine.pid):.0f} MB after")
         assert rss_mb(engine.pid) < 1.2 * rss_start, (rss_start, rss_mb(engine.pid))
 
 
@@ -442,3 +443,23 @@ def test_operator_commands_use_flowmesh_creds_and_print_names_safely(
     assert (
         "n[/red]" in runner.invoke(cli_main, ["status", "--nats", auth_fabric.url], env=env).output
     )
+
+
+async def test_storage_errors_fail_clearly(tmp_path: Path) -> None:
+    """A full disk left the workflow running with 0 operators forever: the planner
+    caught only CASError, and the file backend raised OSError."""
+    from flowmesh.topics.cas import CAS, CASError, FileBackend
+    from flowmesh.topics.codec import canonical, sha256_hex
+
+    cas = CAS(FileBackend(tmp_path))
+    blob = b"some record"
+    (tmp_path / sha256_hex(blob)[:2]).write_text("in the way")  # where its folder goes
+    with pytest.raises(CASError, match="cannot store"):
+        await cas.put(blob)
+    in_the_way = tmp_path / sha256_hex(canonical({"text": "a"}))[:2]
+    in_the_way.write_text("in the way")
+    with pytest.raises(CASError, match="cannot store"):
+        await cas.put_records([{"text": "a"}, {"text": "b"}] * 600)
+    in_the_way.unlink()
+    (tmp_path / sha256_hex(blob)[:2]).unlink()  # space is back: it stores again
+    assert await cas.get(await cas.put(blob)) == blob
