@@ -343,10 +343,11 @@ class _Marker:
         await self.model(sp.model, f"{where} model")
         # an adapter manifest lists its files like a model manifest does
         await self.model(sp.adapter, f"{where} adapter")
-        if op.state != "done" or not op.output:
+        if op.state != "done" or (not op.output and op.outputs is None):
             return True
-        if op.outputs is not None:  # inline: no need to read the manifest
-            ok = self.mark(op.output, f"{where} output")
+        if op.outputs is not None:  # inline: no need to read the manifest (small
+            # results have none)
+            ok = self.mark(op.output, f"{where} output") if op.output else True
             ok = self.mark_all(op.outputs, f"{where} output") and ok
         else:
             ok = await self.manifest(op.output, f"{where} output")
@@ -354,8 +355,9 @@ class _Marker:
             # a train op's record names the adapter it made (a manifest listing files,
             # like a model's): it stays reachable as long as the record does
             listed = op.outputs
-            if listed is None:
-                listed = await self._read(op.output, "manifest") or []
+            if listed is None and op.output:
+                listed = await self._read(op.output, "manifest")
+            listed = listed or []
             for d in listed:
                 try:
                     adapter = (await self.cas.get_record(d)).get("adapter")
@@ -497,11 +499,11 @@ async def _op_state(bus: Bus, key: str) -> OpState | None:
 
 
 async def _result_readable(cas: CAS, st: OpState) -> bool:
-    if not st.output:
+    if not st.output and st.outputs is None:
         return True
     try:
-        outputs = st.outputs if st.outputs is not None else await cas.get_manifest(st.output)
-        if not await cas.exists(st.output):
+        outputs = st.outputs if st.outputs is not None else await cas.get_manifest(st.output or "")
+        if st.output and not await cas.exists(st.output):
             return False
         for d in outputs:
             if not await cas.exists(d):

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import nats.errors
 import structlog
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -34,6 +35,7 @@ from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.cas import CAS, CASError
 from flowmesh.topics.messages import (
     CancelWorkflow,
+    DoneBatch,
     NodeSpec,
     NodeStatus,
     OpDone,
@@ -41,10 +43,12 @@ from flowmesh.topics.messages import (
     OpRequest,
     OpSpec,
     OpState,
+    ReadyChunk,
     ReadyOp,
     RequestRole,
     SubmitWorkflow,
     WorkflowStatus,
+    chunks_of,
 )
 from flowmesh.topics.operators import (
     KINDS,
@@ -60,7 +64,8 @@ log = structlog.get_logger("flowmesh.planner")
 
 Pos = tuple[int, ...]
 
-FANOUT_WINDOW = 512  # operators a fan-out starts concurrently
+FANOUT_WINDOW = 2048  # operators a fan-out starts as one wave
+READY_CHUNK = 256  # operators per ready message at most
 # Submissions accepted at once: one tenant's huge fan-out (or a 60 s wait for an
 # executor to appear) never delays another's acceptance; bounded, so a flood of
 # submissions does not expand without limit.
@@ -74,6 +79,12 @@ def max_attempts_from_env() -> int:
     """Executions an operator may fail before it is committed `failed`
     ($FLOWMESH_MAX_ATTEMPTS, default 3; 1 turns retries off)."""
     return env_int("FLOWMESH_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, 1)
+
+
+def _chunk_id(chunk: ReadyChunk) -> str:
+    """The message id of a ready chunk: the same operators at the same revisions (a
+    replayed submission) are dropped by the server as a duplicate."""
+    return "ready-" + codec.digest_of([[it.key, it.revision] for it in chunk.items])
 
 
 class Unresolved(Exception):
@@ -452,89 +463,136 @@ class Planner:
             child = run.nodes[child_name]
             if child.kind is None or child.kind.fanout != "record":
                 continue
-            starts: list[tuple[Pos, str]] = []
+            starts: list[tuple[Pos, list[str]]] = []
             for pos, records in slots:
                 for j, rec in enumerate(records):
                     cpos = (*pos, j)
                     child.outputs[cpos] = None
                     child.pending += 1
                     child.status.total += 1
-                    starts.append((cpos, rec))
-            # in waves: 20k operators started at once put ~80k requests in flight on one
-            # connection; the event loop cannot read their replies fast enough, and
-            # nats-server cuts the engine off as a slow consumer (loadgen overhead)
+                    starts.append((cpos, [rec]))
+            # in waves: each is one pipelined round of claims and a few ready chunks
             for i in range(0, len(starts), FANOUT_WINDOW):
-                await asyncio.gather(
-                    *(
-                        self._start_op(run, child_name, cpos, [rec])
-                        for cpos, rec in starts[i : i + FANOUT_WINDOW]
-                    )
-                )
+                await self._start_ops(run, child_name, starts[i : i + FANOUT_WINDOW])
 
     async def _start_op(self, run: WorkflowRun, name: str, pos: Pos, inputs: list[str]) -> None:
-        if run.state != "running":
+        await self._start_ops(run, name, [(pos, inputs)])
+
+    async def _start_ops(
+        self, run: WorkflowRun, name: str, starts: list[tuple[Pos, list[str]]]
+    ) -> None:
+        """Start operators of one node as one wave: their claims in KV fm_ops and their
+        request records are written pipelined, and those this wave must run go out as
+        ready chunks (one message per READY_CHUNK operators, the spec once)."""
+        if run.state != "running" or not starts:
             return
         node = run.nodes[name]
         assert node.spec is not None and node.kind is not None
         if node.spec.adapter and node.adapter_digest is None:
-            node.deferred.append((pos, inputs))  # started when the adapter exists
+            node.deferred.extend(starts)  # started when the adapter exists
             return
         try:
-            op = await self._op_spec(node.spec, node.kind, inputs, node.adapter_digest)
+            base = await self._op_spec(node.spec, node.kind, [], node.adapter_digest)
         except Unresolved:
-            self.parked.append(Parked(run, name, pos, inputs, time.monotonic()))
+            now = time.monotonic()
+            self.parked.extend(Parked(run, name, pos, inputs, now) for pos, inputs in starts)
             return
         except ValueError as exc:
             await self._fail(run, f"node {name!r}: {exc}")
             return
-        salt = run.salt
-        if op.version.endswith(NONDETERMINISTIC):
-            # never shared, never reused: unique to this request, stable across a
-            # planner restart so a replay does not run it twice
-            salt = f"{salt}|nondet:{run.wf_id}:{name}:{'.'.join(map(str, pos))}"
-        key = keys.op_key(op, salt)
-        node.keys[pos] = key
-        in_flight_here = bool(self.waiters.get(key))
-        self.waiters.setdefault(key, []).append(Waiter(run, name, pos))
-        state = OpState(
-            key=key,
-            state="pending",
-            spec=op,
-            workflow_id=run.wf_id,
-            tenant=run.spec.tenant,
-            created_at=time.time(),
-        )
+        nondet = base.version.endswith(NONDETERMINISTIC)
+        bkey = keys.batch_key(base)
+        now = time.time()
+        wave: list[tuple[str, OpSpec, OpState, bool]] = []
+        for pos, inputs in starts:
+            op = msgspec.structs.replace(base, inputs=inputs)
+            salt = run.salt
+            if nondet:
+                # never shared, never reused: unique to this request, stable across a
+                # planner restart so a replay does not run it twice
+                salt = f"{salt}|nondet:{run.wf_id}:{name}:{'.'.join(map(str, pos))}"
+            key = keys.op_key(op, salt)
+            node.keys[pos] = key
+            in_flight_here = bool(self.waiters.get(key))
+            self.waiters.setdefault(key, []).append(Waiter(run, name, pos))
+            state = OpState(
+                key=key,
+                state="pending",
+                spec=op,
+                workflow_id=run.wf_id,
+                tenant=run.spec.tenant,
+                created_at=now,
+            )
+            wave.append((key, op, state, in_flight_here))
         # the revision tells incarnations of a key apart: once `flowmesh cache invalidate`
         # deleted an entry, the ready message of the new one is not a duplicate
-        revision, existing = await self._claim(key, state, run.wf_id)
-        if existing is None or (existing.state == "pending" and existing.workflow_id == run.wf_id):
-            # ours (a create whose reply was lost in a nats restart reads back as ours)
-            role: RequestRole = "ran"
-        else:
-            role = "joined" if existing.state == "pending" else "reused"
-            if existing.workflow_id != run.wf_id:
-                node.status.reused += 1
-        # the request is recorded before the workflow can complete, so its lineage and
+        claims = await self._claim_many([(key, state) for key, _, state, _ in wave], run.wf_id)
+        roles: list[RequestRole] = []
+        for (_key, op, _, _), (_, existing) in zip(wave, claims, strict=True):
+            if existing is None or (
+                existing.state == "pending" and existing.workflow_id == run.wf_id
+            ):
+                # ours (a create whose reply was lost in a nats restart reads back as ours)
+                roles.append("ran")
+            else:
+                roles.append("joined" if existing.state == "pending" else "reused")
+                if existing.workflow_id != run.wf_id:
+                    node.status.reused += 1
+            metrics.op_requested(op.kind, run.spec.tenant, roles[-1])
+        # the requests are recorded before the workflow can complete, so its lineage and
         # its share of the cost are there when it does
-        await self._record_request(run, name, key, role)
-        metrics.op_requested(op.kind, run.spec.tenant, role)
-        if existing is not None:
-            if existing.state != "pending":
-                await self.complete_key(existing.to_done())
-                return
-            if in_flight_here:
-                return  # in flight for another waiter here: its completion completes us
-        ready = ReadyOp(
-            key=key,
-            spec=op,
-            batch_key=keys.batch_key(op),
-            workflow_id=run.wf_id,
-            tenant=run.spec.tenant,
-            max_attempts=self.max_attempts,
+        await self._record_requests(run, name, [w[0] for w in wave], roles, now)
+        ready: list[ReadyOp] = []
+        finished: list[OpDone] = []
+        for (key, op, state, in_flight_here), (revision, existing) in zip(
+            wave, claims, strict=True
+        ):
+            if existing is not None:
+                if existing.state != "pending":
+                    finished.append(existing.to_done())
+                    continue
+                if in_flight_here:
+                    continue  # in flight for another waiter here: its completion completes us
+            ready.append(
+                ReadyOp(
+                    key=key,
+                    spec=op,
+                    batch_key=bkey,
+                    workflow_id=run.wf_id,
+                    tenant=run.spec.tenant,
+                    max_attempts=self.max_attempts,
+                    revision=revision,
+                    created_at=existing.created_at if existing is not None else state.created_at,
+                )
+            )
+        if ready:
+            subject = subjects.ready(node.kind.pool)
+            # more of this node to come: one of its inputs is still being produced
+            more = any(
+                not run.nodes[i].upstream_complete or run.nodes[i].pending > 0 for i in node.inputs
+            )
+            chunks = chunks_of(ready, READY_CHUNK, more)
+            await self.bus.publish_many([(subject, c, _chunk_id(c)) for c in chunks])
+        if finished:
+            await self.complete_keys(finished)
+
+    async def _claim_many(
+        self, claims: list[tuple[str, OpState]], wf_id: str
+    ) -> list[tuple[int, OpState | None]]:
+        """`_claim` for many keys: the creates go out pipelined; only a key that exists
+        already (dedup, a replay, an invalidated entry) is looked at one by one."""
+        created = await self.bus.kv_write_many(
+            streams.KV_OPS, [(key, codec.encode(state), 0) for key, state in claims]
         )
-        await self.bus.publish(
-            subjects.ready(node.kind.pool), ready, msg_id=f"ready-{key}-{revision}"
-        )
+        out: list[tuple[int, OpState | None]] = [(rev or 0, None) for rev in created]
+        taken = [i for i, rev in enumerate(created) if rev is None]
+        if taken:
+            found = await asyncio.gather(
+                *(self._claim(claims[i][0], claims[i][1], wf_id) for i in taken)
+            )
+            for i, got in zip(taken, found, strict=True):
+                out[i] = got
+        return out
 
     async def _claim(self, key: str, fresh: OpState, wf_id: str) -> tuple[int, OpState | None]:
         """Create the key's `pending` entry, or find what is there: (revision, None) when
@@ -566,9 +624,7 @@ class Planner:
             try:
                 updated = await self.bus.retrying(
                     "re-claim failed op",
-                    functools.partial(
-                        self.kv_ops.update, key, codec.encode(fresh), last=revision
-                    ),
+                    functools.partial(self.kv_ops.update, key, codec.encode(fresh), last=revision),
                 )
             except KeyWrongLastSequenceError:
                 continue  # another request re-claimed it first: look again
@@ -576,26 +632,20 @@ class Planner:
             return updated, None
         raise RuntimeError(f"operator {key[:12]}: its KV entry keeps changing")
 
-    async def _record_request(
-        self, run: WorkflowRun, node: str, key: str, role: RequestRole
+    async def _record_requests(
+        self, run: WorkflowRun, node: str, keys_: list[str], roles: list[RequestRole], at: float
     ) -> None:
-        request = OpRequest(
-            key=key,
-            workflow_id=run.wf_id,
-            tenant=run.spec.tenant,
-            node=node,
-            role=role,
-            at=time.time(),
-        )
         # create, not put: after a planner restart the replayed request must not turn
-        # the original "ran" into "reused"
-        with contextlib.suppress(KeyWrongLastSequenceError):
-            await self.bus.retrying(
-                "record request",
-                functools.partial(
-                    self.kv_requests.create, f"{key}.{run.wf_id}", codec.encode(request)
-                ),
+        # the original "ran" into "reused" (a refused create is that case: ignored)
+        writes = [
+            (
+                f"{key}.{run.wf_id}",
+                codec.encode(OpRequest(key, run.wf_id, run.spec.tenant, node, role, at)),
+                0,
             )
+            for key, role in zip(keys_, roles, strict=True)
+        ]
+        await self.bus.kv_write_many(streams.KV_REQUESTS, writes)
 
     async def _op_spec(
         self, node: NodeSpec, kind: OperatorKind, inputs: list[str], adapter: str | None
@@ -668,57 +718,80 @@ class Planner:
                 log.warning("fetching completions failed", error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
+            dones: list[OpDone] = []
             for msg in msgs:
-                done = await self.bus.decode_or_dead_letter(
-                    "planner", msg.subject, msg.data, OpDone
+                batch = await self.bus.decode_or_dead_letter(
+                    "planner", msg.subject, msg.data, DoneBatch
                 )
-                if done is None:
+                if batch is None:
                     await msg.term()
                     continue
-                await self.complete_key(done)
-                await msg.ack()
+                dones.extend(batch.done)
+            # every completion fetched is handled as one wave: children of all of them
+            # start together (one round of claims, a few ready chunks)
+            await self.complete_keys(dones)
+            for msg in msgs:
+                with contextlib.suppress(Exception):  # a lost ack: redelivered, a no-op
+                    await msg.ack()
 
     async def complete_key(self, done: OpDone) -> None:
-        waiters = self.waiters.pop(done.key, [])
-        if not waiters:
-            return
-        outputs = done.outputs
-        if done.status == "done" and outputs is None and done.output:
-            try:
-                outputs = await self.cas.get_manifest(done.output)
-            except CASError as exc:
-                done = OpDone(key=done.key, status="failed", error=f"result unreadable: {exc}")
-        for w in waiters:
-            if w.run.state != "running":
-                continue
-            node = w.run.nodes[w.node]
-            if done.status == "failed":
-                node.status.failed += 1
-                w.run.failure = OpFailure(
-                    node=w.node,
-                    key=done.key,
-                    error=done.error or "unknown error",
-                    traceback=done.traceback,
-                    attempts=done.attempts,
-                    worker=done.worker,
-                )
-                tries = f" after {done.attempts} attempts" if done.attempts > 1 else ""
-                await self._fail(
-                    w.run, f"node {w.node!r} operator {done.key[:12]} failed{tries}: {done.error}"
-                )
-                continue
-            await self._slot_done(w.run, w.node, w.pos, outputs or [])
+        await self.complete_keys([done])
 
-    async def _slot_done(self, run: WorkflowRun, name: str, pos: Pos, outputs: list[str]) -> None:
-        node = run.nodes[name]
-        if node.outputs.get(pos) is not None:
-            return  # already counted (a duplicate completion)
-        node.outputs[pos] = outputs
-        node.pending -= 1
-        node.status.done += 1
-        self._dirty.add(run.wf_id)
-        await self._fan_out(run, name, [(pos, outputs)])
-        await self._maybe_complete(run, name)
+    async def complete_keys(self, dones: list[OpDone]) -> None:
+        """Completions in: every workflow waiting on them advances, and the operators
+        they make ready start as one wave per node."""
+        got = [(done, self.waiters.pop(done.key, [])) for done in dones]
+        got = [(done, waiters) for done, waiters in got if waiters]
+        if not got:
+            return
+        outputs = await asyncio.gather(*(self._outputs_of(done) for done, _ in got))
+        new: dict[tuple[str, str], tuple[WorkflowRun, list[tuple[Pos, list[str]]]]] = {}
+        for (done, waiters), (status_done, outs) in zip(got, outputs, strict=True):
+            for w in waiters:
+                if w.run.state != "running":
+                    continue
+                node = w.run.nodes[w.node]
+                if status_done.status == "failed":
+                    node.status.failed += 1
+                    w.run.failure = OpFailure(
+                        node=w.node,
+                        key=done.key,
+                        error=status_done.error or "unknown error",
+                        traceback=status_done.traceback,
+                        attempts=status_done.attempts,
+                        worker=status_done.worker,
+                    )
+                    tries = f" after {done.attempts} attempts" if done.attempts > 1 else ""
+                    await self._fail(
+                        w.run,
+                        f"node {w.node!r} operator {done.key[:12]} failed{tries}: "
+                        f"{status_done.error}",
+                    )
+                    continue
+                if node.outputs.get(w.pos) is not None:
+                    continue  # already counted (a duplicate completion)
+                node.outputs[w.pos] = outs
+                node.pending -= 1
+                node.status.done += 1
+                self._dirty.add(w.run.wf_id)
+                new.setdefault((w.run.wf_id, w.node), (w.run, []))[1].append((w.pos, outs))
+        for (_, name), (run, slots) in new.items():
+            await self._fan_out(run, name, slots)
+            await self._maybe_complete(run, name)
+
+    async def _outputs_of(self, done: OpDone) -> tuple[OpDone, list[str]]:
+        """The completion (turned `failed` if its result is unreadable) and its output
+        record digests: inline, or read from its manifest."""
+        if done.status != "done":
+            return done, []
+        if done.outputs is not None:
+            return done, list(done.outputs)
+        if not done.output:
+            return done, []
+        try:
+            return done, await self.cas.get_manifest(done.output)
+        except CASError as exc:
+            return OpDone(key=done.key, status="failed", error=f"result unreadable: {exc}"), []
 
     async def _maybe_complete(self, run: WorkflowRun, name: str) -> None:
         # a worklist, not recursion: a chain of ~970 record nodes completing in turn hit
@@ -792,8 +865,8 @@ class Planner:
         for user in users:
             user.adapter_digest = digest
             deferred, user.deferred = user.deferred, []
-            for pos, inputs in deferred:
-                await self._start_op(run, user.name, pos, inputs)
+            for i in range(0, len(deferred), FANOUT_WINDOW):
+                await self._start_ops(run, user.name, deferred[i : i + FANOUT_WINDOW])
 
     async def _fail(self, run: WorkflowRun, error: str) -> None:
         if run.state != "running":
@@ -811,10 +884,14 @@ class Planner:
         while not self._stopping.is_set():
             await asyncio.sleep(0.5)
             parked, self.parked = self.parked, []
+            groups: dict[tuple[str, str], list[Parked]] = {}
             for p in parked:
-                if p.run.state != "running":
-                    continue
-                if time.monotonic() - p.since > self.resolve_wait_s:
+                if p.run.state == "running":
+                    groups.setdefault((p.run.wf_id, p.node), []).append(p)
+            for group in groups.values():
+                p = group[0]
+                since = min(g.since for g in group)
+                if time.monotonic() - since > self.resolve_wait_s:
                     node = p.run.nodes[p.node]
                     assert node.spec is not None and node.kind is not None
                     what = executor_id(node.kind.name, node.spec.fn)
@@ -827,10 +904,12 @@ class Planner:
                     )
                     continue
                 before = len(self.parked)
-                await self._start_op(p.run, p.node, p.pos, p.inputs)
-                if len(self.parked) > before:
+                for i in range(0, len(group), FANOUT_WINDOW):
+                    part = group[i : i + FANOUT_WINDOW]
+                    await self._start_ops(p.run, p.node, [(g.pos, g.inputs) for g in part])
+                for again in self.parked[before:]:
                     # still unresolved: keep the original arrival time
-                    self.parked[-1].since = p.since
+                    again.since = since
 
     async def _status_loop(self) -> None:
         while not self._stopping.is_set():

@@ -37,7 +37,7 @@ from flowmesh.engine.cost import cost_report
 from flowmesh.engine.local import LocalFabric
 from flowmesh.engine.spec import parse_spec
 from flowmesh.topics import codec, streams, subjects
-from flowmesh.topics.messages import OpDone, OpState, WorkflowStatus
+from flowmesh.topics.messages import DoneBatch, OpState, WorkflowStatus
 from tests.conftest import connect
 
 KILLS_WANTED = int(os.environ.get("FM_FAULT_KILLS", "24"))
@@ -263,8 +263,8 @@ async def test_sigkill_storm_loses_nothing_commits_once_and_bills_once(
     }
     commits: dict[str, set[tuple[float, str]]] = defaultdict(set)
     for _, data in await read_stream(fm, subjects.DONE, streams.STREAM_DONE):
-        done = codec.decode(data, OpDone)
-        commits[done.key].add((done.ended_at, done.worker))
+        for done in codec.decode(data, DoneBatch).done:
+            commits[done.key].add((done.ended_at, done.worker))
     announced_twice = {k: v for k, v in commits.items() if len(v) != 1}
 
     # --- each operator's cost charged once, split among exactly who asked -------------

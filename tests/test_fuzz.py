@@ -279,7 +279,7 @@ def test_deeply_nested_json_is_a_decode_error_not_a_crash() -> None:
     # msgspec raises RecursionError for these; the codec turns it into the one error
     # every consumer dead-letters (before, it killed the consumer loop and the message
     # came back forever)
-    for typ in (messages.SubmitWorkflow, messages.OpDone, messages.WorkerInfo):
+    for typ in (messages.SubmitWorkflow, messages.DoneBatch, messages.WorkerInfo):
         with pytest.raises(codec.DecodeError, match=typ.__name__):
             codec.decode(b"[" * 3000 + b"]" * 3000, typ)
     with pytest.raises(codec.DecodeError):
@@ -572,9 +572,9 @@ async def test_live_fabric_dead_letters_every_bad_message_and_keeps_working(
     # what each consumer reads, and the schema it expects there
     targets: list[tuple[str, type[msgspec.Struct], str]] = [
         (subjects.SUBMIT, messages.SubmitWorkflow, "planner"),
-        (subjects.DONE, messages.OpDone, "planner"),
-        (subjects.ready("cpu"), messages.ReadyOp, "scheduler"),
-        (subjects.ready("gpu"), messages.ReadyOp, "scheduler"),
+        (subjects.DONE, messages.DoneBatch, "planner"),
+        (subjects.ready("cpu"), messages.ReadyChunk, "scheduler"),
+        (subjects.ready("gpu"), messages.ReadyChunk, "scheduler"),
         (subjects.assign(worker), messages.Assignment, "worker"),
         # heartbeats are KV puts; the scheduler names the dead letter by the KV key
         (f"$KV.{streams.KV_WORKERS}.fuzz", messages.WorkerInfo, "scheduler"),

@@ -149,14 +149,14 @@ def test_log_lines_carry_the_batch_ids(capsys: pytest.CaptureFixture[str]) -> No
         kind="map", executor="map.x", version="1", fanout="record", params={}, model=None,
         inputs=[],
     )
-    batch = Assignment(
-        batch_id="b1",
-        worker="w1",
-        ops=[
+    batch = Assignment.of(
+        "b1",
+        "w1",
+        [
             ReadyOp(key="k" * 64, spec=op_spec, batch_key="bk", workflow_id="wf-a", tenant="acme"),
             ReadyOp(key="j" * 64, spec=op_spec, batch_key="bk", workflow_id="wf-b", tenant="zed"),
         ],
-        assigned_at=0.0,
+        0.0,
     )
     logs.configure(json=True)
     try:

@@ -446,7 +446,7 @@ async def test_live_scheduler_packs_by_the_model_sizes_workers_announce(nats_url
 
     from flowmesh.engine.scheduler.live import Scheduler
     from flowmesh.topics import Bus, codec, streams, subjects
-    from flowmesh.topics.messages import OpSpec, ReadyOp, WorkerInfo
+    from flowmesh.topics.messages import OpSpec, ReadyOp, WorkerInfo, chunks_of
 
     fleet = fleet_of(
         small={"memory_gb": 24, "price_per_hour": 0.2}, big={"memory_gb": 80, "price_per_hour": 2.0}
@@ -489,7 +489,7 @@ async def test_live_scheduler_packs_by_the_model_sizes_workers_announce(nats_url
             await kv.put(cls, codec.encode(info))
         spec = OpSpec("generate", "generate", "1", "record", {}, digest, ["b" * 64])
         op = ReadyOp(key="k" * 64, spec=spec, batch_key="bk", workflow_id="wf", tenant="t")
-        await bus.publish(subjects.ready("gpu"), op, msg_id=op.key)
+        await bus.publish(subjects.ready("gpu"), chunks_of([op], 1)[0], msg_id=op.key)
         for _ in range(500):
             if got:
                 break

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("flowmesh.bus")
 
 MSG_ID = "Nats-Msg-Id"
+# A KV write stored only if the key's last revision is this one (0: the key must not
+# exist): the compare-and-set nats-py's kv.create/update send, as a plain header.
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code when that check fails
+KV_WRITE_WINDOW = 1024  # compare-and-set writes in flight at once on one connection
 T = TypeVar("T")
 
 # Errors that mean "the server is not reachable right now" (a restart, a lost link),
@@ -72,6 +78,10 @@ class Link:
 
     closing: bool = False
     reconnects: int = 0
+
+
+class KVWriteError(Exception):
+    """The server refused a KV write for another reason than its revision check."""
 
 
 class Bus:
@@ -233,6 +243,46 @@ class Bus:
             await self.kafka.publish_many(encoded)
         elif encoded:
             await self.retrying(f"{len(encoded)} messages", send, retry_s)
+
+    async def kv_write_many(
+        self, bucket: str, writes: list[tuple[str, bytes, int]], timeout: float = 10.0
+    ) -> list[int | None]:
+        """Compare-and-set writes to KV `bucket`, pipelined: each `(key, value, last)` is
+        stored only if the key's last revision is `last` (0: only if it does not exist).
+        Per write, the revision it was stored at, or None when the check failed (another
+        writer got there first). One round trip's wait for the lot, not one per key.
+
+        nats-py's `publish_async` cannot report a failed check (and with 2.16 its
+        future never resolves on one), so each write is a request with its own reply:
+        the server's answer says which writes were refused. A write whose answer was
+        lost (timeout, a nats restart) is sent again; if the first one landed, the
+        repeat fails its check and reads as a conflict, which callers resolve by
+        reading the entry (they must: a conflict may be their own earlier write)."""
+        out: list[int | None] = [None] * len(writes)
+
+        async def one(i: int, key: str, value: bytes, last: int) -> None:
+            subject = f"$KV.{bucket}.{key}"
+            headers = {EXPECTED_LAST_SUBJECT_SEQ: str(last)}
+            msg = await self.retrying(
+                "kv write",
+                lambda: self.nc.request(subject, value, timeout=timeout, headers=headers),
+            )
+            try:
+                reply = json.loads(msg.data)
+            except ValueError as exc:
+                raise KVWriteError(f"{subject}: unreadable reply {msg.data[:200]!r}") from exc
+            error = reply.get("error")
+            if error is None:
+                out[i] = int(reply["seq"])
+            elif error.get("err_code") != WRONG_LAST_SEQUENCE:
+                raise KVWriteError(f"{subject}: {error.get('description', error)}")
+
+        for start in range(0, len(writes), KV_WRITE_WINDOW):
+            part = writes[start : start + KV_WRITE_WINDOW]
+            await asyncio.gather(
+                *(one(start + j, k, v, last) for j, (k, v, last) in enumerate(part))
+            )
+        return out
 
     async def decode_or_dead_letter(
         self, component: str, subject: str, data: bytes, typ: type[T]

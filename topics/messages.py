@@ -81,7 +81,8 @@ class OpSpec(msgspec.Struct, frozen=True):
 
 
 class ReadyOp(msgspec.Struct, frozen=True):
-    """fm.op.ready.<pool>: an operator whose inputs all exist."""
+    """One ready operator as components handle it in memory. On the wire operators
+    travel in chunks (`ReadyChunk`, `Assignment`) that carry their shared spec once."""
 
     key: str
     spec: OpSpec
@@ -92,15 +93,118 @@ class ReadyOp(msgspec.Struct, frozen=True):
     failures: int = 0  # executions of it that failed so far
     # executions that may fail before it is committed `failed`; set by the planner
     max_attempts: int = 3
+    # KV revision of its `pending` entry when it was claimed (0: unknown, read it): the
+    # worker commits with compare-and-set on it without reading the entry first
+    revision: int = 0
+    created_at: float = 0.0  # when that entry was created (0: unknown)
+
+
+class OpItem(msgspec.Struct, frozen=True):
+    """What one operator of a chunk has of its own (the rest is the chunk's spec)."""
+
+    key: str
+    inputs: list[str]
+    workflow_id: str
+    tenant: str
+    revision: int = 0
+    attempt: int = 0
+    failures: int = 0
+    max_attempts: int = 3
+    created_at: float = 0.0
+
+
+def item_of(op: ReadyOp) -> OpItem:
+    return OpItem(
+        op.key,
+        op.spec.inputs,
+        op.workflow_id,
+        op.tenant,
+        op.revision,
+        op.attempt,
+        op.failures,
+        op.max_attempts,
+        op.created_at,
+    )
+
+
+def shared_spec(op: ReadyOp) -> OpSpec:
+    """The part of an operator's spec every operator of its batch key has alike."""
+    return msgspec.structs.replace(op.spec, inputs=[])
+
+
+def ops_of(spec: OpSpec, batch_key: str, items: list[OpItem]) -> list[ReadyOp]:
+    return [
+        ReadyOp(
+            key=it.key,
+            spec=msgspec.structs.replace(spec, inputs=it.inputs),
+            batch_key=batch_key,
+            workflow_id=it.workflow_id,
+            tenant=it.tenant,
+            attempt=it.attempt,
+            failures=it.failures,
+            max_attempts=it.max_attempts,
+            revision=it.revision,
+            created_at=it.created_at,
+        )
+        for it in items
+    ]
+
+
+def chunks_of(ops: list[ReadyOp], size: int, more: bool = False) -> list[ReadyChunk]:
+    """Ready operators as chunks of at most `size`, one batch key per chunk (in order)."""
+    groups: dict[str, list[ReadyOp]] = {}
+    for op in ops:
+        groups.setdefault(op.batch_key, []).append(op)
+    return [
+        ReadyChunk(shared_spec(group[0]), bk, [item_of(op) for op in group[i : i + size]], more)
+        for bk, group in groups.items()
+        for i in range(0, len(group), size)
+    ]
+
+
+class ReadyChunk(msgspec.Struct, frozen=True):
+    """fm.op.ready.<pool>: operators whose inputs all exist, of one batch key: the spec
+    they share once (its `inputs` empty), then each operator's own part."""
+
+    spec: OpSpec
+    batch_key: str
+    items: list[OpItem]
+    # more operators of the same node are still to come (its upstream is running): the
+    # scheduler may let a partial batch of these wait for company
+    more: bool = False
+
+    @property
+    def ops(self) -> list[ReadyOp]:
+        return ops_of(self.spec, self.batch_key, self.items)
 
 
 class Assignment(msgspec.Struct, frozen=True):
-    """fm.assign.<worker>: a batch of compatible operators for one worker."""
+    """fm.assign.<worker>: a batch of compatible operators for one worker; the spec
+    they share travels once."""
 
     batch_id: str
     worker: str
-    ops: list[ReadyOp]
+    spec: OpSpec
+    batch_key: str
+    items: list[OpItem]
     assigned_at: float
+
+    @classmethod
+    def of(cls, batch_id: str, worker: str, ops: list[ReadyOp], assigned_at: float) -> Assignment:
+        if not ops or any(op.batch_key != ops[0].batch_key for op in ops):
+            raise ValueError("an assignment holds operators of one batch key")
+        return cls(
+            batch_id,
+            worker,
+            shared_spec(ops[0]),
+            ops[0].batch_key,
+            [item_of(o) for o in ops],
+            assigned_at,
+        )
+
+    @property
+    def ops(self) -> list[ReadyOp]:
+        return ops_of(self.spec, self.batch_key, self.items)
 
 
 OpStatus = Literal["done", "failed"]
@@ -121,6 +225,14 @@ class OpDone(msgspec.Struct, frozen=True):
     ended_at: float = 0.0
     traceback: str = ""  # where a failed operator's executor raised
     attempts: int = 0
+
+
+class DoneBatch(msgspec.Struct, frozen=True):
+    """fm.op.done: the completions of one batch (or of a part of it, when they would
+    not fit one message), announced together once every one is committed."""
+
+    batch_id: str
+    done: list[OpDone]
 
 
 class OpState(msgspec.Struct, frozen=True):

@@ -31,10 +31,12 @@ from flowmesh.topics.cas import CAS, CASError
 from flowmesh.topics.messages import (
     Assignment,
     CancelWorkflow,
+    DoneBatch,
     OpDone,
     OpState,
     ReadyOp,
     WorkerInfo,
+    chunks_of,
 )
 from flowmesh.topics.operators import KINDS, pool_of
 from flowmesh.topics.settings import env_int
@@ -55,6 +57,9 @@ from flowmesh.workers.models.adapters import store_artifacts
 log = structlog.get_logger("flowmesh.worker")
 
 INLINE_OUTPUTS = 256  # completions list output digests inline up to this many
+# A batch's completions go out as few messages as fit this size each (a failed
+# operator's traceback is up to 4 kB, inline outputs up to 256 digests).
+DONE_MESSAGE_BYTES = 256 * 1024
 # An operator whose worker was lost (killed, crashed, out of memory, reclaimed) while it
 # ran is replayed: that is preemption, not its fault. But a record that crashes every
 # process that runs it would take the fleet down one worker at a time, forever. After
@@ -102,9 +107,9 @@ class Prepared:
     error: OpError | None = None
     inputs: list[OpInput] = field(default_factory=list)
     model: Any = None
-    # failed operators with attempts left: (ready subject, op, msg id), republished
-    # instead of committed
-    retries: list[tuple[str, ReadyOp, str]] = field(default_factory=list)
+    # failed operators with attempts left (or split off to run alone), republished as
+    # ready instead of committed: (op, msg id part)
+    retries: list[tuple[ReadyOp, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -388,14 +393,24 @@ class Worker:
         keeper = asyncio.create_task(self._keep_claimed(msg))
         prepared = Prepared(msg=msg, batch=batch, keeper=keeper)
         try:
-            # concurrently: one round trip's wait for the batch, not one per operator
+            ops = batch.ops
+            # an operator whose claim revision came with it is not read first: its
+            # commit is a compare-and-set on that revision, which finds out the same
+            # (a replay of a committed one then runs again and loses its commit);
+            # the others are read concurrently, one round trip's wait for the batch
+            unknown = [op for op in ops if not op.revision]
             states = await asyncio.gather(
                 *(
                     self.bus.retrying("read op state", functools.partial(self._state, op.key))
-                    for op in batch.ops
+                    for op in unknown
                 )
             )
-            for op, (state, revision) in zip(batch.ops, states, strict=True):
+            read = dict(zip((op.key for op in unknown), states, strict=True))
+            for op in ops:
+                if op.key not in read:
+                    prepared.todo.append(Todo(op, op.revision, None))
+                    continue
+                state, revision = read[op.key]
                 if state is not None and state.state != "pending":
                     prepared.done.append(state.to_done())  # committed by an earlier attempt
                 else:
@@ -441,8 +456,7 @@ class Worker:
             # Retries go out before the ack too: a kill in between replays the batch,
             # and the retry's msg id makes its second publish a duplicate.
             await self.bus.publish_many(
-                [(subjects.DONE, d, f"done-{d.key}-{d.ended_at:.6f}") for d in p.done]
-                + [(subject, op, msg_id) for subject, op, msg_id in p.retries]
+                done_messages(p.batch.batch_id, p.done) + ready_messages(p.retries)
             )
         except Exception as exc:
             # infrastructure trouble: leave the assignment unacked so it is redelivered;
@@ -475,9 +489,7 @@ class Worker:
             p.todo = [t for t in p.todo if losses(t.op) < self.max_reclaims]
             now = time.time()
             p.done.extend(
-                await asyncio.gather(
-                    *(self._commit_final(t, self._lost_error(t), now, now, 0.0, 1) for t in lost)
-                )
+                await self._commit_all([(t, self._lost_error(t), now, now, 0.0, 1) for t in lost])
             )
         dropped = [t for t in p.todo if t.op.workflow_id in self.cancelled]
         if dropped:
@@ -485,9 +497,7 @@ class Worker:
             p.todo = [t for t in p.todo if t.op.workflow_id not in self.cancelled]
             now = time.time()
             p.done.extend(
-                await asyncio.gather(
-                    *(self._commit_final(t, OpError(CANCELLED), now, now, 0.0, 1) for t in dropped)
-                )
+                await self._commit_all([(t, OpError(CANCELLED), now, now, 0.0, 1) for t in dropped])
             )
         if not p.todo:
             return []
@@ -505,28 +515,15 @@ class Worker:
             return []
         return await self._execute_batch(p)
 
-    def _alone(self, t: Todo) -> tuple[str, ReadyOp, str]:
+    def _alone(self, t: Todo) -> tuple[ReadyOp, str]:
         op = t.op
         alone = msgspec.structs.replace(op, batch_key=f"{op.batch_key}|alone|{op.key}")
-        return (
-            subjects.ready(pool_of(op.spec.kind)),
-            alone,
-            f"alone-{op.key}-{t.revision}-{op.attempt}",
-        )
+        return alone, f"alone-{op.key}-{t.revision}-{op.attempt}"
 
     def _lost_error(self, t: Todo) -> OpError:
         return OpError(
             f"its worker was lost {losses(t.op)} times while running it (killed, crashed or "
             f"out of memory; $FLOWMESH_MAX_RECLAIMS={self.max_reclaims}): not run again"
-        )
-
-    def _commit_final(
-        self, t: Todo, outcome: Outcome, started: float, ended: float, share: float, size: int
-    ) -> Any:
-        # the CAS write is safe to repeat through a nats restart: a repeat of a commit
-        # that landed finds it and returns it
-        return self.bus.retrying(
-            "commit", functools.partial(self._commit, t, outcome, started, ended, share, size)
         )
 
     async def _execute_batch(self, p: Prepared) -> list[OpDone]:
@@ -577,12 +574,10 @@ class Worker:
             ):
                 p.retries.append(self._retry(t, outcome))
                 continue
-            commits.append(self._commit_final(t, outcome, started, ended, share, len(todo)))
-        # concurrently: each commit is its own compare-and-set on its own key, so their
-        # order does not matter, and a batch of 256 waits one round trip, not 256
-        return list(await asyncio.gather(*commits))
+            commits.append((t, outcome, started, ended, share, len(todo)))
+        return await self._commit_all(commits)
 
-    def _retry(self, t: Todo, error: OpError) -> tuple[str, ReadyOp, str]:
+    def _retry(self, t: Todo, error: OpError) -> tuple[ReadyOp, str]:
         """A failure with attempts left is not committed: the operator goes back to the
         ready queue (the scheduler may give it to another worker). Only the last
         failure commits, so `failed` is still one compare-and-set."""
@@ -595,11 +590,7 @@ class Worker:
             max_attempts=op.max_attempts,
             error=str(error)[:300],
         )
-        return (
-            subjects.ready(pool_of(op.spec.kind)),
-            op,
-            f"retry-{op.key}-{t.revision}-{op.failures}",
-        )
+        return op, f"retry-{op.key}-{t.revision}-{op.failures}"
 
     async def _inputs(self, op: ReadyOp) -> OpInput:
         try:
@@ -623,10 +614,58 @@ class Worker:
             return None, entry.revision or 0
         return codec.decode(entry.value, OpState), entry.revision or 0
 
-    async def _commit(
+    async def _commit_all(
+        self, commits: list[tuple[Todo, Outcome, float, float, float, int]]
+    ) -> list[OpDone]:
+        """Commit each operator once: its result in the CAS, then a compare-and-set of
+        its KV entry from `pending`. The writes go out pipelined (each its own check on
+        its own key, so order does not matter): a batch of 256 waits one round trip,
+        not 256. A refused write means someone else wrote the entry: read, and either
+        theirs stands (final) or the entry was claimed again (commit on that)."""
+        if not commits:
+            return []
+        states = await asyncio.gather(*(self._final_state(*c) for c in commits))
+        written = await self.bus.kv_write_many(
+            streams.KV_OPS,
+            [
+                (c[0].op.key, codec.encode(st), c[0].revision)
+                for c, st in zip(commits, states, strict=True)
+            ],
+        )
+        out: list[OpDone] = []
+        for st, rev in zip(states, written, strict=True):
+            if rev is None:
+                out.append(await self.bus.retrying("commit", functools.partial(self._settle, st)))
+            else:
+                metrics.op_committed(st)  # only a commit that won is counted (and charged)
+                out.append(st.to_done())
+        return out
+
+    async def _settle(self, state: OpState) -> OpDone:
+        """A commit whose compare-and-set was refused: what the entry says now decides."""
+        for _ in range(8):
+            current, revision = await self._state(state.key)
+            if current is not None and current.state != "pending":
+                # someone committed first (a replay raced us): theirs stands
+                if current.worker != self.id or current.ended_at != state.ended_at:
+                    log.info("commit lost to an earlier one", worker=self.id, key=state.key[:12])
+                return current.to_done()
+            try:
+                if current is not None:
+                    # claimed again since (an invalidation): same key, same work
+                    await self.kv_ops.update(state.key, codec.encode(state), last=revision)
+                else:
+                    await self.kv_ops.create(state.key, codec.encode(state))
+            except KeyWrongLastSequenceError:
+                continue
+            metrics.op_committed(state)
+            return state.to_done()
+        raise RuntimeError(f"operator {state.key[:12]}: its KV entry keeps changing")
+
+    async def _final_state(
         self, t: Todo, outcome: Outcome, started: float, ended: float, share: float, size: int
-    ) -> OpDone:
-        op, revision = t.op, t.revision
+    ) -> OpState:
+        op = t.op
         tb = ""
         if isinstance(outcome, OpError):
             status, error, digests = "failed", str(outcome), []
@@ -637,16 +676,19 @@ class Worker:
             # stored first; the record keeps its digest in that field
             records = [await store_artifacts(self.cas, r) for r in outcome]
             digests = [await self.cas.put_record(r) for r in records]
-        manifest = await self.cas.put_manifest(digests) if status == "done" else None
-        state = OpState(
+        # a manifest only when the digests are too many to travel inline
+        inline = len(digests) <= INLINE_OUTPUTS
+        manifest = await self.cas.put_manifest(digests) if status == "done" and not inline else None
+        created = t.pending.created_at if t.pending else (op.created_at or started)
+        return OpState(
             key=op.key,
             state=status,  # type: ignore[arg-type]
             spec=op.spec,
             workflow_id=op.workflow_id,
             tenant=op.tenant,
-            created_at=t.pending.created_at if t.pending else started,
+            created_at=created,
             output=manifest,
-            outputs=digests if len(digests) <= INLINE_OUTPUTS else None,
+            outputs=digests if inline else None,
             n_outputs=len(digests),
             error=error,
             worker=self.id,
@@ -662,21 +704,41 @@ class Worker:
             energy_j=share * self.config.watts,
             traceback=tb,
         )
-        try:
-            if revision:
-                await self.kv_ops.update(op.key, codec.encode(state), last=revision)
-            else:
-                await self.kv_ops.create(op.key, codec.encode(state))
-        except KeyWrongLastSequenceError:
-            # someone committed first (a replay raced us): theirs stands, ours is dropped
-            current, _ = await self._state(op.key)
-            if current is not None and current.state != "pending":
-                if current.worker != self.id or current.ended_at != ended:
-                    log.info("commit lost to an earlier one", worker=self.id, key=op.key[:12])
-                return current.to_done()
-            raise
-        metrics.op_committed(state)  # only a commit that won is counted (and charged)
-        return state.to_done()
+
+
+def done_messages(batch_id: str, done: list[OpDone]) -> list[tuple[str, Any, str | None]]:
+    """A batch's completions as few fm.op.done messages as fit DONE_MESSAGE_BYTES each.
+    The message id covers the commits it announces (their keys and end times): a
+    replay of the same announcement is a duplicate, a later commit of a key is not."""
+    out: list[tuple[str, Any, str | None]] = []
+    part: list[OpDone] = []
+    size = 0
+    for d in done:
+        n = len(codec.encode(d))
+        if part and size + n > DONE_MESSAGE_BYTES:
+            out.append(_done_message(batch_id, part))
+            part, size = [], 0
+        part.append(d)
+        size += n
+    if part:
+        out.append(_done_message(batch_id, part))
+    return out
+
+
+def _done_message(batch_id: str, part: list[OpDone]) -> tuple[str, DoneBatch, str]:
+    ident = codec.digest_of([[d.key, f"{d.ended_at:.6f}"] for d in part])
+    return subjects.DONE, DoneBatch(batch_id, part), f"done-{ident}"
+
+
+def ready_messages(ops: list[tuple[ReadyOp, str]]) -> list[tuple[str, Any, str | None]]:
+    """Operators back to the ready pool: one chunk per batch key (an isolated one has
+    a key of its own), with an id made of theirs so a replay is a duplicate."""
+    ids = dict((op.key, msg_id) for op, msg_id in ops)
+    out: list[tuple[str, Any, str | None]] = []
+    for chunk in chunks_of([op for op, _ in ops], 256):
+        ident = codec.digest_of([ids[it.key] for it in chunk.items])
+        out.append((subjects.ready(pool_of(chunk.spec.kind)), chunk, f"ready-{ident}"))
+    return out
 
 
 def _batch_error(exc: Exception) -> OpError:

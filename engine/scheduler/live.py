@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import time
 import uuid
 from collections import Counter
@@ -36,13 +37,14 @@ from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
 from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from flowmesh.engine.supervise import guarded
 from flowmesh.topics import Bus, streams, subjects
-from flowmesh.topics.messages import Assignment, ReadyOp, WorkerInfo
+from flowmesh.topics.messages import Assignment, ReadyChunk, ReadyOp, WorkerInfo, chunks_of
 from flowmesh.topics.operators import pool_of
 from flowmesh.topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.scheduler")
 
 NO_MESSAGE_FOUND = 10057  # JetStream's answer to deleting a message already gone
+FETCH_CHUNKS = 64  # ready chunks per fetch (each up to 256 operators)
 
 
 @dataclass
@@ -52,11 +54,40 @@ class WorkerView:
 
 
 @dataclass
+class Carrier:
+    """A ready chunk's message: acked once every operator it carried is assigned."""
+
+    msg: Any  # the delivery (nats Msg, Kafka or faust delivery)
+    left: int  # its operators not yet assigned
+    touched: float  # monotonic, last in-progress ack
+
+
+@dataclass
 class Held:
     op: ReadyOp
-    msg: Any  # nats Msg, acked once the op is assigned
+    carrier: Carrier
     ready_at: float  # wall clock, for aging
-    touched: float  # monotonic, last in-progress ack
+    more: bool = False  # the planner said more operators of its node are on the way
+
+
+# How fast the arrival-rate estimate of a batch key forgets (seconds).
+RATE_TAU_S = 2.0
+
+
+@dataclass
+class Arrivals:
+    """The observed arrival rate of one batch key: an exponentially decaying count of
+    its operators, over RATE_TAU_S (operators per second)."""
+
+    count: float = 0.0
+    at: float = 0.0  # monotonic, last update
+
+    def add(self, n: int, now: float) -> None:
+        self.count = self.count * math.exp(-(now - self.at) / RATE_TAU_S) + n
+        self.at = now
+
+    def rate(self, now: float) -> float:
+        return self.count * math.exp(-(now - self.at) / RATE_TAU_S) / RATE_TAU_S
 
 
 class Scheduler:
@@ -83,7 +114,9 @@ class Scheduler:
         # the size of a model no worker has announced (WorkerInfo.model_gb)
         self.model_gb = model_gb
         self.workers: dict[str, WorkerView] = {}
-        self.pool: dict[str, Held] = {}  # operator key -> held ready message
+        self.pool: dict[str, Held] = {}  # operator key -> held ready operator
+        self.carriers: dict[int, Carrier] = {}  # id -> chunk messages not yet acked
+        self.arrivals: dict[str, Arrivals] = {}  # batch key -> its arrival rate
         self._warned: set[str] = set()
         self.started = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
@@ -109,6 +142,7 @@ class Scheduler:
             asyncio.create_task(
                 guarded("scheduler", "schedule", self._schedule_loop, self._stopping)
             ),
+            asyncio.create_task(guarded("scheduler", "intake", self._intake_loop, self._stopping)),
             asyncio.create_task(
                 guarded("scheduler", "liveness", self._liveness_loop, self._stopping)
             ),
@@ -303,17 +337,14 @@ class Scheduler:
         workers use to isolate and finally stop a record that kills every process that
         runs it); batches queued behind it never started and count nothing."""
         lost = running is None or running == batch.batch_id
+        ops = batch.ops
+        if lost:
+            ops = [msgspec.structs.replace(op, attempt=op.attempt + 1) for op in ops]
+        subject = subjects.ready(pool_of(batch.spec.kind))
         await self.bus.publish_many(
-            [
-                (
-                    subjects.ready(pool_of(op.spec.kind)),
-                    msgspec.structs.replace(op, attempt=op.attempt + 1) if lost else op,
-                    f"ready-{op.key}-{uuid.uuid4().hex[:8]}",
-                )
-                for op in batch.ops
-            ]
+            [(subject, c, f"ready-{uuid.uuid4().hex}") for c in chunks_of(ops, len(ops))]
         )
-        return len(batch.ops)
+        return len(ops)
 
     async def _take_back_kafka(self, wid: str, running: str | None) -> int:
         """The same on Kafka: the worker's uncommitted assignments (topics/kafka_bus.py)."""
@@ -339,41 +370,72 @@ class Scheduler:
         )
         return dict(info.state.subjects or {})
 
-    async def _fill_pool(self) -> int:
+    async def _fill_pool(self, timeout: float = 0.05) -> int:
         if self.held >= self.pool_limit:
             return 0
         try:
-            msgs = await self.psub.fetch(min(1000, self.pool_limit - self.held), timeout=0.05)
+            msgs = await self.psub.fetch(FETCH_CHUNKS, timeout=timeout)
         except TimeoutError:
             return 0
         now, wall = time.monotonic(), time.time()
         for msg in msgs:
-            if len(msg.data) > streams.MAX_MESSAGE_BYTES:
-                await self.bus.dead_letter("scheduler", msg.subject, "message too large", msg.data)
-                await msg.term()
+            chunk = await self.bus.decode_or_dead_letter(
+                "scheduler", msg.subject, msg.data, ReadyChunk
+            )
+            if chunk is None or not chunk.items:
+                if chunk is None:
+                    await msg.term()
+                else:
+                    await msg.ack()
                 continue
-            op = await self.bus.decode_or_dead_letter("scheduler", msg.subject, msg.data, ReadyOp)
-            if op is None:
-                await msg.term()
-                continue
-            if op.key in self.pool:
-                await msg.ack()  # the same operator twice (a replay): run it once
-                continue
-            self.pool[op.key] = Held(op, msg, wall, now)
+            carrier = Carrier(msg, 0, now)
+            for op in chunk.ops:
+                if op.key in self.pool:
+                    continue  # the same operator twice (a replay): run it once
+                self.pool[op.key] = Held(op, carrier, wall, chunk.more)
+                carrier.left += 1
+            if carrier.left:
+                self.carriers[id(carrier)] = carrier
+                self.arrivals.setdefault(chunk.batch_key, Arrivals()).add(carrier.left, now)
+            else:
+                await msg.ack()
+        if msgs:
+            self._wake.set()
         return len(msgs)
+
+    async def _intake_loop(self) -> None:
+        """Ready chunks in as soon as they arrive (a fetch returns on the first), so an
+        operator on an idle fabric is scheduled at once, not at the next tick."""
+        while not self._stopping.is_set():
+            if self.held >= self.pool_limit:
+                await asyncio.sleep(self.tick_s)
+                continue
+            await self._fill_pool(timeout=1.0)
 
     async def _schedule_loop(self) -> None:
         while not self._stopping.is_set():
-            fetched = await self._fill_pool()
+            self._wake.clear()
             assigned = await self.assign_once() if self.held else 0
             await self._keep_alive()
             if metrics.due("scheduler", 0.5):
                 metrics.ready_depth(Counter(h.op.spec.kind for h in self.pool.values()))
                 metrics.live_workers(Counter(w.info.device_class for w in self.live_workers()))
-            if not fetched and not assigned:
-                self._wake.clear()
+            if not assigned:
+                # woken by new ready work or a worker's heartbeat; the timeout re-scores
+                # lingering groups
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s * 5)
+
+    def _lingers(self, batch_key: str, group: list[Held], now: float) -> bool:
+        """Whether a partial group of this batch key may wait for company: only when
+        waiting can grow it, that is when the planner said more of its node are on the
+        way and the key's observed arrival rate expects at least one more within the
+        linger window. Never for a lone chain of operators on an idle fabric."""
+        linger = self.config.linger_s
+        if linger <= 0 or not any(h.more for h in group):
+            return False
+        arrivals = self.arrivals.get(batch_key)
+        return arrivals is not None and arrivals.rate(now) * linger >= 1.0
 
     async def assign_once(self) -> int:
         """One policy round over the pool and the workers with free slots."""
@@ -407,6 +469,14 @@ class Scheduler:
                     busy_until=self._busy_until.get(info.worker) if not free else None,
                 )
             )
+        groups: dict[str, list[Held]] = {}
+        for h in self.pool.values():
+            groups.setdefault(h.op.batch_key, []).append(h)
+        mono = time.monotonic()
+        # a group that waiting cannot grow is shown to the policy as old enough not to
+        # linger (its linger rule is by age); the shift is linger_s, which moves the
+        # aging term by linger_s / aging_scale_s at most
+        no_linger = now - self.config.linger_s
         items = [
             ReadyItem(
                 key=h.op.key,
@@ -418,9 +488,11 @@ class Scheduler:
                 input_bytes=0,
                 tenant=h.op.tenant,
                 workflow_id=h.op.workflow_id,
-                ready_at=h.ready_at,
+                ready_at=h.ready_at if lingers else min(h.ready_at, no_linger),
             )
-            for h in self.pool.values()
+            for bk, group in groups.items()
+            for lingers in (self._lingers(bk, group, mono),)
+            for h in group
         ]
         decisions = self.policy.decide(items, states, now=now, fair=self.fair)
         self._warn_unschedulable(items)
@@ -469,24 +541,24 @@ class Scheduler:
         self.policy = Policy(self.fleet, self.config, self.estimator)
 
     async def _send(self, worker: WorkerInfo, batch: list[Held]) -> None:
-        assignment = Assignment(
-            batch_id=uuid.uuid4().hex,
-            worker=worker.worker,
-            ops=[h.op for h in batch],
-            assigned_at=time.time(),
+        assignment = Assignment.of(
+            uuid.uuid4().hex, worker.worker, [h.op for h in batch], time.time()
         )
         await self.bus.publish(
             subjects.assign(worker.worker), assignment, msg_id=assignment.batch_id
         )
         for h in batch:
-            await h.msg.ack()
+            h.carrier.left -= 1
+            if h.carrier.left == 0:
+                self.carriers.pop(id(h.carrier), None)
+                await h.carrier.msg.ack()
         self.assigned_batches += 1
 
     async def _keep_alive(self) -> None:
-        """Operators waiting for a worker keep their ready message claimed."""
+        """Chunks with operators waiting for a worker keep their message claimed."""
         now = time.monotonic()
         limit = streams.READY_ACK_WAIT_S / 3
-        for held in self.pool.values():
-            if now - held.touched > limit:
-                held.touched = now
-                await held.msg.in_progress()
+        for carrier in self.carriers.values():
+            if now - carrier.touched > limit:
+                carrier.touched = now
+                await carrier.msg.in_progress()
