@@ -21,6 +21,7 @@ engine/ never imports workers/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Iterable
@@ -35,7 +36,7 @@ from nats.js.kv import KeyValue
 from flowmesh.engine.cli_options import _cas, _run, cas_option, data_option, nats_option
 from flowmesh.topics import Bus, codec, streams
 from flowmesh.topics.cas import CAS, CASError
-from flowmesh.topics.codec import is_digest
+from flowmesh.topics.codec import digest_of, is_digest
 from flowmesh.topics.messages import OpState, WorkflowStatus
 
 # The error code nats-server answers a compare-and-set (or delete) with when the entry's
@@ -271,6 +272,9 @@ class _Marker:
         self.report = report
         self.live: set[str] = set()
         self.absent: dict[str, str] = {}  # live digests not in `present` -> a referrer
+        # records of source tables: the planner does not store them one by one when only
+        # record operators read them (they read the row from the table)
+        self.table_rows: set[str] = set()
         self._lists: dict[str, list[str] | None] = {}
         self._sem = asyncio.Semaphore(_READ_CONCURRENCY)
 
@@ -376,7 +380,9 @@ class _Marker:
         for name, m in wf.datasets.items():
             await self.manifest(m, f"{where} dataset {name}")
         for name, t in wf.tables.items():
-            self.mark(t, f"{where} table {name}")
+            if self.mark(t, f"{where} table {name}") and self.present is not None:
+                with contextlib.suppress(CASError):
+                    self.table_rows.update(digest_of(r) for r in await self.cas.get_table(t))
 
 
 async def live_set(bus: Bus, cas: CAS) -> set[str]:
@@ -441,6 +447,8 @@ async def gc(
     report.live = len(live)
     # what looked missing may have been written after the listing: look again
     for digest, where in marker.absent.items():
+        if digest in marker.table_rows:
+            continue  # a row of a table that is there
         if digest in listed or not await _exists(cas, digest):
             report.missing[digest] = where
     for key in dangling:

@@ -81,6 +81,10 @@ def max_attempts_from_env() -> int:
     return env_int("FLOWMESH_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, 1)
 
 
+def _digests_of(records: list[dict[str, Any]]) -> list[str]:
+    return [codec.digest_of(r) for r in records]
+
+
 def _chunk_id(chunk: ReadyChunk) -> str:
     """The message id of a ready chunk: the same operators at the same revisions (a
     replayed submission) are dropped by the server as a duplicate."""
@@ -109,6 +113,8 @@ class NodeRun:
     # operators waiting for the node that trains this node's adapter
     deferred: list[tuple[Pos, list[str]]] = field(default_factory=list)
     adapter_digest: str | None = None
+    # a source dataset whose records are read from its table, not stored one by one
+    table: str | None = None
 
 
 @dataclass
@@ -396,20 +402,35 @@ class Planner:
                 if ds.digest is None:
                     raise CASError("dataset was not uploaded (no digest)")
                 records = await self.cas.get_table(ds.digest)
-                digests = await self.cas.put_records(records)  # off the event loop
+                node = run.nodes[name]
+                if self._whole_readers(run, name):
+                    # an operator reads the whole dataset: its records as blobs
+                    digests = await self.cas.put_records(records)  # off the event loop
+                else:
+                    # only record operators read it: each reads its row from the table
+                    # (table digest, row), so the data is not stored a second time, one
+                    # blob per record; their keys still cover each record's content
+                    digests = await asyncio.to_thread(_digests_of, records)
+                    node.table = ds.digest
                 # the manifest first: the status names the source data even if the run
                 # fails while it fans out
                 manifest = await self.cas.put_manifest(digests)
             except CASError as exc:  # a full disk too: the workflow fails, and says so
                 await self._fail(run, f"dataset {name!r}: {exc}")
                 return
-            node = run.nodes[name]
             node.manifest = manifest
             for i, d in enumerate(digests):
                 node.outputs[(i,)] = [d]
             node.upstream_complete = True
             await self._fan_out(run, name, [((i,), [d]) for i, d in enumerate(digests)])
             await self._maybe_complete(run, name)
+
+    @staticmethod
+    def _whole_readers(run: WorkflowRun, name: str) -> bool:
+        return any(
+            (k := run.nodes[c].kind) is not None and k.fanout == "all"
+            for c in run.nodes[name].downstream
+        )
 
     def _new_run(self, sub: SubmitWorkflow, order: list[str]) -> WorkflowRun:
         spec = sub.spec
@@ -501,9 +522,12 @@ class Planner:
             await self._fail(run, f"node {name!r}: {exc}")
             return
         nondet = base.version.endswith(NONDETERMINISTIC)
+        # a record operator over a source read from its table: slot (i, 0) is row i
+        table = run.nodes[node.inputs[0]].table if node.kind.fanout == "record" else None
         bkey = keys.batch_key(base)
         now = time.time()
         wave: list[tuple[str, OpSpec, OpState, bool]] = []
+        rows: dict[str, int] = {}
         for pos, inputs in starts:
             op = msgspec.structs.replace(base, inputs=inputs)
             salt = run.salt
@@ -513,6 +537,8 @@ class Planner:
                 salt = f"{salt}|nondet:{run.wf_id}:{name}:{'.'.join(map(str, pos))}"
             key = keys.op_key(op, salt)
             node.keys[pos] = key
+            if table is not None:
+                rows[key] = pos[0]
             in_flight_here = bool(self.waiters.get(key))
             self.waiters.setdefault(key, []).append(Waiter(run, name, pos))
             state = OpState(
@@ -563,6 +589,8 @@ class Planner:
                     max_attempts=self.max_attempts,
                     revision=revision,
                     created_at=existing.created_at if existing is not None else state.created_at,
+                    table=table,
+                    row=rows.get(key, -1),
                 )
             )
         if ready:
@@ -745,6 +773,11 @@ class Planner:
         if not got:
             return
         outputs = await asyncio.gather(*(self._outputs_of(done) for done, _ in got))
+        # successes first: a wave that also fails the workflow still counts what it
+        # completed (the status says how far the workflow got)
+        order = sorted(range(len(got)), key=lambda i: outputs[i][0].status == "failed")
+        got = [got[i] for i in order]
+        outputs = [outputs[i] for i in order]
         new: dict[tuple[str, str], tuple[WorkflowRun, list[tuple[Pos, list[str]]]]] = {}
         for (done, waiters), (status_done, outs) in zip(got, outputs, strict=True):
             for w in waiters:

@@ -6,6 +6,7 @@ loadgen bench-sim [--gpus 1000 --operators 1000000]
 loadgen run --workload configs/workloads/real-8tenants.yaml [--modes fabric,isolated,ray]
 loadgen overhead [--ops 20000]
 loadgen large [--records 92651]
+loadgen latency [--stages 10 --runs 20]
 """
 
 from __future__ import annotations
@@ -319,6 +320,7 @@ def bench_sim_cmd(
 main.add_command(real_commands.run_cmd)
 main.add_command(real_commands.overhead_cmd)
 main.add_command(large_cmd)
+main.add_command(real_commands.latency_cmd)
 
 
 if __name__ == "__main__":

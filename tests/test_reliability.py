@@ -174,14 +174,19 @@ async def test_a_record_that_kills_its_worker_is_isolated_then_failed_others_una
             keeper.cancel()
         assert await fm.result(good_wf, "m") == upper(steady)
         status = failed.value.status
-        assert status.nodes["m"].done == 7 and status.nodes["m"].failed == 1
+        # the workflow fails when the record does; an innocent one re-queued behind it
+        # on the worker it killed may still be running then
+        assert status.nodes["m"].failed == 1 and 6 <= status.nodes["m"].done <= 7
         failure = status.failure
         assert failure is not None and "worker was lost 3 times" in failure.error
-        entries = await op_entries(fm)
-        # the seven innocent records of the crashing batch were committed, once each
-        assert sorted(st.state for _, st in entries.values() if st.workflow_id == bad_wf) == [
-            "done"
-        ] * 7 + ["failed"]
+        # the seven innocent records of the crashing batch are committed, once each
+        for _ in range(100):
+            entries = await op_entries(fm)
+            states = sorted(st.state for _, st in entries.values() if st.workflow_id == bad_wf)
+            if "pending" not in states:
+                break
+            await asyncio.sleep(0.2)
+        assert states == ["done"] * 7 + ["failed"]
         # the whole batch twice, then the record alone once; then it is not run again
         assert len(crashed) == 3
 

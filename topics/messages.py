@@ -97,6 +97,10 @@ class ReadyOp(msgspec.Struct, frozen=True):
     # worker commits with compare-and-set on it without reading the entry first
     revision: int = 0
     created_at: float = 0.0  # when that entry was created (0: unknown)
+    # its one input is row `row` of the source table `table` (an Arrow table in the
+    # CAS), not a stored record: the worker reads the row and checks its digest
+    table: str | None = None
+    row: int = -1
 
 
 class OpItem(msgspec.Struct, frozen=True):
@@ -111,6 +115,8 @@ class OpItem(msgspec.Struct, frozen=True):
     failures: int = 0
     max_attempts: int = 3
     created_at: float = 0.0
+    table: str | None = None
+    row: int = -1
 
 
 def item_of(op: ReadyOp) -> OpItem:
@@ -124,6 +130,8 @@ def item_of(op: ReadyOp) -> OpItem:
         op.failures,
         op.max_attempts,
         op.created_at,
+        op.table,
+        op.row,
     )
 
 
@@ -145,6 +153,8 @@ def ops_of(spec: OpSpec, batch_key: str, items: list[OpItem]) -> list[ReadyOp]:
             max_attempts=it.max_attempts,
             revision=it.revision,
             created_at=it.created_at,
+            table=it.table,
+            row=it.row,
         )
         for it in items
     ]

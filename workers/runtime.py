@@ -60,6 +60,7 @@ INLINE_OUTPUTS = 256  # completions list output digests inline up to this many
 # A batch's completions go out as few messages as fit this size each (a failed
 # operator's traceback is up to 4 kB, inline outputs up to 256 digests).
 DONE_MESSAGE_BYTES = 256 * 1024
+TABLES_KEPT = 4  # source tables a worker keeps decoded for the rows it reads
 # An operator whose worker was lost (killed, crashed, out of memory, reclaimed) while it
 # ran is replayed: that is preemption, not its fault. But a record that crashes every
 # process that runs it would take the fleet down one worker at a time, forever. After
@@ -149,6 +150,7 @@ class Worker:
         self._running: list[Todo] = []  # its operators
         # workflows cancelled lately (fm.wf.cancel): their queued operators are not run
         self.cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._tables: dict[str, list[dict[str, Any]]] = {}  # source tables, oldest first
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # False while we have no assignment consumer: no heartbeats then, so the
@@ -594,7 +596,9 @@ class Worker:
 
     async def _inputs(self, op: ReadyOp) -> OpInput:
         try:
-            if op.spec.fanout == "record":
+            if op.table is not None:
+                slots = [[await self._source_row(op.table, op.row, op.spec.inputs[0])]]
+            elif op.spec.fanout == "record":
                 slots = [[await self.cas.get_record(d)] for d in op.spec.inputs]
             else:
                 slots = [
@@ -604,6 +608,22 @@ class Worker:
         except CASError as exc:
             raise RuntimeError(f"inputs of {op.key[:12]} unreadable: {exc}") from exc
         return OpInput(key=op.key, params=op.spec.params, inputs=slots)
+
+    async def _source_row(self, table: str, row: int, digest: str) -> dict[str, Any]:
+        """Row `row` of a source table, checked against the record digest its operator
+        key covers (a table is read once and kept for the operators after it)."""
+        records = self._tables.get(table)
+        if records is None:
+            records = await self.cas.get_table(table)
+            self._tables[table] = records
+            while len(self._tables) > TABLES_KEPT:
+                self._tables.pop(next(iter(self._tables)))
+        if not 0 <= row < len(records):
+            raise CASError(f"table {table[:12]} has no row {row}")
+        record = records[row]
+        if codec.digest_of(record) != digest:
+            raise CASError(f"row {row} of table {table[:12]} is not record {digest[:12]}")
+        return record
 
     async def _state(self, key: str) -> tuple[OpState | None, int]:
         try:

@@ -2,6 +2,7 @@
 
 loadgen run --workload configs/workloads/real-8tenants.yaml --modes fabric,isolated,ray
 loadgen overhead --ops 20000
+loadgen latency --stages 10 --runs 20
 """
 
 from __future__ import annotations
@@ -204,4 +205,39 @@ def overhead_cmd(
         written += [png] if png else []
     console.print(overhead_markdown(r))
     console.print(json.dumps({k: v for k, v in s.items() if k.endswith("_per_s")}))
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@click.command("latency")
+@click.option("--stages", type=int, default=10, show_default=True)
+@click.option("--runs", type=int, default=20, show_default=True, help="chains, one after another")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--no-ray", is_flag=True, help="skip the Ray measurement")
+@click.option("--out", "out_dir", type=click.Path(), default=None, help="[.flowmesh/latency]")
+def latency_cmd(stages: int, runs: int, workers: int, no_ray: bool, out_dir: str | None) -> None:
+    """Per-stage latency of a one-record chain of map nodes on an idle fabric, and on Ray."""
+    from flowmesh.loadgen.real.latency import latency_markdown, run_latency
+    from flowmesh.loadgen.real.report import write_json
+
+    if stages < 1 or runs < 1 or workers < 1:
+        raise click.BadParameter("--stages, --runs and --workers must be at least 1")
+    _env()
+    out = Path(out_dir) if out_dir else Path(".flowmesh") / "latency"
+    shutil.rmtree(out / "fabric", ignore_errors=True)
+    with _bar("chains") as bar:
+        task = bar.add_task("latency", total=runs)
+        r = asyncio.run(
+            run_latency(
+                stages,
+                runs,
+                out,
+                workers,
+                with_ray=not no_ray,
+                progress=lambda _, d, t: bar.update(task, completed=d, total=t),
+            )
+        )
+    written = [write_json(out / "latency.json", r.summary())]
+    (out / "latency.md").write_text(latency_markdown(r))
+    written.append(out / "latency.md")
+    console.print(latency_markdown(r))
     console.print("wrote " + ", ".join(str(p) for p in written))

@@ -12,14 +12,21 @@ Three measurements in one run, on one nats-server:
 
 With `--profile DIR` the engine and worker processes run under pyinstrument and leave
 a text profile each in DIR (written when they stop).
+
+The server's own statistics are read before and after the fabric's run (its monitoring
+endpoint: /varz messages in and out, /jsz JetStream API requests; each stream's last
+sequence: the messages and KV writes it stored), so the per-operator cost of the
+protocol is counted by the bus, not by the fabric's code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,8 @@ class OverheadResult:
     ray_s: float | None = None
     fabric_accept_s: float = 0.0  # submit -> the planner's first status
     notes: list[str] = field(default_factory=list)
+    # the server's counters over the fabric's run, per operator (ServerStats.per_op)
+    server_per_op: dict[str, float] = field(default_factory=dict)
 
     def rate(self, seconds: float | None) -> float:
         return self.ops / seconds if seconds else float("nan")
@@ -64,12 +73,69 @@ class OverheadResult:
         }
 
 
+@dataclass
+class ServerStats:
+    """What nats-server counted: messages clients sent it (publishes, requests, acks),
+    messages it sent clients, JetStream API requests, and messages stored per stream
+    (a KV bucket is a stream: one per write)."""
+
+    msgs_in: int
+    msgs_out: int
+    api_requests: int
+    stored: dict[str, int]
+
+    def per_op(self, before: ServerStats, ops: int) -> dict[str, float]:
+        stored = {
+            name: (seq - before.stored.get(name, 0)) / ops for name, seq in self.stored.items()
+        }
+        return {
+            "client_msgs_in": (self.msgs_in - before.msgs_in) / ops,
+            "server_msgs_out": (self.msgs_out - before.msgs_out) / ops,
+            "js_api_requests": (self.api_requests - before.api_requests) / ops,
+            "stored_writes": sum(stored.values()),
+            **{f"stored.{name}": v for name, v in sorted(stored.items()) if v},
+        }
+
+
+def _monitor_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        doc: dict[str, Any] = json.loads(resp.read())
+        return doc
+
+
+async def server_stats(nats_url: str, monitor_url: str) -> ServerStats:
+    varz = await asyncio.to_thread(_monitor_json, f"{monitor_url}/varz")
+    jsz = await asyncio.to_thread(_monitor_json, f"{monitor_url}/jsz")
+    nc = await nats.connect(nats_url, name="loadgen-stats")
+    try:
+        js = nc.jetstream(timeout=10.0)
+        stored = {s.config.name or "": s.state.last_seq for s in await js.streams_info()}
+    finally:
+        await nc.close()
+    api = jsz.get("api") or {}
+    return ServerStats(
+        int(varz.get("in_msgs", 0)),
+        int(varz.get("out_msgs", 0)),
+        int(api.get("total", 0)),
+        stored,
+    )
+
+
 class ProfiledFabric(LocalFabric):
-    """A LocalFabric whose Python processes run under pyinstrument (text profiles)."""
+    """A LocalFabric whose Python processes run under pyinstrument (text profiles), and
+    whose nats-server serves its monitoring endpoint (the protocol's counters)."""
 
     profile_dir: Path | None = None
+    monitor_port: int | None = None
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        if name == "nats-server":
+            self.monitor_port = free_port()
+            argv = [*argv, "-m", str(self.monitor_port)]
         if self.profile_dir is not None and argv[:2] == [sys.executable, "-m"]:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
             out = str(self.profile_dir / f"{name}.txt")
@@ -132,14 +198,18 @@ def noop_spec(n: int) -> WorkflowSpec:
     )
 
 
-async def fabric_noop(fab: LocalFabric, n: int, timeout_s: float) -> tuple[float, float]:
-    """(seconds from submit to completed, seconds from submit to the first status)."""
+async def fabric_noop(
+    fab: ProfiledFabric, n: int, timeout_s: float
+) -> tuple[float, float, dict[str, float]]:
+    """(seconds from submit to completed, seconds from submit to the first status,
+    the server's counters per operator over that time)."""
     async with await FlowMesh.connect(fab.nats_url, fab.cas_url) as fm:
         deadline = time.monotonic() + 300
         while len(await fm.workers()) < fab.workers:
             if time.monotonic() > deadline or not all(fab.alive().values()):
                 raise RuntimeError(f"fabric did not come up; logs in {fab.log_dir}")
             await asyncio.sleep(0.2)
+        before = await server_stats(fab.nats_url, fab.monitor_url)
         accepted: list[float] = []
         t0 = time.perf_counter()
         wf = await fm.submit(noop_spec(n), "overhead-noop")
@@ -152,7 +222,8 @@ async def fabric_noop(fab: LocalFabric, n: int, timeout_s: float) -> tuple[float
         seconds = time.perf_counter() - t0
         if st.state != "completed" or st.nodes["noop"].done != n:
             raise RuntimeError(f"overhead workflow did not complete: {st.state} {st.error}")
-        return seconds, accepted[0] if accepted else seconds
+        after = await server_stats(fab.nats_url, fab.monitor_url)
+        return seconds, accepted[0] if accepted else seconds, after.per_op(before, n)
 
 
 def ray_noop(n: int, workers: int) -> float:
@@ -204,11 +275,12 @@ async def run_overhead(
         fab.start_engine()
         for _ in range(workers):
             fab.start_worker()
-        fabric_s, accept_s = await fabric_noop(fab, n, timeout_s)
+        fabric_s, accept_s, per_op = await fabric_noop(fab, n, timeout_s)
         progress("overhead", 2, steps)
     finally:
         fab.stop()
     result = OverheadResult(n, workers, payload_bytes, raw_s, fabric_s, fabric_accept_s=accept_s)
+    result.server_per_op = per_op
     if with_ray:
         result.ray_s = await asyncio.to_thread(ray_noop, n, workers)
         progress("overhead", 3, steps)
@@ -234,4 +306,13 @@ def overhead_markdown(r: OverheadResult) -> str:
     ]
     if r.ray_s is not None:
         lines.append(f"fabric / Ray: {s['fabric_over_ray']:.2f}")
+    if r.server_per_op:
+        lines += [
+            "",
+            "per operator, counted by nats-server over the fabric's run:",
+            "",
+            "| counter | per op |",
+            "| --- | ---: |",
+            *(f"| {k} | {v:.2f} |" for k, v in r.server_per_op.items()),
+        ]
     return "\n".join(lines) + "\n"
