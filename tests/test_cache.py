@@ -159,8 +159,8 @@ async def test_gc_keeps_what_results_need(
     fabric = make_fabric(workers=1)
     async with await connect(fabric, 1) as fm:
         wf1, first = await run_once(fm)
-        # an invalidated entry: its record lives on through wf1's node manifest; its
-        # own output manifest is garbage now
+        # an invalidated entry: its record lives on through wf1's node manifest (a small
+        # result is listed inline in its entry: it has no output manifest of its own)
         gone = (await cache.entries(fm.bus))[0]
         assert await cache.invalidate(fm.bus, key=gone.key) == [gone.key]
         orphan = await fm.cas.put(b"nothing refers to me")
@@ -169,13 +169,14 @@ async def test_gc_keeps_what_results_need(
         assert young.deleted == 0 and young.young >= 1 and await fm.cas.exists(orphan)
         assert young.missing == {} and young.dangling_ops == []
         dry = await cache.gc(fm.bus, fm.cas, grace_s=0, dry_run=True)
-        assert set(dry.deleted_digests) == {orphan, gone.output}
+        assert gone.output is None and gone.outputs
+        assert set(dry.deleted_digests) == {orphan}
         assert await fm.cas.exists(orphan)
 
         out = cli(fabric, "gc", "--grace", "0")
         assert out.returncode == 0, out.stderr
         assert not await fm.cas.exists(orphan)
-        assert "deleted 2 unreferenced" in out.stdout, out.stdout
+        assert "deleted 1 unreferenced" in out.stdout, out.stdout
         assert await fm.result(wf1, "up") == first
         # what the cache still serves is intact: a new workflow reuses it (one op runs:
         # the invalidated one)
@@ -187,10 +188,10 @@ async def test_gc_keeps_what_results_need(
         # a cache entry whose result blob was removed behind our back is reported, and
         # invalidated on request, instead of being served
         victim = (await cache.entries(fm.bus))[0]
-        assert victim.output is not None
-        await fm.cas.delete(victim.output)
+        assert victim.outputs
+        await fm.cas.delete(victim.outputs[0])
         rep = await cache.gc(fm.bus, fm.cas, dry_run=True)
-        assert victim.output in rep.missing and rep.dangling_ops == [victim.key]
+        assert victim.outputs[0] in rep.missing and rep.dangling_ops == [victim.key]
         rep = await cache.gc(fm.bus, fm.cas, invalidate_dangling=True)
         assert rep.invalidated == [victim.key]
         _, healed = await run_once(fm)
