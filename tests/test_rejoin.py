@@ -21,7 +21,7 @@ from nats.js.errors import NotFoundError
 
 from flowmesh.engine.scheduler.live import Scheduler
 from flowmesh.topics import Bus, codec, streams, subjects
-from flowmesh.topics.messages import Assignment, OpSpec, OpState, ReadyOp
+from flowmesh.topics.messages import Assignment, OpSpec, OpState, ReadyChunk, ReadyOp
 from tests.conftest import MakeFabric, connect
 from tests.workflows import map_then_count
 
@@ -51,13 +51,13 @@ async def test_take_back_succeeds_when_the_worker_recreates_its_consumer_mid_rec
         wid = "cpu-racer"
         await bus.js.add_consumer(streams.STREAM_ASSIGN, streams.worker_consumer(wid, 2))
         batches = [
-            Assignment(batch_id=uuid.uuid4().hex, worker=wid, ops=[_op(0), _op(1)], assigned_at=0),
-            Assignment(batch_id=uuid.uuid4().hex, worker=wid, ops=[_op(2)], assigned_at=0),
+            Assignment.of(uuid.uuid4().hex, wid, [_op(0), _op(1)], 0),
+            Assignment.of(uuid.uuid4().hex, wid, [_op(2)], 0),
         ]
         for b in batches:
             await bus.publish(subjects.assign(wid), b, msg_id=b.batch_id)
         # another worker's assignment stays where it is
-        other = Assignment(batch_id="other", worker="cpu-other", ops=[_op(9)], assigned_at=0)
+        other = Assignment.of("other", "cpu-other", [_op(9)], 0)
         await bus.publish(subjects.assign("cpu-other"), other, msg_id="other")
 
         real_delete = bus.js.delete_consumer
@@ -77,10 +77,10 @@ async def test_take_back_succeeds_when_the_worker_recreates_its_consumer_mid_rec
         assert scheduler.reclaimed_ops == 3
         ready = await bus.js.pull_subscribe(subjects.READY_ALL, stream=streams.STREAM_READY)
         msgs = await ready.fetch(10, timeout=2.0)
-        got = sorted(codec.decode(m.data, ReadyOp).key for m in msgs)
-        assert got == ["k0", "k1", "k2"]
+        ops = [op for m in msgs for op in codec.decode(m.data, ReadyChunk).ops]
+        assert sorted(op.key for op in ops) == ["k0", "k1", "k2"]
         # a reclaim of a worker that was running something counts a loss on every op
-        assert all(codec.decode(m.data, ReadyOp).attempt == 1 for m in msgs)
+        assert all(op.attempt == 1 for op in ops)
         info = await bus.js.stream_info(streams.STREAM_ASSIGN, subjects_filter=subjects.ASSIGN_ALL)
         assert (info.state.subjects or {}) == {subjects.assign("cpu-other"): 1}
         # the rejoined worker's consumer is intact: the scheduler leaves no consumer of

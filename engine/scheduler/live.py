@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import math
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +70,7 @@ class Held:
     carrier: Carrier
     ready_at: float  # wall clock, for aging
     more: bool = False  # the planner said more operators of its node are on the way
+    item: ReadyItem | None = None  # what the policy sees of it (built once)
 
 
 # How fast the arrival-rate estimate of a batch key forgets (seconds).
@@ -115,6 +118,9 @@ class Scheduler:
         self.model_gb = model_gb
         self.workers: dict[str, WorkerView] = {}
         self.pool: dict[str, Held] = {}  # operator key -> held ready operator
+        # the same operators by batch key, kept as they come and go (not regrouped
+        # every round)
+        self.groups: dict[str, dict[str, Held]] = {}
         self.carriers: dict[int, Carrier] = {}  # id -> chunk messages not yet acked
         self.arrivals: dict[str, Arrivals] = {}  # batch key -> its arrival rate
         self._warned: set[str] = set()
@@ -392,7 +398,9 @@ class Scheduler:
             for op in chunk.ops:
                 if op.key in self.pool:
                     continue  # the same operator twice (a replay): run it once
-                self.pool[op.key] = Held(op, carrier, wall, chunk.more)
+                held = Held(op, carrier, wall, chunk.more)
+                self.pool[op.key] = held
+                self.groups.setdefault(op.batch_key, {})[op.key] = held
                 carrier.left += 1
             if carrier.left:
                 self.carriers[id(carrier)] = carrier
@@ -426,7 +434,37 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s * 5)
 
-    def _lingers(self, batch_key: str, group: list[Held], now: float) -> bool:
+    def _item(self, h: Held, sizes: dict[str, float]) -> ReadyItem:
+        """What the policy sees of a held operator: built once, again only when the
+        size its workers announce for its model changed."""
+        op = h.op
+        gb = sizes.get(op.spec.model, self.model_gb) if op.spec.model else 0.0
+        if h.item is None or h.item.model_gb != gb:
+            h.item = ReadyItem(
+                key=op.key,
+                batch_key=op.batch_key,
+                kind=op.spec.kind,
+                executor=f"{op.spec.executor}@{op.spec.version}",
+                model=op.spec.model,
+                model_gb=gb,
+                input_bytes=0,
+                tenant=op.tenant,
+                workflow_id=op.workflow_id,
+                ready_at=h.ready_at,
+            )
+        return h.item
+
+    def _take(self, key: str) -> Held:
+        """A held operator out of the pool (it is being assigned)."""
+        held = self.pool.pop(key)
+        group = self.groups.get(held.op.batch_key)
+        if group is not None:
+            group.pop(key, None)
+            if not group:
+                del self.groups[held.op.batch_key]
+        return held
+
+    def _lingers(self, batch_key: str, group: Iterable[Held], now: float) -> bool:
         """Whether a partial group of this batch key may wait for company: only when
         waiting can grow it, that is when the planner said more of its node are on the
         way and the key's observed arrival rate expects at least one more within the
@@ -469,36 +507,24 @@ class Scheduler:
                     busy_until=self._busy_until.get(info.worker) if not free else None,
                 )
             )
-        groups: dict[str, list[Held]] = {}
-        for h in self.pool.values():
-            groups.setdefault(h.op.batch_key, []).append(h)
         mono = time.monotonic()
         # a group that waiting cannot grow is shown to the policy as old enough not to
         # linger (its linger rule is by age); the shift is linger_s, which moves the
         # aging term by linger_s / aging_scale_s at most
         no_linger = now - self.config.linger_s
-        items = [
-            ReadyItem(
-                key=h.op.key,
-                batch_key=h.op.batch_key,
-                kind=h.op.spec.kind,
-                executor=f"{h.op.spec.executor}@{h.op.spec.version}",
-                model=h.op.spec.model,
-                model_gb=sizes.get(h.op.spec.model, self.model_gb) if h.op.spec.model else 0.0,
-                input_bytes=0,
-                tenant=h.op.tenant,
-                workflow_id=h.op.workflow_id,
-                ready_at=h.ready_at if lingers else min(h.ready_at, no_linger),
-            )
-            for bk, group in groups.items()
-            for lingers in (self._lingers(bk, group, mono),)
-            for h in group
-        ]
+        items: list[ReadyItem] = []
+        for bk, group in self.groups.items():
+            lingers = self._lingers(bk, group.values(), mono)
+            for h in group.values():
+                item = self._item(h, sizes)
+                if not lingers and item.ready_at > no_linger:
+                    item = dataclasses.replace(item, ready_at=no_linger)
+                items.append(item)
         decisions = self.policy.decide(items, states, now=now, fair=self.fair)
         self._warn_unschedulable(items)
         by_id = {w.info.worker: w.info for w in workers}
         for d in decisions:
-            batch = [self.pool.pop(it.key) for it in d.items]
+            batch = [self._take(it.key) for it in d.items]
             await self._send(by_id[d.worker], batch)
             start = max(now, self._busy_until.get(d.worker, now))
             self._busy_until[d.worker] = start + d.seconds
