@@ -33,7 +33,7 @@ from flowmesh.engine.shards import check_shard, done_consumer_name, shard_of
 from flowmesh.engine.spec import parse_spec
 from flowmesh.topics import codec, streams, subjects
 from flowmesh.topics.creds import Creds, redact_url, url_with_creds
-from flowmesh.topics.messages import OpDone, OpState, WorkflowStatus
+from flowmesh.topics.messages import DoneBatch, OpState, WorkflowStatus
 from tests.conftest import PLUGINS, REPO, NatsCluster, connect
 from tests.test_faults import dataset, expected, read_stream, workflow
 
@@ -198,8 +198,8 @@ async def test_cluster_survives_a_dead_server_and_a_dead_planner_shard(
         }
         commits: dict[str, set[tuple[float, str]]] = defaultdict(set)
         for _, data in await read_stream(fm, subjects.DONE, streams.STREAM_DONE):
-            done = codec.decode(data, OpDone)
-            commits[done.key].add((done.ended_at, done.worker))
+            for done in codec.decode(data, DoneBatch).done:
+                commits[done.key].add((done.ended_at, done.worker))
         announced_twice = {k: v for k, v in commits.items() if len(v) != 1}
         info = await fm.bus.js.stream_info(streams.STREAM_DONE)
         print(
