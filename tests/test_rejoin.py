@@ -100,9 +100,7 @@ async def test_take_back_goes_on_when_the_rejoined_worker_acked_a_batch_meanwhil
     bus = await Bus.connect(nats_url, "test-take-back-acked", layout=streams.Layout())
     try:
         wid = "cpu-quick"
-        batches = [
-            Assignment(batch_id=f"b{i}", worker=wid, ops=[_op(i)], assigned_at=0) for i in range(3)
-        ]
+        batches = [Assignment.of(f"b{i}", wid, [_op(i)], 0) for i in range(3)]
         for b in batches:
             await bus.publish(subjects.assign(wid), b, msg_id=b.batch_id)
         real_get = bus.js.get_msg
@@ -116,7 +114,11 @@ async def test_take_back_goes_on_when_the_rejoined_worker_acked_a_batch_meanwhil
         scheduler = Scheduler(bus)
         assert await asyncio.wait_for(scheduler._take_back_nats(wid, "b1"), 30) == 3
         ready = await bus.js.pull_subscribe(subjects.READY_ALL, stream=streams.STREAM_READY)
-        ops = [codec.decode(m.data, ReadyOp) for m in await ready.fetch(10, timeout=2.0)]
+        ops = [
+            op
+            for m in await ready.fetch(10, timeout=2.0)
+            for op in codec.decode(m.data, ReadyChunk).ops
+        ]
         # only the batch that was running counts a loss
         assert sorted((op.key, op.attempt) for op in ops) == [("k0", 0), ("k1", 1), ("k2", 0)]
     finally:
