@@ -562,7 +562,8 @@ def test_same_decisions_as_recorded_rounds() -> None:
             for ck, (fixed, per, maxb) in snap["estimator"].items():
                 cls, kind = ck.split("|")
                 est._cache[(cls, kind)] = LatencyModel(fixed, per, maxb)
-            items = [ReadyItem(**dict(zip(fields, row, strict=True))) for row in snap["items"]]
+            # recorded before deadline_at existed: the fields it has, in order
+            items = [ReadyItem(**dict(zip(fields, row, strict=False))) for row in snap["items"]]
             workers = [
                 WorkerState(
                     id=w["id"],
@@ -601,3 +602,27 @@ def test_same_decisions_as_recorded_rounds() -> None:
             assert got == want
             for d, w in zip(out, snap["decisions"], strict=True):
                 assert d.seconds == pytest.approx(w["seconds"], rel=1e-12)
+
+
+def test_a_latency_budget_moves_throughput_work_to_the_cheap_class() -> None:
+    """With hours of slack before its workflow's deadline a batch weighs cost over
+    speed and goes to the slow cheap class; near the deadline (or without one) it goes
+    to the fast one."""
+    from dataclasses import replace
+
+    # the fast class: 3x the speed at 4x the price (and 3x the power: same J/op)
+    fleet = fleet_of(
+        fast={"price_per_hour": 1.2, "speed": 3.0, "watts_busy": 900},
+        slow={"price_per_hour": 0.3, "speed": 1.0, "watts_busy": 300},
+    )
+
+    def pick(deadline_at: float) -> str:
+        items = [replace(item(i), deadline_at=deadline_at) for i in range(32)]
+        warm = {"m": 10.0}
+        workers = [WorkerState("f", "fast", 1, dict(warm)), WorkerState("s", "slow", 1, dict(warm))]
+        [d] = Policy(fleet, PolicyConfig(spread_efficiency=0.99)).decide(items, workers, 0.0)
+        return d.device_class
+
+    assert pick(float("inf")) == "fast"
+    assert pick(60.0) == "fast"
+    assert pick(6 * 3600.0) == "slow"

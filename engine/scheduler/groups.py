@@ -9,6 +9,7 @@ A scheduler that keeps its groups as operators come and go (`ReadyPool`) hands t
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ class ReadyItem:
     tenant: str
     workflow_id: str
     ready_at: float
+    # when its workflow should be done (its latency budget from arrival); inf: none
+    deadline_at: float = math.inf
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ReadyGroup:
     items: list[ReadyItem]
     input_bytes: int = 0
     tenants: Counter[str] = field(default_factory=Counter)
+    deadline_at: float = math.inf  # the most pressing of its operators' deadlines
 
     @classmethod
     def of(cls, items: list[ReadyItem]) -> ReadyGroup:
@@ -48,6 +52,7 @@ class ReadyGroup:
             items,
             sum(map(_input_bytes, items)),
             Counter(map(_tenant, items)),
+            min(map(_deadline_at, items)),
         )
 
     def without(self, tenants: set[str]) -> ReadyGroup | None:
@@ -58,6 +63,7 @@ class ReadyGroup:
 
 _input_bytes = attrgetter("input_bytes")
 _tenant = attrgetter("tenant")
+_deadline_at = attrgetter("deadline_at")
 _ready_at = attrgetter("ready_at")
 
 
@@ -100,10 +106,15 @@ class ReadyPool:
         order.insert(at, (item.ready_at, self._seq))
         if g is None:
             self._groups[item.batch_key] = ReadyGroup(
-                item.batch_key, [item], item.input_bytes, Counter({item.tenant: 1})
+                item.batch_key,
+                [item],
+                item.input_bytes,
+                Counter({item.tenant: 1}),
+                item.deadline_at,
             )
             return
         g.items.insert(at, item)
+        g.deadline_at = min(g.deadline_at, item.deadline_at)
         g.input_bytes += item.input_bytes
         g.tenants[item.tenant] += 1
 

@@ -112,6 +112,10 @@ class PolicyConfig:
     # "backlog": grow to backlog / target_backlog_s workers; "after-startup": count only
     # the backlog the allocated workers will not have done when a new one is up
     scale_up: str = "backlog"
+    # latency budgets: a batch whose workflow has a deadline weighs throughput by
+    # deadline_scale_s / time left (within [0.1, 4]): with hours of slack cost decides
+    # (throughput work goes to cheap classes), near the deadline speed does
+    deadline_scale_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.release not in RELEASE_MODES:
@@ -140,6 +144,7 @@ def parse_policy_config(data: Mapping[str, Any]) -> PolicyConfig:
         hold_s=float(data.get("hold_s", 0.0)),
         release=str(data.get("release", "fixed")),
         scale_up=str(data.get("scale_up", "backlog")),
+        deadline_scale_s=float(data.get("deadline_scale_s", 600.0)),
     )
 
 
@@ -462,6 +467,7 @@ class Policy:
             g_ref_cost=ref_cost[kk] * sf_row,
             g_ref_energy=ref_energy[kk] * sf_row,
             g_deficit=deficit[None, :],
+            g_urgency=self._urgency(groups, now)[None, :],
             g_priority=priority[None, :],
             vg_fixed=v_fixed,
             vg_per=v_per,
@@ -470,6 +476,17 @@ class Policy:
             vg_sfm=np.maximum(sf_row, self.min_sf[vc]),
             vg_compat=compat[vt],
         )
+
+    def _urgency(self, groups: list[ReadyGroup], now: float) -> np.ndarray:
+        """Per group, the throughput term's scale from its most pressing deadline:
+        deadline_scale_s / time left, within [0.1, 4]; 1 without a deadline."""
+        out = np.ones(len(groups))
+        scale = self.config.deadline_scale_s
+        for gi, g in enumerate(groups):
+            if math.isfinite(g.deadline_at):
+                left = g.deadline_at - now
+                out[gi] = 4.0 if left <= 0 else min(4.0, max(0.1, scale / left))
+        return out
 
     def _score(
         self,
@@ -531,6 +548,7 @@ class Policy:
             rnd.g_priority[:, cols],
             cfg.weights,
             cfg.aging_scale_s,
+            rnd.g_urgency[:, cols],
         )
         score = utility(parts)
         ok = rnd.vg_compat[rows, cols] & (n_col > 0)
@@ -759,6 +777,7 @@ class _Round:
     g_ref_cost: np.ndarray
     g_ref_energy: np.ndarray
     g_deficit: np.ndarray
+    g_urgency: np.ndarray
     g_priority: np.ndarray
     vg_fixed: np.ndarray
     vg_per: np.ndarray

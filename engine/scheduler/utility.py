@@ -136,12 +136,18 @@ def terms(
     priority: Any,
     weights: Weights,
     aging_scale_s: float,
+    urgency: Any = 1.0,
 ) -> dict[str, Any]:
+    """The utility's terms. `urgency` scales the throughput term by how close the
+    batch's deadline is (Policy: below 1 with slack, so cost decides; above 1 when
+    little is left; 1 without a deadline)."""
     total = np.maximum(est.total_s + est.start_s, 1e-9)
     n = np.maximum(n, 1)
     ops_per_s = n / total
     return {
-        "throughput": weights.throughput * np.log(np.maximum(ops_per_s, 1e-12) / ref_ops_per_s),
+        "throughput": weights.throughput
+        * urgency
+        * np.log(np.maximum(ops_per_s, 1e-12) / ref_ops_per_s),
         "cost": -weights.cost * (est.cost_usd / n) / ref_cost_per_op,
         "energy": -weights.energy * (est.energy_j / n) / ref_energy_per_op,
         "locality": -weights.locality * (est.load_s + est.fetch_s + est.start_s) / total,

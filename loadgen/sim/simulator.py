@@ -16,6 +16,7 @@ back after `restart_s`, as a new allocation with a cold start.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -252,6 +253,9 @@ class Simulation:
             tenant=run.tenant,
             workflow_id=run.wid,
             ready_at=now,
+            deadline_at=math.inf
+            if run.deadline_s is None
+            else run.instance.arrival + run.deadline_s,
         )
         e = Exec(item, [op])
         if self.policy.dedup:
