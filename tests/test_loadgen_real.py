@@ -78,6 +78,9 @@ def test_run_smoke_fabric_isolated_ray(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert "| metric | fabric | isolated | ray |" in md
     assert "worker-seconds isolated / mode" in md
+    assert "worker CPU-seconds isolated / mode" in md
+    for m in (fab, iso):
+        assert m["worker_cpu_s"] > 0
     for png in ("latency.png", "work.png"):
         assert (out / png).read_bytes().startswith(PNG)
 
@@ -93,3 +96,47 @@ def test_overhead_smoke(tmp_path: Path) -> None:
     assert s["fabric_over_raw"] == pytest.approx(s["fabric_ops_per_s"] / s["raw_ops_per_s"])
     assert "| raw JetStream publish + pull/ack |" in (out / "overhead.md").read_text()
     assert (out / "overhead.png").read_bytes().startswith(PNG)
+
+
+def test_isolated_mode_runs_as_many_workers_as_fabric(tmp_path: Path) -> None:
+    """Both modes get the workload's workers: isolated splits them over the tenants
+    (the first ones one more), and refuses fewer workers than tenants."""
+    from dataclasses import replace
+
+    from flowmesh.loadgen.real.fabric_modes import plan_groups
+
+    wl = load_real_workload(SMOKE)
+    wl3 = replace(wl, workers=3)
+    fab = plan_groups(wl3, "fabric", tmp_path)
+    iso = plan_groups(wl3, "isolated", tmp_path)
+    assert sum(g.fabric.workers for g in fab) == sum(g.fabric.workers for g in iso) == 3
+    assert [g.fabric.workers for g in iso] == [2, 1]
+    with pytest.raises(ValueError, match="a worker per tenant"):
+        plan_groups(replace(wl, workers=1), "isolated", tmp_path)
+
+
+def test_worker_cpu_seconds_come_from_the_kernel() -> None:
+    """CPU time, not wall time: a process that sleeps uses almost none, one that
+    computes uses about what it computed."""
+    from flowmesh.loadgen.real.cputime import cpu_seconds
+
+    burn = (
+        "import sys, time\nt = time.process_time()\n"
+        "while time.process_time() - t < {}: pass\n"
+        "print('done', flush=True)\ntime.sleep(5)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", burn.format(s)], stdout=subprocess.PIPE, text=True)
+        for s in (0.0, 1.0)
+    ]
+    try:
+        for p in procs:  # both have done their work and sleep now
+            assert p.stdout is not None and p.stdout.readline().strip() == "done"
+        idle, busy = (cpu_seconds(p.pid) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert idle < 0.5  # the interpreter's start-up only
+    assert busy >= 1.0 and busy > idle + 0.8
+    assert cpu_seconds(2**22 + 12345) != cpu_seconds(2**22 + 12345)  # gone: nan

@@ -5,16 +5,20 @@ every tenant's workflows with the default `dedup_scope: global`: identical opera
 once, compatible ones are batched across workflows.
 
 isolated (the published baseline): each tenant gets its own fabric (its own nats-server,
-engine and workers/tenants worker processes, at least one) and submits with
-`dedup_scope: workflow`, so nothing is shared between workflows and no batch mixes two
-tenants. Every fabric runs concurrently on the same machine; the total number of worker
-processes is the same as in fabric mode (or the number of tenants if that is larger),
-and every worker is limited to one compute thread in both modes (OMP_NUM_THREADS=1, as
-Ray does for its one-CPU tasks) so the CPU is shared the same way.
+engine and worker processes) and submits with `dedup_scope: workflow`, so nothing is
+shared between workflows and no batch mixes two tenants. Every fabric runs concurrently
+on the same machine; the workload's workers are split over the tenants (the first ones
+get one more), so both modes run the same number of worker processes (a workload with
+fewer workers than tenants is refused), and every worker is limited to one compute
+thread in both modes (OMP_NUM_THREADS=1, as Ray does for its one-CPU tasks) so the CPU
+is shared the same way.
 
 Worker-seconds, $ and J come from each operator's committed KV entry (the batch time its
 worker measured around the executor, split across the batch) via engine/cost.py, so
-both modes are billed by the same code.
+both modes are billed by the same code. Worker CPU-seconds come from the kernel: the
+CPU time the worker processes used between the first submission and the last
+completion (loadgen/real/cputime.py), which wall-clock batch times on a shared box
+overstate for whichever mode runs more processes at once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from flowmesh import configs
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.cost import cost_report
 from flowmesh.engine.local import LocalFabric, free_port
+from flowmesh.loadgen.real.cputime import total_cpu_seconds
 from flowmesh.loadgen.real.results import ModeResult, Progress, WorkflowResult, no_progress
 from flowmesh.loadgen.real.workload import RealWorkload, Submission
 from flowmesh.topics.messages import DedupScope
@@ -103,15 +108,21 @@ def plan_groups(
         fab = _fabric(out_dir / "fabric", wl.workers, wl.model, extra, engine)
         return [Group("fabric", fab, list(wl.submissions), "global")]
     if mode == "isolated":
-        per = max(1, wl.workers // len(wl.tenants))
+        n = len(wl.tenants)
+        if wl.workers < n:
+            raise ValueError(
+                f"isolated mode needs a worker per tenant: {wl.workers} workers for {n} "
+                "tenants (raise the workload's workers)"
+            )
+        per, extra_one = divmod(wl.workers, n)
         return [
             Group(
                 t,
-                _fabric(out_dir / "isolated" / t, per, wl.model, extra, engine),
+                _fabric(out_dir / "isolated" / t, per + (i < extra_one), wl.model, extra, engine),
                 [s for s in wl.submissions if s.tenant == t],
                 "workflow",
             )
-            for t in wl.tenants
+            for i, t in enumerate(wl.tenants)
         ]
     raise ValueError(f"not a fabric mode: {mode!r}")
 
@@ -186,6 +197,8 @@ async def _drive(
         progress(mode, len(finished), total)
 
     progress(mode, 0, total)
+    worker_pids = [p.pid for g in groups for p in g.fabric.worker_procs]
+    cpu0 = total_cpu_seconds(worker_pids)
     t0 = time.monotonic()
     wall0 = time.time()
     tasks = []
@@ -195,6 +208,7 @@ async def _drive(
         tasks.append(asyncio.create_task(one(group, sub)))
     await asyncio.gather(*tasks)
     makespan = time.monotonic() - t0
+    worker_cpu = total_cpu_seconds(worker_pids) - cpu0
 
     result = ModeResult(
         mode=mode,
@@ -212,6 +226,7 @@ async def _drive(
             f"{groups[0].scope}, {groups[0].fabric.workers} worker(s) each"
         ),
         extra={"started_at": wall0},
+        worker_cpu_s=worker_cpu,
     )
     for g in groups:
         assert g.client is not None

@@ -25,6 +25,7 @@ def markdown(title: str, results: Sequence[ModeResult], base: str = "isolated") 
         ["operators requested", *(str(r.ops_requested) for r in results)],
         ["operators executed", *(str(r.ops_executed) for r in results)],
         ["worker-seconds", *(_f(r.worker_seconds) for r in results)],
+        ["worker CPU-seconds", *(_f(r.worker_cpu_s) for r in results)],
         ["$ (worker time)", *(_f(r.usd, ".6f") for r in results)],
         ["energy (J)", *(_f(r.energy_j, ".0f") for r in results)],
         ["latency p50 (s)", *(_f(r.latency(50)) for r in results)],
@@ -38,6 +39,10 @@ def markdown(title: str, results: Sequence[ModeResult], base: str = "isolated") 
             [
                 f"worker-seconds {base} / mode",
                 *(_f(rat[r.mode]["worker_seconds_base_over_mode"]) for r in results),
+            ],
+            [
+                f"worker CPU-seconds {base} / mode",
+                *(_f(rat[r.mode]["worker_cpu_base_over_mode"]) for r in results),
             ],
             [f"p50 mode / {base}", *(_f(rat[r.mode]["p50_mode_over_base"]) for r in results)],
             [f"p95 mode / {base}", *(_f(rat[r.mode]["p95_mode_over_base"]) for r in results)],

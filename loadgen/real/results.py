@@ -43,6 +43,9 @@ class ModeResult:
     setup_s: float  # starting processes before the clock (not in any latency)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # CPU seconds the worker processes used from the first submission to the last
+    # completion (kernel accounting; nan where it is not measured)
+    worker_cpu_s: float = float("nan")
 
     @property
     def completed(self) -> int:
@@ -64,6 +67,7 @@ class ModeResult:
             "ops_requested": self.ops_requested,
             "ops_executed": self.ops_executed,
             "worker_seconds": self.worker_seconds,
+            "worker_cpu_s": self.worker_cpu_s,
             "usd": self.usd,
             "energy_j": self.energy_j,
             "p50_s": self.latency(50),
@@ -92,6 +96,7 @@ def ratios(results: list[ModeResult], base: str = "isolated") -> dict[str, dict[
     for r in results:
         out[r.mode] = {
             "worker_seconds_base_over_mode": _div(b.worker_seconds, r.worker_seconds),
+            "worker_cpu_base_over_mode": _div(b.worker_cpu_s, r.worker_cpu_s),
             "usd_base_over_mode": _div(b.usd, r.usd),
             "energy_base_over_mode": _div(b.energy_j, r.energy_j),
             "ops_executed_base_over_mode": _div(b.ops_executed, r.ops_executed),
