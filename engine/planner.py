@@ -291,29 +291,32 @@ class Planner:
                 )
             try:
                 while self.bus.reconnects == reconnects and not self._stopping.is_set():
-                    if (error := self._accept_error) is not None:
-                        # as when submissions were handled in turn: the loop restarts
-                        # (guarded) and resumes before the one that failed
-                        self._accept_error = None
-                        raise error
+                    self._raise_accept_error()
                     try:
                         msg = await sub.next_msg(timeout=1.0)
                     except TimeoutError:
                         continue
-                    seq = msg.metadata.sequence.stream
-                    if seq in self._accepts or (
-                        seq <= self._submit_seq and seq not in self._unhandled
-                    ):
-                        continue  # in hand, or handled (a re-created consumer's replay)
-                    await self._accept_slots.acquire()
-                    self._submit_seq = max(self._submit_seq, seq)
-                    self._unhandled.add(seq)
-                    self._accepts[seq] = asyncio.create_task(
-                        self._accept(seq, msg.subject, msg.data)
-                    )
+                    await self._take_in(msg.metadata.sequence.stream, msg.subject, msg.data)
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    def _raise_accept_error(self) -> None:
+        if (error := self._accept_error) is not None:
+            # as when submissions were handled in turn: the loop restarts (guarded) and
+            # resumes before the one that failed
+            self._accept_error = None
+            raise error
+
+    async def _take_in(self, seq: int, subject: str, data: bytes) -> None:
+        """Hand submission `seq` (1 and up, in stream order) to a task of its own, once
+        one of ACCEPT_CONCURRENCY slots is free."""
+        if seq in self._accepts or (seq <= self._submit_seq and seq not in self._unhandled):
+            return  # in hand, or handled (a re-created consumer's replay)
+        await self._accept_slots.acquire()
+        self._submit_seq = max(self._submit_seq, seq)
+        self._unhandled.add(seq)
+        self._accepts[seq] = asyncio.create_task(self._accept(seq, subject, data))
 
     def _resume_seq(self) -> int:
         """The last submission sequence below which every one was handled."""
@@ -339,12 +342,14 @@ class Planner:
         sub = await self.bus.kafka.consumer([subjects.SUBMIT], group=None)
         try:
             while not self._stopping.is_set():
+                self._raise_accept_error()
                 try:
                     msgs = await sub.fetch(64, timeout=1.0)
                 except TimeoutError:
                     continue
                 for msg in msgs:
-                    await self.handle_submission(msg.subject, msg.data)
+                    # side by side as on NATS (offsets count from 0, sequences from 1)
+                    await self._take_in(msg.offset + 1, msg.subject, msg.data)
         finally:
             await sub.unsubscribe()
 
