@@ -28,6 +28,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from flowmesh.engine.client import WorkflowFailed, read_records
 from flowmesh.engine.gateway import (
+    LIST_PAGE,
     MAX_REQUEST_BYTES,
     ApiReply,
     ResultPage,
@@ -197,8 +198,11 @@ class TenantClient:
             return None
         return codec.convert(data, WorkflowStatus)
 
-    async def workflows(self) -> list[WorkflowSummary]:
-        return [codec.convert(d, WorkflowSummary) for d in await self.call("list")]
+    async def workflows(self, offset: int = 0, limit: int = LIST_PAGE) -> list[WorkflowSummary]:
+        """A page of this tenant's workflows: the newest `limit` after skipping `offset`
+        (oldest first within the page)."""
+        page = await self.call("list", {"offset": offset, "limit": limit})
+        return [codec.convert(d, WorkflowSummary) for d in page]
 
     async def wait(
         self,
@@ -256,6 +260,7 @@ class TenantClient:
         data = await self.call("cancel", WorkflowRequest(workflow_id=workflow_id))
         return str(data["state"])
 
-    async def cost(self) -> dict[str, Any]:
-        data: dict[str, Any] = await self.call("cost")
+    async def cost(self, offset: int = 0, limit: int = LIST_PAGE) -> dict[str, Any]:
+        """The bills of a page of this tenant's workflows (newest first) and their sum."""
+        data: dict[str, Any] = await self.call("cost", {"offset": offset, "limit": limit})
         return data

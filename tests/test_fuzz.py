@@ -455,7 +455,9 @@ def test_fuzz_yaml_spec_files() -> None:
 
 
 def test_a_long_chain_listed_leaf_first_is_validated() -> None:
-    n = 1200
+    from flowmesh.engine.spec import MAX_NODES
+
+    n = MAX_NODES  # the longest chain a spec may hold (engine/spec.py)
     nodes = [
         {"name": f"n{i}", "op": "map", "fn": "text.upper", "input": f"n{i - 1}" if i else "d"}
         for i in range(n)
