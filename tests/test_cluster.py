@@ -227,3 +227,36 @@ def test_credentials_reach_every_server_of_a_cluster_url_and_logs_hide_them() ->
     url = url_with_creds("nats://10.0.0.1:4222, nats://10.0.0.2:4223", creds)
     assert url == "nats://fabric:s3cret@10.0.0.1:4222,nats://fabric:s3cret@10.0.0.2:4223"
     assert redact_url(url) == "nats://fabric:***@10.0.0.1:4222,nats://fabric:***@10.0.0.2:4223"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_bad_submission_is_dead_lettered_once_however_many_shards(
+    nats_url: str, tmp_path: Path
+) -> None:
+    fabric = LocalFabric(
+        data_dir=tmp_path / "data",
+        nats_url=nats_url,
+        cas_url=f"file://{tmp_path / 'data' / 'cas'}",
+        workers=0,
+        planner_shards=3,
+    )
+    fabric.start()
+    fm = await FlowMesh.connect(nats_url, fabric.cas_url)
+    try:
+        await fm.bus.js.publish(subjects.SUBMIT, b"not a submission")
+        # then one workflow per shard: each shard reads submissions in order, so once
+        # every shard has accepted its workflow, each has seen the bad one before it
+        ids = {shard_of(wf, 3): wf for wf in (f"after-bad-{i}" for i in range(30))}
+        spec = parse_spec(workflow("acme", 0, "workflow"))
+        for wf in ids.values():
+            await fm.submit(spec, workflow_id=wf)
+        deadline = time.monotonic() + 60
+        while not all([await fm.status(wf) for wf in ids.values()]):
+            assert time.monotonic() < deadline, "a shard did not accept its workflow"
+            await asyncio.sleep(0.2)
+        info = await fm.bus.js.stream_info(streams.STREAM_DLQ)
+        assert info.state.messages == 1
+    finally:
+        await fm.close()
+        fabric.stop()
