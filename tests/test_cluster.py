@@ -31,10 +31,11 @@ from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.local import LocalFabric
 from flowmesh.engine.shards import check_shard, done_consumer_name, shard_of
 from flowmesh.engine.spec import parse_spec
-from flowmesh.topics import codec, streams, subjects
+from flowmesh.topics import Bus, codec, streams, subjects
+from flowmesh.topics.cas import open_cas
 from flowmesh.topics.creds import Creds, redact_url, url_with_creds
 from flowmesh.topics.messages import DoneBatch, OpState, WorkflowStatus
-from tests.conftest import PLUGINS, REPO, NatsCluster, connect
+from tests.conftest import PLUGINS, REPO, NatsCluster, NatsServer, connect
 from tests.test_faults import dataset, expected, read_stream, workflow
 
 
@@ -260,3 +261,25 @@ async def test_a_bad_submission_is_dead_lettered_once_however_many_shards(
     finally:
         await fm.close()
         fabric.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_object_store_cas_waits_out_a_nats_outage(nats_server: NatsServer) -> None:
+    """A blob stored while nats-server is down (or a cluster elects a new leader) is
+    stored once it is back: a timeout there is an outage, not a store that refused the
+    blob, which would fail the workflow writing it."""
+    bus = await Bus.connect(nats_server.url, "cas-outage")
+    try:
+        cas = await open_cas("nats:", bus.js)
+        before = await cas.put_record({"before": True})
+        nats_server.kill()
+        put = asyncio.create_task(cas.put_record({"during": "the outage"}))
+        await asyncio.sleep(3.0)
+        assert not put.done()  # waiting for the bus, not failed
+        nats_server.start()
+        digest = await asyncio.wait_for(put, 60)
+        assert await cas.get_record(digest) == {"during": "the outage"}
+        assert await cas.get_record(before) == {"before": True}
+    finally:
+        await bus.close()

@@ -26,10 +26,10 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -161,6 +161,27 @@ class FileBackend:
 # that dies with a nats restart mid-read would wait forever. Generous (a large model at
 # a few MB/s), but an end; a timeout is a TimeoutError, which callers retry or fail on.
 OBJECT_GET_TIMEOUT_S = 300.0
+# How long an object-store call keeps retrying through a bus outage before giving up.
+OUTAGE_S = 60.0
+T = TypeVar("T")
+
+
+async def _through_outage(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, retried while the bus is briefly out (a server restarting, a cluster
+    electing a new leader for the bucket's stream) for up to OUTAGE_S: a timeout there is
+    an outage, not a store that refuses the blob (which would fail the workflow)."""
+    from flowmesh.topics.bus import is_transient
+
+    deadline = time.monotonic() + OUTAGE_S
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class NatsObjectBackend:
@@ -170,21 +191,30 @@ class NatsObjectBackend:
         self.store = store
 
     async def put(self, name: str, data: bytes) -> None:
-        if await self.exists(name):
-            return
-        await self.store.put(check_name(name), data)
+        async def put_once() -> None:
+            # content-addressed: putting the same blob again after a lost reply is harmless
+            if not await self._exists(name):
+                await self.store.put(check_name(name), data)
+
+        await _through_outage(put_once)
 
     async def get(self, name: str) -> bytes | None:
         from nats.js.errors import ObjectNotFoundError
 
+        async def get_once() -> Any:
+            return await asyncio.wait_for(self.store.get(check_name(name)), OBJECT_GET_TIMEOUT_S)
+
         try:
-            res = await asyncio.wait_for(self.store.get(check_name(name)), OBJECT_GET_TIMEOUT_S)
+            res = await _through_outage(get_once)
         except ObjectNotFoundError:
             return None
         data: bytes = res.data or b""
         return data
 
     async def exists(self, name: str) -> bool:
+        return await _through_outage(lambda: self._exists(name))
+
+    async def _exists(self, name: str) -> bool:
         from nats.js.errors import ObjectNotFoundError
 
         try:
