@@ -644,7 +644,22 @@ class Worker:
         theirs stands (final) or the entry was claimed again (commit on that)."""
         if not commits:
             return []
-        states = await asyncio.gather(*(self._final_state(*c) for c in commits))
+        # every result record of the batch stored in one go (hashing, compression and
+        # file writes off the event loop), not one blob write per operator
+        results: list[list[dict[str, Any]]] = [
+            [await store_artifacts(self.cas, r) for r in c[1]]
+            if not isinstance(c[1], OpError)
+            else []
+            for c in commits
+        ]
+        flat = await self.cas.put_records([r for rs in results for r in rs])
+        digests: list[list[str]] = []
+        for rs in results:
+            digests.append(flat[: len(rs)])
+            flat = flat[len(rs) :]
+        states = await asyncio.gather(
+            *(self._final_state(*c, d) for c, d in zip(commits, digests, strict=True))
+        )
         written = await self.bus.kv_write_many(
             streams.KV_OPS,
             [
@@ -683,8 +698,16 @@ class Worker:
         raise RuntimeError(f"operator {state.key[:12]}: its KV entry keeps changing")
 
     async def _final_state(
-        self, t: Todo, outcome: Outcome, started: float, ended: float, share: float, size: int
+        self,
+        t: Todo,
+        outcome: Outcome,
+        started: float,
+        ended: float,
+        share: float,
+        size: int,
+        digests: list[str],
     ) -> OpState:
+        """The entry that commits `t`: `digests` are its result records, stored."""
         op = t.op
         tb = ""
         if isinstance(outcome, OpError):
@@ -692,10 +715,6 @@ class Worker:
             tb = _traceback_of(outcome)
         else:
             status, error = "done", None
-            # what executors return besides records (a trained adapter's files) is
-            # stored first; the record keeps its digest in that field
-            records = [await store_artifacts(self.cas, r) for r in outcome]
-            digests = [await self.cas.put_record(r) for r in records]
         # a manifest only when the digests are too many to travel inline
         inline = len(digests) <= INLINE_OUTPUTS
         manifest = await self.cas.put_manifest(digests) if status == "done" and not inline else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import math
 import time
@@ -36,6 +35,7 @@ from nats.js.errors import APIError, NotFoundError
 from flowmesh.engine import metrics
 from flowmesh.engine.scheduler.fairness import FairShare
 from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
+from flowmesh.engine.scheduler.groups import ReadyPool
 from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from flowmesh.engine.supervise import guarded
 from flowmesh.topics import Bus, streams, subjects
@@ -70,7 +70,6 @@ class Held:
     carrier: Carrier
     ready_at: float  # wall clock, for aging
     more: bool = False  # the planner said more operators of its node are on the way
-    item: ReadyItem | None = None  # what the policy sees of it (built once)
 
 
 # How fast the arrival-rate estimate of a batch key forgets (seconds).
@@ -118,9 +117,9 @@ class Scheduler:
         self.model_gb = model_gb
         self.workers: dict[str, WorkerView] = {}
         self.pool: dict[str, Held] = {}  # operator key -> held ready operator
-        # the same operators by batch key, kept as they come and go (not regrouped
-        # every round)
-        self.groups: dict[str, dict[str, Held]] = {}
+        # what the policy sees of them, grouped by batch key as they come and go (not
+        # regrouped every round)
+        self.ready = ReadyPool()
         self.carriers: dict[int, Carrier] = {}  # id -> chunk messages not yet acked
         self.arrivals: dict[str, Arrivals] = {}  # batch key -> its arrival rate
         self._warned: set[str] = set()
@@ -395,16 +394,22 @@ class Scheduler:
                     await msg.ack()
                 continue
             carrier = Carrier(msg, 0, now)
-            for op in chunk.ops:
-                if op.key in self.pool:
-                    continue  # the same operator twice (a replay): run it once
-                held = Held(op, carrier, wall, chunk.more)
-                self.pool[op.key] = held
-                self.groups.setdefault(op.batch_key, {})[op.key] = held
+            ops = [op for op in chunk.ops if op.key not in self.pool]  # a replay: once
+            self.arrivals.setdefault(chunk.batch_key, Arrivals()).add(len(ops), now)
+            # decided as they arrive: a group that waiting cannot grow is shown to the
+            # policy as old enough not to linger (its linger rule is by age); linger_s
+            # older moves the aging term by linger_s / aging_scale_s, a constant
+            lingers = self._lingers(
+                chunk.batch_key, [Held(ops[0], carrier, wall, chunk.more)] if ops else [], now
+            )
+            ready_at = wall if lingers else wall - self.config.linger_s
+            sizes = self._model_sizes()
+            for op in ops:
+                self.pool[op.key] = Held(op, carrier, wall, chunk.more)
+                self.ready.add(self._item(op, ready_at, sizes))
                 carrier.left += 1
             if carrier.left:
                 self.carriers[id(carrier)] = carrier
-                self.arrivals.setdefault(chunk.batch_key, Arrivals()).add(carrier.left, now)
             else:
                 await msg.ack()
         if msgs:
@@ -434,35 +439,29 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s * 5)
 
-    def _item(self, h: Held, sizes: dict[str, float]) -> ReadyItem:
-        """What the policy sees of a held operator: built once, again only when the
-        size its workers announce for its model changed."""
-        op = h.op
-        gb = sizes.get(op.spec.model, self.model_gb) if op.spec.model else 0.0
-        if h.item is None or h.item.model_gb != gb:
-            h.item = ReadyItem(
-                key=op.key,
-                batch_key=op.batch_key,
-                kind=op.spec.kind,
-                executor=f"{op.spec.executor}@{op.spec.version}",
-                model=op.spec.model,
-                model_gb=gb,
-                input_bytes=0,
-                tenant=op.tenant,
-                workflow_id=op.workflow_id,
-                ready_at=h.ready_at,
-            )
-        return h.item
+    def _model_sizes(self) -> dict[str, float]:
+        """Model sizes as the workers announce them (self.model_gb for the rest)."""
+        return {d: gb for w in self.workers.values() for d, gb in w.info.model_gb.items()}
+
+    def _item(self, op: ReadyOp, ready_at: float, sizes: dict[str, float]) -> ReadyItem:
+        """What the policy sees of a held operator (built once, when it arrives)."""
+        return ReadyItem(
+            key=op.key,
+            batch_key=op.batch_key,
+            kind=op.spec.kind,
+            executor=f"{op.spec.executor}@{op.spec.version}",
+            model=op.spec.model,
+            model_gb=sizes.get(op.spec.model, self.model_gb) if op.spec.model else 0.0,
+            input_bytes=0,
+            tenant=op.tenant,
+            workflow_id=op.workflow_id,
+            ready_at=ready_at,
+        )
 
     def _take(self, key: str) -> Held:
         """A held operator out of the pool (it is being assigned)."""
-        held = self.pool.pop(key)
-        group = self.groups.get(held.op.batch_key)
-        if group is not None:
-            group.pop(key, None)
-            if not group:
-                del self.groups[held.op.batch_key]
-        return held
+        self.ready.remove(key)
+        return self.pool.pop(key)
 
     def _lingers(self, batch_key: str, group: Iterable[Held], now: float) -> bool:
         """Whether a partial group of this batch key may wait for company: only when
@@ -507,21 +506,9 @@ class Scheduler:
                     busy_until=self._busy_until.get(info.worker) if not free else None,
                 )
             )
-        mono = time.monotonic()
-        # a group that waiting cannot grow is shown to the policy as old enough not to
-        # linger (its linger rule is by age); the shift is linger_s, which moves the
-        # aging term by linger_s / aging_scale_s at most
-        no_linger = now - self.config.linger_s
-        items: list[ReadyItem] = []
-        for bk, group in self.groups.items():
-            lingers = self._lingers(bk, group.values(), mono)
-            for h in group.values():
-                item = self._item(h, sizes)
-                if not lingers and item.ready_at > no_linger:
-                    item = dataclasses.replace(item, ready_at=no_linger)
-                items.append(item)
-        decisions = self.policy.decide(items, states, now=now, fair=self.fair)
-        self._warn_unschedulable(items)
+        groups = self.ready.groups()
+        decisions = self.policy.decide_groups(groups, states, now=now, fair=self.fair)
+        self._warn_unschedulable([g.items[0] for g in groups])
         by_id = {w.info.worker: w.info for w in workers}
         for d in decisions:
             batch = [self._take(it.key) for it in d.items]
