@@ -582,9 +582,6 @@ class Planner:
                 if existing.workflow_id != run.wf_id:
                     node.status.reused += 1
             metrics.op_requested(op.kind, run.spec.tenant, roles[-1])
-        # the requests are recorded before the workflow can complete, so its lineage and
-        # its share of the cost are there when it does
-        await self._record_requests(run, name, [w[0] for w in wave], roles, now)
         ready: list[ReadyOp] = []
         finished: list[OpDone] = []
         for (key, op, state, in_flight_here), (revision, existing) in zip(
@@ -610,6 +607,7 @@ class Planner:
                     row=rows.get(key, -1),
                 )
             )
+        messages: list[tuple[str, Any, str | None]] = []
         if ready:
             subject = subjects.ready(node.kind.pool)
             # more of this node to come: one of its inputs is still being produced
@@ -617,7 +615,15 @@ class Planner:
                 not run.nodes[i].upstream_complete or run.nodes[i].pending > 0 for i in node.inputs
             )
             chunks = chunks_of(ready, READY_CHUNK, more)
-            await self.bus.publish_many([(subject, c, _chunk_id(c)) for c in chunks])
+            messages = [(subject, c, _chunk_id(c)) for c in chunks]
+        # the requests are recorded before the workflow can complete, so its lineage and
+        # its share of the cost are there when it does: written beside the ready chunks
+        # (one round trip's wait for both), and both are done before any completion of
+        # this wave is handled
+        await asyncio.gather(
+            self._record_requests(run, name, [w[0] for w in wave], roles, now),
+            self.bus.publish_many(messages),
+        )
         if finished:
             await self.complete_keys(finished)
 

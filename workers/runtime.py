@@ -533,14 +533,20 @@ class Worker:
         # for this batch's operators only, not for those queued behind it
         self.running_batch = p.batch.batch_id
         self._running = p.todo
-        with contextlib.suppress(Exception):
-            await self.heartbeat()
+        # sent, not awaited: it goes out before the executor's thread starts (the
+        # event loop writes it while that runs), without a round trip's wait per batch
+        beat = asyncio.create_task(self._beat_quietly())
         try:
             return await self._run_and_commit(p)
         finally:
             self.running_batch = ""
             self._running = []
+            await beat
             uncancel_keys(t.op.key for t in p.todo)
+
+    async def _beat_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.heartbeat()
 
     async def _run_and_commit(self, p: Prepared) -> list[OpDone]:
         started = time.time()

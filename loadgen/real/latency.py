@@ -14,6 +14,7 @@ the previous task's result to the next one's.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 import uuid
@@ -54,6 +55,7 @@ class LatencyResult:
     fabric_stage_s: list[float] = field(default_factory=list)
     fabric_run_s: list[float] = field(default_factory=list)
     ray_stage_s: list[float] = field(default_factory=list)
+    fabric_parts_s: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -63,6 +65,9 @@ class LatencyResult:
             "fabric_per_stage": asdict(Percentiles.of(self.fabric_stage_s)),
             "fabric_per_run": asdict(Percentiles.of(self.fabric_run_s)),
             "ray_per_stage": asdict(Percentiles.of(self.ray_stage_s)),
+            "fabric_stage_parts": {
+                k: asdict(Percentiles.of(v)) for k, v in self.fabric_parts_s.items()
+            },
         }
 
 
@@ -79,8 +84,8 @@ def chain_spec(stages: int, nonce: str) -> WorkflowSpec:
     )
 
 
-async def _ended_at(fm: FlowMesh, workflow_id: str, stages: int) -> list[float]:
-    """When each stage's one operator was committed, in stage order."""
+async def _ended_at(fm: FlowMesh, workflow_id: str, stages: int) -> list[OpState]:
+    """Each stage's one operator's committed entry, in stage order."""
     status = await fm.status(workflow_id)
     assert status is not None
     kv = await fm.bus.kv(streams.KV_OPS)
@@ -91,16 +96,21 @@ async def _ended_at(fm: FlowMesh, workflow_id: str, stages: int) -> list[float]:
         (key,) = await fm.cas.get_manifest(ops)
         entry = await kv.get(key)
         assert entry.value is not None
-        out.append(codec.decode(entry.value, OpState).ended_at)
+        out.append(codec.decode(entry.value, OpState))
     return out
 
 
 async def fabric_chain(
-    fab: LocalFabric, stages: int, runs: int, progress: Progress
+    fab: LocalFabric,
+    stages: int,
+    runs: int,
+    progress: Progress,
+    breakdown: dict[str, list[float]] | None = None,
 ) -> tuple[list[float], list[float]]:
     """(per-stage seconds of every run, seconds per run from submit to completed)."""
     per_stage: list[float] = []
     per_run: list[float] = []
+    parts = breakdown if breakdown is not None else {}
     async with await FlowMesh.connect(fab.nats_url, fab.cas_url) as fm:
         deadline = time.monotonic() + 300
         while len(await fm.workers()) < fab.workers:
@@ -118,9 +128,17 @@ async def fabric_chain(
                 raise RuntimeError(f"latency chain did not complete: {st.state} {st.error}")
             if run == 0:
                 continue
-            ended = await _ended_at(fm, wf, stages)
+            states = await _ended_at(fm, wf, stages)
+            ended = [s.ended_at for s in states]
             starts = [st.submitted_at, *ended[:-1]]
             per_stage.extend(e - s for s, e in zip(starts, ended, strict=True))
+            # where a stage's time goes (stages after the first): predecessor's commit
+            # -> this one's claim (done message, planner), claim -> executor start
+            # (ready chunk, scheduler, assignment, worker fetch), start -> commit
+            for prev, cur in itertools.pairwise(states):
+                parts.setdefault("commit->claim", []).append(cur.created_at - prev.ended_at)
+                parts.setdefault("claim->start", []).append(cur.started_at - cur.created_at)
+                parts.setdefault("start->commit", []).append(cur.ended_at - cur.started_at)
             per_run.append(seconds)
             progress("fabric", run, runs)
     return per_stage, per_run
@@ -183,7 +201,9 @@ async def run_latency(
         fab.start_engine()
         for _ in range(workers):
             fab.start_worker()
-        result.fabric_stage_s, result.fabric_run_s = await fabric_chain(fab, stages, runs, progress)
+        result.fabric_stage_s, result.fabric_run_s = await fabric_chain(
+            fab, stages, runs, progress, result.fabric_parts_s
+        )
     finally:
         fab.stop()
     if with_ray:
@@ -196,6 +216,7 @@ def latency_markdown(r: LatencyResult) -> str:
         ("FlowMesh fabric, per stage", Percentiles.of(r.fabric_stage_s)),
         ("FlowMesh fabric, whole chain", Percentiles.of(r.fabric_run_s)),
     ]
+    rows += [(f"  fabric {k}", Percentiles.of(v)) for k, v in r.fabric_parts_s.items()]
     if r.ray_stage_s:
         rows.append(("Ray tasks, per stage", Percentiles.of(r.ray_stage_s)))
     lines = [
