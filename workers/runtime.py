@@ -533,20 +533,16 @@ class Worker:
         # for this batch's operators only, not for those queued behind it
         self.running_batch = p.batch.batch_id
         self._running = p.todo
-        # sent, not awaited: it goes out before the executor's thread starts (the
-        # event loop writes it while that runs), without a round trip's wait per batch
-        beat = asyncio.create_task(self._beat_quietly())
+        # awaited: a record that kills the process (os._exit in its executor) must
+        # find this said first, or its loss is not counted and it crash-loops the fleet
+        with contextlib.suppress(Exception):
+            await self.heartbeat()
         try:
             return await self._run_and_commit(p)
         finally:
             self.running_batch = ""
             self._running = []
-            await beat
             uncancel_keys(t.op.key for t in p.todo)
-
-    async def _beat_quietly(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.heartbeat()
 
     async def _run_and_commit(self, p: Prepared) -> list[OpDone]:
         started = time.time()
