@@ -33,7 +33,14 @@ import click
 from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from flowmesh.engine.cli_options import _cas, _run, cas_option, data_option, nats_option
+from flowmesh.engine.cli_options import (
+    _cas,
+    _run,
+    cas_option,
+    connect_timeout,
+    data_option,
+    nats_option,
+)
 from flowmesh.topics import Bus, codec, streams
 from flowmesh.topics.cas import CAS, CASError
 from flowmesh.topics.codec import digest_of, is_digest
@@ -546,7 +553,7 @@ def _connect_and(
     nats_url: str, cas_url: str | None, fn: Any, need_cas: bool = False
 ) -> Awaitable[Any]:
     async def go() -> Any:
-        bus = await Bus.connect(nats_url, name="flowmesh-cache")
+        bus = await Bus.connect(nats_url, name="flowmesh-cache", give_up_after=connect_timeout())
         try:
             if need_cas:
                 from flowmesh.topics.cas import open_cas
@@ -634,7 +641,12 @@ def ls_command(
 @data_option
 @cas_option
 @_key_options
-@click.option("--state", type=click.Choice(["pending", "done", "failed"]), default=None)
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "done", "failed"]),
+    default=None,
+    help="count only entries in this state",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def stats_command(
     nats_url: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -24,12 +25,14 @@ from flowmesh.engine.cli_options import (
     _run,
     bus_options,
     cas_option,
+    client_cas,
     console,
     creds_option,
     data_option,
     models_option,
     nats_option,
     scheduler_option,
+    stdout,
     tenant_creds_option,
 )
 from flowmesh.engine.client import FlowMesh, read_records
@@ -39,19 +42,41 @@ from flowmesh.engine.tenant_client import TenantClient
 from flowmesh.engine.top import printable
 from flowmesh.topics import codec, logs
 from flowmesh.topics.cas import records_to_arrow
+from flowmesh.topics.errors import NotFound
 from flowmesh.topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
+from flowmesh.topics.settings import Settings, SettingsError
 
 DEMO = configs.path("workflows", "demo.yaml")
 DEMO_MODEL = "smollm2-135m"
+DAEMONS = {"engine", "planner", "scheduler", "gateway"}
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    package_name="flowmesh-fabric", prog_name="flowmesh", message="%(prog)s %(version)s"
+)
 @click.option(
     "--log-level", default=None, help="debug, info, warning (default $FLOWMESH_LOG_LEVEL or info)"
 )
-def main(log_level: str | None) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="write this command's log lines to stderr (default: DATA_DIR/logs/cli.log; the "
+    "engine and workers log to DATA_DIR/logs/ either way)",
+)
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None, verbose: bool) -> None:
     """FlowMesh: a multi-tenant service fabric for composable LLM workflows."""
-    logs.configure(level=log_level)
+    log_file = None
+    # the engine's processes log to stderr, which whoever runs them (up, a unit, a pod)
+    # collects; a command a person types keeps its output free of log lines
+    if not verbose and ctx.invoked_subcommand not in DAEMONS:
+        try:
+            log_file = Settings.load().log_dir / "cli.log"
+        except SettingsError as exc:
+            raise click.UsageError(str(exc)) from exc
+    logs.configure(level=log_level, file=log_file)
 
 
 # --- running the fabric ---------------------------------------------------------------
@@ -355,7 +380,9 @@ async def _wait_with_progress(
     "--id", "workflow_id", default=None, help="workflow id (resubmitting an id is a no-op)"
 )
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait with a progress bar")
-@click.option("--timeout", default=None, type=float)
+@click.option(
+    "--timeout", default=None, type=float, help="with --wait: give up after this many seconds"
+)
 @tenant_creds_option
 def submit(
     nats_url: str,
@@ -380,13 +407,13 @@ def submit(
                 wf = await tc.submit(msgspec.structs.replace(spec, tenant=tc.tenant), workflow_id)
                 click.echo(wf)
                 if wait:
-                    _print_status(await _wait_with_progress(tc, wf, timeout))
+                    _print_status(await _wait_with_progress(tc, wf, timeout), console)
             return
-        async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
+        async with await FlowMesh.connect(nats_url, client_cas(cas_url, data_dir)) as fm:
             wf = await fm.submit(spec, workflow_id, tenant=tenant)
             click.echo(wf)
             if wait:
-                _print_status(await _wait_with_progress(fm, wf, timeout))
+                _print_status(await _wait_with_progress(fm, wf, timeout), console)
 
     _run(go)
 
@@ -412,7 +439,7 @@ def status(
         if tenant_creds:
             await _tenant_status(tenant_creds, workflow_id, as_json)
             return
-        async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
+        async with await FlowMesh.connect(nats_url, client_cas(cas_url, data_dir)) as fm:
             if workflow_id:
                 _show_status(await fm.status(workflow_id), workflow_id, as_json)
                 return
@@ -435,8 +462,8 @@ def status(
                     f"{done}/{total}",
                     f"{secs:.1f}",
                 )
-            Console().print(table)
-            Console().print(
+            stdout.print(table)
+            stdout.print(
                 f"{len(workers)} workers registered: "
                 + ", ".join(f"{w.worker} ({w.device_class})" for w in workers)
             )
@@ -456,6 +483,7 @@ def status(
     type=click.Choice(["jsonl", "json", "arrow"]),
     default="jsonl",
     show_default=True,
+    help="one JSON record per line, one JSON list, or an Arrow IPC file (needs -o)",
 )
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), default=None, help="write to a file"
@@ -477,7 +505,7 @@ def result(
         if tenant_creds:
             async with await TenantClient.from_creds(tenant_creds) as tc:
                 return await tc.result(workflow_id, node)
-        async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
+        async with await FlowMesh.connect(nats_url, client_cas(cas_url, data_dir)) as fm:
             return await fm.result(workflow_id, node)
 
     rows = _run(go)
@@ -525,7 +553,7 @@ def cancel(
 
 def _show_status(st: WorkflowStatus | None, workflow_id: str, as_json: bool) -> None:
     if st is None:
-        raise KeyError(f"no workflow {workflow_id!r}")
+        raise NotFound(f"no workflow {workflow_id!r}")
     if as_json:
         click.echo(codec.encode(st).decode())
     else:
@@ -552,10 +580,12 @@ async def _tenant_status(creds: Path, workflow_id: str | None, as_json: bool) ->
                 f"{s.ops_done}/{s.ops_total}",
                 f"{secs:.1f}",
             )
-        Console().print(table)
+        stdout.print(table)
 
 
-def _print_status(st: WorkflowStatus) -> None:
+def _print_status(st: WorkflowStatus, out: Console = stdout) -> None:
+    """The node table (and the failure, if any) on `out`: stdout where the table is what
+    the command answers (`status WF`), stderr where it is progress (`submit --wait`)."""
     table = Table(title=printable(f"{st.workflow_id}  {st.name}  tenant={st.tenant}  [{st.state}]"))
     for col in ("node", "ops", "done", "failed", "reused", "outputs", "complete"):
         table.add_column(col)
@@ -569,12 +599,12 @@ def _print_status(st: WorkflowStatus) -> None:
             str(ns.n_outputs),
             "yes" if ns.complete else "no",
         )
-    Console(stderr=True).print(table)
+    out.print(table)
     if st.error:
-        Console(stderr=True).print(f"[red]error:[/red] {escape(st.error)}")
+        out.print(f"[red]error:[/red] {escape(st.error)}")
     if st.failure is not None:
         f = st.failure
-        Console(stderr=True).print(
+        out.print(
             escape(
                 f"failed operator: node {f.node}, key {f.key}, "
                 f"{f.attempts} attempt(s), last on worker {f.worker or '?'}"
@@ -583,9 +613,42 @@ def _print_status(st: WorkflowStatus) -> None:
             soft_wrap=True,
         )
         if f.traceback:
-            Console(stderr=True).print(
-                escape(f.traceback.rstrip()), highlight=False, soft_wrap=True
-            )
+            out.print(escape(f.traceback.rstrip()), highlight=False, soft_wrap=True)
+
+
+@main.command("settings")
+@click.option("--table", is_flag=True, help="print every variable as the README's Markdown table")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (one JSON object)")
+def settings_command(table: bool, as_json: bool) -> None:
+    """Show the settings in effect (flags > environment > file > defaults), and where each
+    one came from."""
+    from flowmesh.topics.settings import VARIABLES, settings_table
+
+    if table:
+        click.echo(settings_table(), nl=False)
+        return
+    try:
+        current = Settings.load()
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from exc
+    rows = []
+    for v in VARIABLES:
+        value = getattr(current, v.field)
+        source = (
+            f"${v.env}"
+            if os.environ.get(v.env, "").strip()
+            else "file"
+            if v.field in current.given
+            else "default"
+        )
+        rows.append({"setting": v.field, "value": str(value), "from": source, "variable": v.env})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    out = Table("setting", "value", "from")
+    for r in rows:
+        out.add_row(r["setting"], r["value"], r["from"])
+    stdout.print(out)
 
 
 def _register_subcommands() -> None:

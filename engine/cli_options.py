@@ -11,14 +11,31 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
+from rich.markup import escape
 
-from flowmesh.engine.client import WorkflowFailed
 from flowmesh.engine.spec import SpecError
 from flowmesh.topics.creds import CredsError
+from flowmesh.topics.errors import FlowMeshError, WorkflowFailed
+from flowmesh.topics.settings import Settings, SettingsError
 
 T = TypeVar("T")
-console = Console(stderr=True)
+
+
+def _console(stderr: bool) -> Console:
+    # not a terminal (a pipe, a file, CI logs): never cut or wrap lines at 80 columns
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 100_000)
+
+
+console = _console(stderr=True)  # progress, notes and errors
+stdout = _console(stderr=False)  # what a command answers: tables, results
+
+
+def connect_timeout() -> float:
+    """Seconds a command waits for NATS before it gives up (settings: connect_timeout)."""
+    return float(Settings.load().connect_timeout)
 
 
 def _env(name: str, default: str) -> Callable[[], str]:
@@ -71,7 +88,6 @@ tenant_creds_option = click.option(
 )
 
 
-
 def _set_env(name: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
     # exported to the environment: every process this one starts (LocalFabric's engine
     # and workers) and every Bus it connects run on the same bus
@@ -90,8 +106,7 @@ def bus_options(fn: Callable[..., T]) -> Callable[..., T]:
         default=None,
         expose_value=False,
         callback=_set_env("FLOWMESH_KAFKA"),
-        help="Kafka bootstrap servers for --bus kafka (default $FLOWMESH_KAFKA or "
-        "127.0.0.1:9092)",
+        help="Kafka bootstrap servers for --bus kafka (default $FLOWMESH_KAFKA or 127.0.0.1:9092)",
     )(fn)
     return click.option(
         "--bus",
@@ -113,8 +128,25 @@ scheduler_option = click.option(
     "needs --bus kafka and the faust extra)",
 )
 
+
 def _cas(cas_url: str | None, data_dir: Path) -> str:
+    """The CAS a fabric command (up, engine, ...) runs with: --cas, $FLOWMESH_CAS, or
+    DATA_DIR/cas (absolute)."""
     return cas_url or os.environ.get("FLOWMESH_CAS") or f"file://{data_dir.resolve() / 'cas'}"
+
+
+def client_cas(cas_url: str | None, data_dir: Path) -> str | None:
+    """The CAS a client command was told to use (--cas, --data-dir, or their variables),
+    or None: then it uses the one the running fabric recorded (topics/fabric.py), so it
+    finds the fabric's data from any folder."""
+    ctx = click.get_current_context(silent=True)
+    given_dir = None
+    if ctx is not None and ctx.get_parameter_source("data_dir") not in (
+        None,
+        ParameterSource.DEFAULT,
+    ):
+        given_dir = str(data_dir)
+    return Settings.load().updated(cas=cas_url, data_dir=given_dir).chosen_cas
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -124,11 +156,14 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(runner())
     except SpecError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         sys.exit(2)
     except WorkflowFailed as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         sys.exit(1)
-    except (KeyError, RuntimeError, TimeoutError, CredsError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    except (FlowMeshError, SettingsError, CredsError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(1)
+    except (KeyError, RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(1)

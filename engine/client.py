@@ -1,9 +1,6 @@
-"""The client SDK: submit workflows, watch them, read results.
-
-    async with await FlowMesh.connect("nats://127.0.0.1:4222", "file://.flowmesh/cas") as fm:
-        wf = await fm.submit(load_spec("configs/workflows/demo.yaml"))
-        status = await fm.wait(wf)
-        rows = await fm.result(wf, "answers")
+"""The bus client: submit workflows, watch them, read results, straight on JetStream.
+The public API is `flowmesh.Client` (sdk/client.py), which uses this one when it talks to
+the bus directly (the engine's gateway and tools use it too).
 
 A submission is validated here first (nothing is published for an invalid spec), its
 datasets are uploaded to the CAS as Arrow IPC, and only their digests go on the bus. It is
@@ -29,6 +26,8 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from flowmesh.engine.spec import MAX_DATASET_BYTES, Catalog, SpecError, check_records, validate
 from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.cas import CAS, Record, open_cas
+from flowmesh.topics.errors import NotComplete, NotFound, WaitTimeout, WorkflowFailed
+from flowmesh.topics.fabric import agree, read_fabric
 from flowmesh.topics.messages import (
     CancelWorkflow,
     DatasetSpec,
@@ -37,12 +36,10 @@ from flowmesh.topics.messages import (
     WorkflowSpec,
     WorkflowStatus,
 )
+from flowmesh.topics.settings import Settings
 
-
-class WorkflowFailed(RuntimeError):
-    def __init__(self, status: WorkflowStatus) -> None:
-        self.status = status
-        super().__init__(f"workflow {status.workflow_id} failed: {status.error}")
+# WorkflowFailed: the name tests and older callers import from here
+__all__ = ["FlowMesh", "WorkflowFailed", "read_records"]
 
 
 # dataset files whose size on disk is close to their size as JSON records
@@ -79,9 +76,30 @@ class FlowMesh:
         self.cas = cas
 
     @classmethod
-    async def connect(cls, nats_url: str, cas_url: str) -> FlowMesh:
-        bus = await Bus.connect(nats_url, name="flowmesh-client")
-        return cls(bus, await open_cas(cas_url, bus.js))
+    async def connect(
+        cls,
+        nats_url: str | None = None,
+        cas_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+    ) -> FlowMesh:
+        """Connect to the fabric at `nats_url` (default: the settings', i.e. $FLOWMESH_NATS)
+        and open its CAS: `cas_url` if given (it must be the one the fabric recorded), else
+        the fabric's own (topics/fabric.py), else the settings'. Unavailable when no NATS
+        server answers within the settings' connect_timeout."""
+        settings = settings or Settings.load()
+        url = nats_url or settings.nats
+        bus = await Bus.connect(url, name="flowmesh-client", give_up_after=settings.connect_timeout)
+        try:
+            mine = cas_url if cas_url is not None else settings.chosen_cas
+            # told no CAS: the fabric's, once its engine has recorded it (a client may
+            # connect while the engine is still starting)
+            record = await read_fabric(bus, wait_s=settings.connect_timeout if mine is None else 0)
+            cas = await open_cas(agree(record, mine, settings.cas_url, url), bus.js)
+        except BaseException:
+            await bus.close()
+            raise
+        return cls(bus, cas)
 
     async def close(self) -> None:
         await self.bus.close()
@@ -246,7 +264,7 @@ class FlowMesh:
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"workflow {workflow_id} still running after {timeout}s")
+                    raise WaitTimeout(f"workflow {workflow_id} still running after {timeout}s")
                 if self.bus.reconnects != seen:
                     # a nats restart took the watcher's consumer with it: watch again
                     # (the new one starts with the latest status)
@@ -291,14 +309,14 @@ class FlowMesh:
     async def result(self, workflow_id: str, node: str) -> list[Record]:
         status = await self.status(workflow_id)
         if status is None:
-            raise KeyError(f"no workflow {workflow_id!r}")
+            raise NotFound(f"no workflow {workflow_id!r}")
         ns = status.nodes.get(node)
         if ns is None:
-            raise KeyError(
+            raise NotFound(
                 f"workflow {workflow_id} has no node {node!r} (nodes: {', '.join(status.nodes)})"
             )
         if not ns.complete or ns.output is None:
-            raise RuntimeError(
+            raise NotComplete(
                 f"node {node!r} of {workflow_id} is not complete ({ns.done}/{ns.total})"
             )
         return await self.cas.get_records(await self.cas.get_manifest(ns.output))

@@ -23,7 +23,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from flowmesh.engine.cli_options import _run, nats_option
+from flowmesh.engine.cli_options import _run, connect_timeout, nats_option, stdout
 from flowmesh.topics import Bus, codec, streams
 from flowmesh.topics.messages import OpRequest, OpState, WorkflowStatus
 
@@ -221,7 +221,7 @@ def cost_command(nats_url: str, tenant: str | None, as_json: bool) -> None:
     """What each tenant and workflow paid, and what sharing saved it."""
 
     async def go() -> CostReport:
-        bus = await Bus.connect(nats_url, "flowmesh-cost")
+        bus = await Bus.connect(nats_url, "flowmesh-cost", give_up_after=connect_timeout())
         try:
             return await cost_report(bus)
         finally:
@@ -241,4 +241,4 @@ def cost_command(nats_url: str, tenant: str | None, as_json: bool) -> None:
         }
         click.echo(json.dumps(out))
         return
-    render(report, tenant, Console())
+    render(report, tenant, stdout)

@@ -9,15 +9,8 @@ tenant cannot even learn that it exists.
 
 Engines serve the API in one queue group, so any number of them share the load.
 
-Verbs (request body -> reply data, all JSON):
-  submit   {spec, workflow_id?} -> {workflow_id}   datasets inline as records only
-  status   {workflow_id}        -> WorkflowStatus
-  list     {}                   -> [WorkflowSummary]
-  result   {workflow_id, node, offset?, limit?} -> ResultPage
-  lineage  {workflow_id, node?} -> lineage dict, other tenants' requests redacted
-  cost     {}                   -> {tenant: bill, workflows: {id: bill}}
-  cancel   {workflow_id}        -> {workflow_id, state}
-Every reply is an ApiReply: {ok, data} or {ok: false, code, error}.
+The verbs, their request and reply bodies (submit, status, list, result, lineage, cost,
+cancel) and the error codes are the contract's: topics/api.py.
 
 One tenant cannot take the service from the others (issue 17): each has a request rate,
 a number of requests in progress at once, and a number of operators in flight of its
@@ -34,7 +27,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import structlog
@@ -47,24 +40,36 @@ from flowmesh.engine.cost import workflows_cost
 from flowmesh.engine.lineage import LineageError, build_lineage
 from flowmesh.engine.spec import SpecError, planned_operators
 from flowmesh.topics import Bus, codec, streams, subjects
-from flowmesh.topics.cas import CAS, CASError, Record
+from flowmesh.topics.api import (
+    LIST_MAX,
+    LIST_PAGE,
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    RESULT_PAGE_ROWS,
+    ApiReply,
+    Bill,
+    CostSummary,
+    ErrorCode,
+    LineageRequest,
+    PageRequest,
+    ResultPage,
+    ResultRequest,
+    SubmitReply,
+    SubmitRequest,
+    WorkflowRequest,
+    WorkflowSummary,
+)
+from flowmesh.topics.cas import CAS, CASError
 from flowmesh.topics.messages import CancelWorkflow, WorkflowSpec, WorkflowStatus
 
 log = structlog.get_logger("flowmesh.gateway")
 
 QUEUE = "fm-gateway"
-# Below NATS's default max_payload (1 MiB), with room for the envelope.
-MAX_REQUEST_BYTES = 768 * 1024
-MAX_REPLY_BYTES = 768 * 1024
-RESULT_PAGE_ROWS = 1000
-LIST_MAX = 1000  # newest workflows a list answers with
-LIST_PAGE = 100  # workflows per list or cost page unless asked otherwise
 CONCURRENCY = 32  # requests handled at once per engine
 # How long submit waits for the planner to accept the workflow, so that a status right
 # after it finds it; past that the submission (stored in its stream) is still run.
 ACCEPT_WAIT_S = 10.0
 
-ErrorCode = Literal["not_found", "bad_request", "too_large", "too_many_requests", "internal"]
 CANCEL_WAIT_S = 5.0  # how long cancel waits to see the planner mark it cancelled
 
 
@@ -109,69 +114,6 @@ class ApiError(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         self.code = code
         super().__init__(message)
-
-
-# --- the wire ---------------------------------------------------------------------------
-
-
-class ApiReply(msgspec.Struct, omit_defaults=True):
-    ok: bool
-    data: Any = None
-    code: ErrorCode | None = None
-    error: str | None = None
-
-
-class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True):
-    spec: WorkflowSpec
-    workflow_id: str | None = None
-
-
-class WorkflowRequest(msgspec.Struct, forbid_unknown_fields=True):
-    workflow_id: str
-
-
-class ResultRequest(msgspec.Struct, forbid_unknown_fields=True):
-    workflow_id: str
-    node: str
-    offset: int = 0
-    limit: int = RESULT_PAGE_ROWS
-
-
-class LineageRequest(msgspec.Struct, forbid_unknown_fields=True):
-    workflow_id: str
-    node: str | None = None
-
-
-class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
-    pass
-
-
-class PageRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """list and cost: the tenant's workflows newest first, `limit` from `offset`."""
-
-    offset: int = 0
-    limit: int = LIST_PAGE
-
-
-class SubmitReply(msgspec.Struct):
-    workflow_id: str
-
-
-class WorkflowSummary(msgspec.Struct):
-    workflow_id: str
-    name: str
-    state: str
-    submitted_at: float
-    ended_at: float | None
-    ops_total: int
-    ops_done: int
-
-
-class ResultPage(msgspec.Struct):
-    records: list[Record]
-    offset: int
-    total: int
-    next_offset: int | None  # None: this was the last page
 
 
 def gateway_workflow_id(tenant: str, given: str | None) -> str:
@@ -464,6 +406,7 @@ class Gateway:
                 ended_at=st.ended_at,
                 ops_total=sum(n.total for n in st.nodes.values()),
                 ops_done=sum(n.done for n in st.nodes.values()),
+                tenant=st.tenant,
             )
             for st in await self._page(tenant, offset, limit)
         ]
@@ -481,7 +424,7 @@ class Gateway:
             )
         if not ns.complete or ns.output is None:
             raise ApiError(
-                "not_found",
+                "not_complete",
                 f"node {req.node!r} of {req.workflow_id} is not complete ({ns.done}/{ns.total})",
             )
         if req.offset < 0 or req.limit < 1:
@@ -512,19 +455,19 @@ class Gateway:
             raise ApiError("not_found", str(exc)) from exc
         return redact_lineage(lin.to_dict(), tenant)
 
-    async def cost(self, tenant: str, offset: int = 0, limit: int = LIST_PAGE) -> dict[str, Any]:
+    async def cost(self, tenant: str, offset: int = 0, limit: int = LIST_PAGE) -> CostSummary:
         """The bills of a page of the tenant's workflows (newest first), and their sum;
         read from those workflows' own records (engine/cost.py workflows_cost)."""
         page = [s.workflow_id for s in await self._page(tenant, offset, limit)]
         report = await workflows_cost(self.bus, page)
         own = {wf: b for wf, b in report.workflows.items() if b.tenant == tenant}
         bill = report.tenants.get(tenant)
-        return {
-            "tenant": bill.as_dict() if bill else None,
-            "workflows": {wf: b.as_dict() for wf, b in sorted(own.items())},
-            "offset": offset,
-            "limit": limit,
-        }
+        return CostSummary(
+            tenants={tenant: codec.convert(bill.as_dict(), Bill)} if bill else {},
+            workflows={wf: codec.convert(b.as_dict(), Bill) for wf, b in sorted(own.items())},
+            offset=offset,
+            limit=limit,
+        )
 
 
 def redact_lineage(lin: dict[str, Any], tenant: str) -> dict[str, Any]:

@@ -48,7 +48,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flowmesh.engine.cli_options import _cas, _run, cas_option, data_option, nats_option
+from flowmesh.engine.cli_options import (
+    _run,
+    cas_option,
+    client_cas,
+    data_option,
+    nats_option,
+)
 from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.cas import CAS, CASError
 from flowmesh.topics.messages import (
@@ -1071,7 +1077,7 @@ def lineage_command(
         raise click.UsageError("--json and --openlineage - both want stdout; pick one")
 
     async def go() -> WorkflowLineage:
-        async with await FlowMesh.connect(nats_url, _cas(cas_url, data_dir)) as fm:
+        async with await FlowMesh.connect(nats_url, client_cas(cas_url, data_dir)) as fm:
             return await build_lineage(fm, workflow_id, node)
 
     lin = _run(go)

@@ -29,6 +29,7 @@ from flowmesh.engine.shards import check_shard
 from flowmesh.topics import Bus
 from flowmesh.topics.cas import open_cas
 from flowmesh.topics.creds import redact_url
+from flowmesh.topics.fabric import record_fabric
 
 if TYPE_CHECKING:
     from flowmesh.engine.console.app import ConsoleServer
@@ -98,6 +99,9 @@ class Engine:
     ) -> Engine:
         bus = await Bus.connect(nats_url, name=f"flowmesh-{parts.name}")
         cas = await open_cas(cas_url, bus.js)
+        if parts.planner or parts.gateway:
+            # where clients must put datasets and find results (topics/fabric.py)
+            await record_fabric(bus, cas_url)
         engine = cls(bus)
         if parts.planner:
             engine.planner = Planner(bus, cas, shard=parts.shard, shards=parts.shards)

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from flowmesh.topics import codec
+from flowmesh.topics.errors import FlowMeshError
 from flowmesh.topics.messages import DatasetSpec, NodeSpec, WorkflowSpec
 from flowmesh.topics.operators import (
     KINDS,
@@ -48,8 +49,10 @@ class Catalog(NamedTuple):
     signatures: Mapping[str, Mapping[str, tuple[str, bool]]]
 
 
-class SpecError(ValueError):
+class SpecError(FlowMeshError, ValueError):
     """A workflow spec is invalid; `problems` lists every reason."""
+
+    code = "bad_request"
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems

@@ -26,39 +26,55 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from flowmesh.engine.client import WorkflowFailed, read_records
-from flowmesh.engine.gateway import (
+from flowmesh.engine.client import read_records
+from flowmesh.engine.spec import SpecError, validate
+from flowmesh.topics import codec, subjects
+from flowmesh.topics.api import (
     LIST_PAGE,
     MAX_REQUEST_BYTES,
     ApiReply,
+    CostSummary,
+    Lineage,
     ResultPage,
     SubmitReply,
     SubmitRequest,
     WorkflowRequest,
     WorkflowSummary,
 )
-from flowmesh.engine.spec import SpecError, validate
-from flowmesh.topics import codec, subjects
 from flowmesh.topics.cas import Record
 from flowmesh.topics.creds import load_creds
+from flowmesh.topics.errors import (
+    GatewayError,
+    NotComplete,
+    NotFound,
+    Unavailable,
+    WaitTimeout,
+    WorkflowFailed,
+)
 from flowmesh.topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
+from flowmesh.topics.reach import wait_reachable
+
+# the names tests and older callers import from here
+__all__ = ["GatewayError", "NotFound", "TenantClient"]
 
 log = structlog.get_logger("flowmesh.tenant")
 
+
+class GatewayNotFound(NotFound, GatewayError):
+    """The gateway's "not found": a NotFound like the bus client's, and a GatewayError
+    like the gateway's other refusals."""
+
+    def __init__(self, message: str) -> None:
+        GatewayError.__init__(self, "not_found", message)
+
+
+class GatewayNotComplete(NotComplete, GatewayError):
+    def __init__(self, message: str) -> None:
+        GatewayError.__init__(self, "not_complete", message)
+
+
 DEFAULT_URL = "nats://127.0.0.1:4222"
 ACCEPT_GRACE_S = 30.0
-
-
-class GatewayError(RuntimeError):
-    """The gateway refused or failed a request; `code` says how."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
-
-
-class NotFound(GatewayError):
-    """No such workflow or node, as far as this tenant may know."""
 
 
 class TenantClient:
@@ -75,7 +91,11 @@ class TenantClient:
         user: str | None = None,
         password: str | None = None,
         timeout: float = 30.0,
+        give_up_after: float = 5.0,
     ) -> TenantClient:
+        """Unavailable when no server answers at `url` within `give_up_after` seconds."""
+        await wait_reachable(url, give_up_after)
+
         async def on_error(exc: Exception) -> None:
             # a permission violation lands here: the server refused a publish/subscribe
             log.warning("nats error", error=str(exc), tenant=tenant)
@@ -94,7 +114,11 @@ class TenantClient:
 
     @classmethod
     async def from_creds(
-        cls, path: str | Path, url: str | None = None, timeout: float = 30.0
+        cls,
+        path: str | Path,
+        url: str | None = None,
+        timeout: float = 30.0,
+        give_up_after: float = 5.0,
     ) -> TenantClient:
         """Connect with a tenant's credentials file (from `flowmesh auth init`)."""
         creds = load_creds(path)
@@ -107,7 +131,9 @@ class TenantClient:
         if parsed.port:
             netloc += f":{parsed.port}"
         target = urlunparse(parsed._replace(netloc=netloc))
-        return await cls.connect(target, creds.tenant, creds.user, creds.password, timeout)
+        return await cls.connect(
+            target, creds.tenant, creds.user, creds.password, timeout, give_up_after
+        )
 
     async def close(self) -> None:
         await self.nc.close()
@@ -130,9 +156,7 @@ class TenantClient:
         try:
             msg = await self.nc.request(subject, payload, timeout=self.timeout)
         except NoRespondersError as exc:
-            raise GatewayError(
-                "unavailable", f"no engine serves {subject}: is the engine running?"
-            ) from exc
+            raise Unavailable(f"no engine serves {subject}: is the engine running?") from exc
         except (TimeoutError, NatsTimeoutError) as exc:
             raise GatewayError(
                 "timeout",
@@ -144,7 +168,9 @@ class TenantClient:
             return reply.data
         message = reply.error or reply.code or "request failed"
         if reply.code == "not_found":
-            raise NotFound("not_found", message)
+            raise GatewayNotFound(message)
+        if reply.code == "not_complete":
+            raise GatewayNotComplete(message)
         raise GatewayError(reply.code or "error", message)
 
     # --- verbs ------------------------------------------------------------------------
@@ -222,7 +248,7 @@ class TenantClient:
                 # the gateway answers submit once the planner accepted the workflow, or
                 # after a while without it (engine restarting): give it that long again
                 if time.monotonic() - started > ACCEPT_GRACE_S:
-                    raise NotFound("not_found", f"no workflow {workflow_id!r}")
+                    raise NotFound(f"no workflow {workflow_id!r}")
                 await asyncio.sleep(poll_s)
                 continue
             if on_update is not None and status.updated_at != last:
@@ -233,7 +259,7 @@ class TenantClient:
             if status.state != "running":
                 return status
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"workflow {workflow_id} still running after {timeout}s")
+                raise WaitTimeout(f"workflow {workflow_id} still running after {timeout}s")
             await asyncio.sleep(poll_s)
 
     async def result(self, workflow_id: str, node: str) -> list[Record]:
@@ -249,18 +275,17 @@ class TenantClient:
             offset = page.next_offset
         return rows
 
-    async def lineage(self, workflow_id: str, node: str | None = None) -> dict[str, Any]:
-        data: dict[str, Any] = await self.call(
-            "lineage", {"workflow_id": workflow_id, "node": node}
-        )
-        return data
+    async def lineage(self, workflow_id: str, node: str | None = None) -> Lineage:
+        """The workflow's (or a node's) lineage; other tenants' requests only counted."""
+        data = await self.call("lineage", {"workflow_id": workflow_id, "node": node})
+        return codec.convert(data, Lineage)
 
     async def cancel(self, workflow_id: str) -> str:
         """Cancel one of this tenant's running workflows; its state after the request."""
         data = await self.call("cancel", WorkflowRequest(workflow_id=workflow_id))
         return str(data["state"])
 
-    async def cost(self, offset: int = 0, limit: int = LIST_PAGE) -> dict[str, Any]:
+    async def cost(self, offset: int = 0, limit: int = LIST_PAGE) -> CostSummary:
         """The bills of a page of this tenant's workflows (newest first) and their sum."""
-        data: dict[str, Any] = await self.call("cost", {"offset": offset, "limit": limit})
-        return data
+        data = await self.call("cost", {"offset": offset, "limit": limit})
+        return codec.convert(data, CostSummary)

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from flowmesh.engine.cli_options import _run, creds_option, nats_option
+from flowmesh.engine.cli_options import _run, connect_timeout, creds_option, nats_option
 from flowmesh.engine.monitor import Snapshot, snapshot
 from flowmesh.topics import Bus
 from flowmesh.topics.creds import CredsError, resolve_url
@@ -146,11 +146,16 @@ def render(snap: Snapshot, max_workflows: int = 15) -> RenderableType:
 
 
 async def _loop(nats_url: str, interval: float, once: bool, console: Console) -> None:
-    bus = await Bus.connect(nats_url, "flowmesh-top")
+    bus = await Bus.connect(nats_url, "flowmesh-top", give_up_after=connect_timeout())
     try:
-        if once:
-            console.print(render(await snapshot(bus)))
-            return
+        if once or not console.is_terminal:
+            # not a terminal (a pipe, a log file): a live view would write nothing there,
+            # so one snapshot after another, each printed whole
+            while True:
+                console.print(render(await snapshot(bus)))
+                if once:
+                    return
+                await asyncio.sleep(interval)
         with Live(console=console, screen=False, auto_refresh=False) as live:
             while True:
                 live.update(render(await snapshot(bus)), refresh=True)

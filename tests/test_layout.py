@@ -56,26 +56,35 @@ def test_required_top_level_layout() -> None:
 
 
 PACKAGE_ROOTS = ["topics", "engine", "workers", "loadgen", "configs"]
+# the folder that installs as `flowmesh` itself (flowmesh.Client, the public names)
+TOP_PACKAGE = "sdk"
 
 
 def test_every_folder_is_listed_as_a_flowmesh_package() -> None:
     """Setuptools ignores package-dir mappings when it discovers packages, so a new
     sub-package that is not listed in pyproject.toml would be left out of the wheel."""
     tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert tool["package-dir"] == {f"flowmesh.{r}": r for r in PACKAGE_ROOTS}
+    assert tool["package-dir"] == {
+        "flowmesh": TOP_PACKAGE,
+        **{f"flowmesh.{r}": r for r in PACKAGE_ROOTS},
+    }
     on_disk = {
         "flowmesh." + ".".join(init.parent.relative_to(REPO).parts)
         for root in PACKAGE_ROOTS
         for init in (REPO / root).rglob("__init__.py")
     }
-    assert set(tool["packages"]) == on_disk
+    # the top package is one flat folder: a sub-folder of it would not be listed
+    assert [
+        p for p in (REPO / TOP_PACKAGE).iterdir() if p.is_dir() and p.name != "__pycache__"
+    ] == []
+    assert set(tool["packages"]) == on_disk | {"flowmesh"}
 
 
 def test_no_bare_top_level_imports() -> None:
     """Everything imports through the namespace: a bare `import engine` works in the
     checkout and fails in an installed wheel."""
     bare = []
-    for root in [*PACKAGE_ROOTS, "tests"]:
+    for root in [*PACKAGE_ROOTS, TOP_PACKAGE, "tests"]:
         for path in (REPO / root).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
                 if isinstance(node, ast.Import):
@@ -84,6 +93,9 @@ def test_no_bare_top_level_imports() -> None:
                     names = [node.module]
                 else:
                     continue
-                bare += [f"{path.relative_to(REPO)}: {n}" for n in names
-                         if n.split(".")[0] in PACKAGE_ROOTS]
+                bare += [
+                    f"{path.relative_to(REPO)}: {n}"
+                    for n in names
+                    if n.split(".")[0] in [*PACKAGE_ROOTS, TOP_PACKAGE]
+                ]
     assert bare == []

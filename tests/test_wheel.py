@@ -128,7 +128,11 @@ def test_bare_folder_names_do_not_import(installed: Installed) -> None:
 
 
 def test_the_public_api_imports_from_the_installed_wheel(installed: Installed) -> None:
-    code = "import flowmesh.engine.cli, flowmesh.workers.main;print(flowmesh.engine.cli.__file__)"
+    code = (
+        "import flowmesh, flowmesh.engine.cli, flowmesh.workers.main;"
+        "from flowmesh import Client;"
+        "print(flowmesh.__file__)"
+    )
     proc = installed.run(str(installed.python), "-c", code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(str(installed.venv))

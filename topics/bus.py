@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 from flowmesh.topics import codec, streams, subjects, transport
 from flowmesh.topics.creds import resolve_url
 from flowmesh.topics.messages import DeadLetter
+from flowmesh.topics.reach import wait_reachable
 
 if TYPE_CHECKING:
     from flowmesh.topics.kafka_bus import KafkaStreams
@@ -108,7 +109,16 @@ class Bus:
         name: str,
         layout: streams.Layout | None = None,
         connect_timeout: float = 5.0,
+        give_up_after: float | None = None,
+        kafka: str | None = None,
     ) -> Bus:
+        """`give_up_after`: seconds to wait for the server before raising
+        errors.Unavailable (commands and clients); None waits as long as it takes (a
+        component started before its server). `kafka`: bootstrap servers to run the
+        streams on Kafka ("" for NATS); None reads $FLOWMESH_BUS / $FLOWMESH_KAFKA."""
+        if give_up_after is not None:
+            await wait_reachable(url, give_up_after)
+
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc), client=name)
 
@@ -138,8 +148,9 @@ class Bus:
         js = nc.jetstream(timeout=10.0)
         await streams.ensure(js, layout)
         bus = cls(nc, js, link)
-        kafka = transport.kafka_from_env()
-        if kafka is not None:
+        if kafka is None:
+            kafka = transport.kafka_from_env()
+        if kafka:
             from flowmesh.topics.kafka_bus import KafkaStreams  # the kafka extra, only when used
 
             try:

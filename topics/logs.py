@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import structlog
 
@@ -33,10 +34,30 @@ class StderrLogger:
         return cls()
 
 
-def configure(level: str | None = None, json: bool | None = None) -> None:
+class FileLogger:
+    """Appends each line to a file, opened (and its folder made) at the first line, so a
+    command that logs nothing leaves nothing behind. A line that cannot be written is
+    lost, never an exception in the command."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(message + "\n")
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
+
+
+def configure(level: str | None = None, json: bool | None = None, file: Path | None = None) -> None:
+    """Log lines go to stderr, or (`file`) appended to that file: a command's own output
+    stays free of them unless asked for (`flowmesh --verbose`)."""
     level = (level or os.environ.get("FLOWMESH_LOG_LEVEL", "info")).upper()
     if json is None:
-        json = os.environ.get("FLOWMESH_LOG_JSON", "1" if not sys.stderr.isatty() else "0") == "1"
+        tty = file is None and sys.stderr.isatty()
+        json = os.environ.get("FLOWMESH_LOG_JSON", "0" if tty else "1") == "1"
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
@@ -49,7 +70,7 @@ def configure(level: str | None = None, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
-        logger_factory=StderrLogger.factory,
+        logger_factory=StderrLogger.factory if file is None else (lambda *a: FileLogger(file)),
         cache_logger_on_first_use=True,
     )
 

@@ -40,6 +40,7 @@ KV_EXECUTORS = "fm_executors"  # executor id -> version advertised by workers
 SIGNATURE_PREFIX = "params."
 KV_MODELS = "fm_models"  # model name -> weights digest advertised by workers
 KV_REQUESTS = "fm_requests"  # "<op key>.<workflow id>" -> OpRequest
+KV_FABRIC = "fm_fabric"  # "engine" -> FabricRecord: the CAS the fabric uses (topics/fabric.py)
 OBJ_CAS = "fm_cas"  # object-store CAS backend
 
 # Consumer names
@@ -189,6 +190,9 @@ async def ensure(js: JetStreamContext, layout: Layout | None = None) -> None:
         ),
         KV_MODELS: KeyValueConfig(
             bucket=KV_MODELS, history=1, storage=layout.storage, replicas=layout.replicas
+        ),
+        KV_FABRIC: KeyValueConfig(
+            bucket=KV_FABRIC, history=1, storage=layout.storage, replicas=layout.replicas
         ),
     }
     for name, kv_cfg in kv_buckets.items():

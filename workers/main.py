@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-from pathlib import Path
 
 import click
 
 from flowmesh.topics import Bus, logs
 from flowmesh.topics.cas import open_cas
 from flowmesh.topics.creds import CredsError, resolve_url
+from flowmesh.topics.settings import Settings, SettingsError
 from flowmesh.workers import metrics
 from flowmesh.workers.runtime import Worker, WorkerConfig
 
@@ -26,15 +25,8 @@ def with_creds(url: str, creds_path: str) -> str:
         raise click.BadParameter(str(exc)) from exc
 
 
-def _use_env(name: str, value: str | None) -> str | None:
-    # read by Bus.connect (topics/transport.py), like every other component
-    if value:
-        os.environ[name] = value
-    return value
-
-
-async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
-    bus = await Bus.connect(nats_url, name=f"flowmesh-worker-{config.device_class}")
+async def serve(nats_url: str, cas_url: str, config: WorkerConfig, kafka: str = "") -> None:
+    bus = await Bus.connect(nats_url, name=f"flowmesh-worker-{config.device_class}", kafka=kafka)
     cas = await open_cas(cas_url, bus.js)
     worker = Worker(bus, cas, config)
     await worker.start()
@@ -50,50 +42,74 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
     await bus.close()
 
 
-@click.command()
+def _list_fns(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from flowmesh.workers.fns import fn_table
+
+        click.echo(fn_table(), nl=False)
+        ctx.exit()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--nats",
-    "nats_url",
-    default=lambda: os.environ.get("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
-    show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222",
+    "--list-fns",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_list_fns,
+    help="print the built-in fns (transforms and tools) and their parameters, and exit",
+)
+@click.option(
+    "--nats", "nats_url", default=None, help="NATS server URL [settings: $FLOWMESH_NATS, ...]"
 )
 @click.option(
     "--bus",
     type=click.Choice(["nats", "kafka"]),
     default=None,
-    expose_value=False,
-    callback=lambda ctx, param, value: _use_env("FLOWMESH_BUS", value),
-    help="the streams' bus (default $FLOWMESH_BUS or nats); KV and CAS stay on NATS",
+    help="the streams' bus [$FLOWMESH_BUS or nats]; KV and CAS stay on NATS",
 )
 @click.option(
-    "--kafka",
-    default=None,
-    expose_value=False,
-    callback=lambda ctx, param, value: _use_env("FLOWMESH_KAFKA", value),
-    help="Kafka bootstrap servers for --bus kafka (default $FLOWMESH_KAFKA)",
+    "--kafka", default=None, help="Kafka bootstrap servers for --bus kafka [$FLOWMESH_KAFKA]"
 )
 @click.option(
     "--cas",
     "cas_url",
-    default=lambda: os.environ.get("FLOWMESH_CAS", "file://.flowmesh/cas"),
-    show_default="$FLOWMESH_CAS or file://.flowmesh/cas",
+    default=None,
+    help="CAS URL: file:///path, nats: or s3://... [$FLOWMESH_CAS, else DATA_DIR/cas]",
 )
 @click.option(
     "--creds",
     "creds_path",
-    default=lambda: os.environ.get("FLOWMESH_CREDS", ""),
-    show_default="$FLOWMESH_CREDS",
-    help="fabric credentials file (flowmesh auth init) for a server that requires them",
+    default=None,
+    help="fabric credentials file (flowmesh auth init) for a server that requires them "
+    "[$FLOWMESH_CREDS]",
 )
 @click.option(
     "--data-dir",
-    default=lambda: os.environ.get("FLOWMESH_DATA", ".flowmesh"),
-    type=click.Path(path_type=Path),
+    default=None,
+    help="data directory: models are cached under it, and its cas/ is the CAS unless --cas "
+    "says otherwise [$FLOWMESH_DATA or .flowmesh]",
 )
-@click.option("--device-class", default="cpu", show_default=True)
-@click.option("--price-per-hour", default=0.05, show_default=True, type=float)
+@click.option(
+    "--config",
+    "config_file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="settings file (TOML) [$FLOWMESH_CONFIG, or ./flowmesh.toml]",
+)
+@click.option(
+    "--device-class",
+    default="cpu",
+    show_default=True,
+    help="the class the scheduler prices and places it as (a class of the fleet profile)",
+)
+@click.option(
+    "--price-per-hour", default=0.05, show_default=True, type=float, help="its $ per hour"
+)
 @click.option("--watts", default=65.0, show_default=True, type=float, help="busy power draw")
-@click.option("--memory-gb", default=8.0, show_default=True, type=float)
+@click.option(
+    "--memory-gb", default=8.0, show_default=True, type=float, help="device memory for models"
+)
 @click.option("--slots", default=2, show_default=True, type=int, help="assignments held at once")
 @click.option(
     "--model",
@@ -115,16 +131,18 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig) -> None:
 )
 @click.option(
     "--metrics-port",
-    default=lambda: int(os.environ.get("FLOWMESH_WORKER_METRICS_PORT", "0")),
+    default=None,
     type=int,
-    show_default="$FLOWMESH_WORKER_METRICS_PORT or 0 (off)",
-    help="serve Prometheus /metrics on this port (0: off)",
+    help="serve Prometheus /metrics on this port, 0: off [$FLOWMESH_WORKER_METRICS_PORT or 0]",
 )
 def main(
-    nats_url: str,
-    cas_url: str,
-    creds_path: str,
-    data_dir: Path,
+    nats_url: str | None,
+    bus: str | None,
+    kafka: str | None,
+    cas_url: str | None,
+    creds_path: str | None,
+    data_dir: str | None,
+    config_file: str | None,
     device_class: str,
     price_per_hour: float,
     watts: float,
@@ -135,24 +153,40 @@ def main(
     plugins: tuple[str, ...],
     worker_id: str | None,
     generate_backend: str,
-    metrics_port: int,
+    metrics_port: int | None,
 ) -> None:
-    """Run a FlowMesh worker: executes batches the scheduler assigns to it."""
-    logs.configure()
-    metrics.serve(metrics_port)
+    """Run a FlowMesh worker: executes batches the scheduler assigns to it.
+
+    Settings come from the flags, then the environment, then the settings file."""
+    try:
+        settings = Settings.load(file=config_file).updated(
+            nats=nats_url,
+            bus=bus,
+            kafka=kafka,
+            cas=cas_url,
+            creds=creds_path,
+            data_dir=data_dir,
+            worker_metrics_port=metrics_port,
+        )
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from exc
+    logs.configure(level=settings.log_level)
+    metrics.serve(settings.worker_metrics_port)
     config = WorkerConfig(
         device_class=device_class,
         price_per_hour=price_per_hour,
         watts=watts,
         memory_gb=memory_gb,
         slots=slots,
-        model_dir=data_dir / "models",
+        model_dir=settings.models_dir,
         models=[] if no_models else list(models),
         plugins=list(plugins),
         worker_id=worker_id,
         generate_backend=generate_backend,  # type: ignore[arg-type]
     )
-    asyncio.run(serve(with_creds(nats_url, creds_path), cas_url, config))
+    kafka_servers = settings.kafka if settings.bus == "kafka" else ""
+    url = with_creds(settings.nats, settings.creds)
+    asyncio.run(serve(url, settings.cas_url, config, kafka_servers))
 
 
 if __name__ == "__main__":
