@@ -42,13 +42,11 @@ from flowmesh.engine.cli_options import (
     nats_option,
 )
 from flowmesh.topics import Bus, codec, streams
+from flowmesh.topics.bus import WRONG_LAST_SEQUENCE
 from flowmesh.topics.cas import CAS, CASError
 from flowmesh.topics.codec import digest_of, is_digest
 from flowmesh.topics.messages import OpState, WorkflowStatus
 
-# The error code nats-server answers a compare-and-set (or delete) with when the entry's
-# revision moved on.
-_WRONG_LAST_SEQUENCE = 10071
 _READ_CONCURRENCY = 64
 
 
@@ -241,7 +239,7 @@ async def _delete_if_unchanged(kv: KeyValue, key: str, revision: int) -> bool:
     try:
         await kv.delete(key, last=revision)
     except APIError as exc:
-        if getattr(exc, "err_code", None) == _WRONG_LAST_SEQUENCE:
+        if getattr(exc, "err_code", None) in WRONG_LAST_SEQUENCE:
             return False
         raise
     return True

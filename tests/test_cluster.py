@@ -283,3 +283,21 @@ async def test_object_store_cas_waits_out_a_nats_outage(nats_server: NatsServer)
         assert await cas.get_record(before) == {"before": True}
     finally:
         await bus.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_compare_and_set_conflicts_on_a_replicated_bucket_are_conflicts(
+    nats_cluster: NatsCluster,
+) -> None:
+    """An R3 stream refuses a write racing another on the same key with err_code 10164
+    (no sequence in it), not the single server's 10071: still a lost race that the
+    caller resolves by reading the entry, never an error that stops a planner's wave."""
+    bus = await Bus.connect(nats_cluster.url, "cas-race")
+    try:
+        for round_ in range(5):
+            writes = [(f"race-{round_}", f"writer {i}".encode(), 0) for i in range(8)]
+            revisions = await bus.kv_write_many(streams.KV_OPS, writes)
+            assert sum(r is not None for r in revisions) == 1, revisions
+    finally:
+        await bus.close()

@@ -38,7 +38,9 @@ MSG_ID = "Nats-Msg-Id"
 # A KV write stored only if the key's last revision is this one (0: the key must not
 # exist): the compare-and-set nats-py's kv.create/update send, as a plain header.
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code when that check fails
+# JetStream's err_codes when that check fails: 10071 on a single server, 10164 ("wrong
+# last sequence", no number) from a replicated stream whose leader refuses it
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 KV_WRITE_WINDOW = 1024  # compare-and-set writes in flight at once on one connection
 T = TypeVar("T")
 
@@ -285,7 +287,7 @@ class Bus:
             error = reply.get("error")
             if error is None:
                 out[i] = int(reply["seq"])
-            elif error.get("err_code") != WRONG_LAST_SEQUENCE:
+            elif error.get("err_code") not in WRONG_LAST_SEQUENCE:
                 raise KVWriteError(f"{subject}: {error.get('description', error)}")
 
         for start in range(0, len(writes), KV_WRITE_WINDOW):
