@@ -2,6 +2,11 @@
 
 Kept deliberately thin: subjects, schemas and stream configs live beside it, so a second
 transport (Kafka, issue 9) implements the same calls against the same contract.
+
+Every wait on the bus ends: JetStream API calls and KV get/put/create/update carry the
+context's timeout (`nc.jetstream(timeout=10.0)`), publishes are requests with it (never
+nats-py's publish_async futures, which a rejected PubAck leaves unresolved), watchers
+and fetches are read with a timeout, and `retrying` gives an outage RETRY_S at most.
 """
 
 from __future__ import annotations
