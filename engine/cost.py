@@ -145,21 +145,27 @@ async def workflows_cost(bus: Bus, workflow_ids: list[str]) -> CostReport:
     workflows' operators, not with the fleet's three buckets as cost_report's does (8 of
     those at once took 61 s and 1.5 GB on a busy fabric)."""
     from flowmesh.engine.lineage import (
+        REQUEST_CHUNK,
         _op_state,
+        _requests,
         _requests_of_ops,
-        _requests_of_workflow,
+        _scan,
         _workflow_status,
     )
 
     statuses: dict[str, WorkflowStatus] = {}
-    keys: set[str] = set()
     for wf in workflow_ids:
         status = await _workflow_status(bus, wf)
-        if status is None:
-            continue
-        statuses[wf] = status
-        for reqs in (await _requests_of_workflow(bus, wf)).values():
-            keys.update(r.key for r in reqs)
+        if status is not None:
+            statuses[wf] = status
+    keys: set[str] = set()
+    ids = sorted(statuses)
+    prefix = f"$KV.{streams.KV_REQUESTS}."
+    for i in range(0, len(ids), REQUEST_CHUNK):
+        # one short-lived consumer per chunk of workflows, filtered on the server
+        filters = [f"{prefix}*.{wf}" for wf in ids[i : i + REQUEST_CHUNK]]
+        msgs = await _scan(bus, f"KV_{streams.KV_REQUESTS}", filters)
+        keys.update(r.key for r in _requests(msgs))
     ordered = sorted(keys)
     requests = [r for reqs in (await _requests_of_ops(bus, ordered)).values() for r in reqs]
     sem = asyncio.Semaphore(64)

@@ -66,6 +66,7 @@ log = structlog.get_logger("flowmesh.gateway")
 
 QUEUE = "fm-gateway"
 CONCURRENCY = 32  # requests handled at once per engine
+HEAVY_AT_ONCE = 2  # per tenant: cost, lineage and result requests in progress at once
 # How long submit waits for the planner to accept the workflow, so that a status right
 # after it finds it; past that the submission (stored in its stream) is still run.
 ACCEPT_WAIT_S = 10.0
@@ -154,6 +155,9 @@ class Gateway:
         self.quotas = quotas or Quotas.from_env()
         self.share_tenants = share_tenants_from_env() if share_tenants is None else share_tenants
         self._use: dict[str, _TenantUse] = {}
+        # reads that scan records (cost, lineage, result): at most HEAVY_AT_ONCE of one
+        # tenant's at a time; the rest of its requests wait their turn, others' do not
+        self._heavy: dict[str, asyncio.Semaphore] = {}
         self.fm = FlowMesh(bus, cas)  # submit/validation/upload as the SDK does them
         self._sem = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -258,13 +262,17 @@ class Gateway:
         if verb == "list":
             page = _decode(data, PageRequest)
             return await self.list(tenant, page.offset, page.limit)
+        heavy = self._heavy.setdefault(tenant, asyncio.Semaphore(HEAVY_AT_ONCE))
         if verb == "result":
-            return await self.result(tenant, _decode(data, ResultRequest))
+            async with heavy:
+                return await self.result(tenant, _decode(data, ResultRequest))
         if verb == "lineage":
-            return await self.lineage(tenant, _decode(data, LineageRequest))
+            async with heavy:
+                return await self.lineage(tenant, _decode(data, LineageRequest))
         if verb == "cost":
             page = _decode(data, PageRequest)
-            return await self.cost(tenant, page.offset, page.limit)
+            async with heavy:
+                return await self.cost(tenant, page.offset, page.limit)
         if verb == "cancel":
             return await self.cancel(tenant, _decode(data, WorkflowRequest).workflow_id)
         verbs = ", ".join(subjects.API_VERBS)

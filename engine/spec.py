@@ -112,9 +112,13 @@ def load_spec(path: str | Path) -> WorkflowSpec:
     )
 
 
-def validate(spec: WorkflowSpec, catalog: Catalog | None = None) -> None:
+def validate(
+    spec: WorkflowSpec, catalog: Catalog | None = None, *, check_data: bool = True
+) -> None:
     """Every problem of `spec` at once as one SpecError; `catalog` adds the checks against
-    what workers run (unknown fns and models, transform parameters)."""
+    what workers run (unknown fns and models, transform parameters). `check_data=False`
+    leaves out the inline records (a caller that checked them already, a chunk at a time:
+    check_datasets)."""
     problems: list[str] = []
     if not spec.name.strip():
         problems.append("workflow `name` is empty")
@@ -134,7 +138,7 @@ def validate(spec: WorkflowSpec, catalog: Catalog | None = None) -> None:
             problems.append(f"dataset {name!r}: give exactly one of path, records, digest")
         if ds.digest is not None and not codec.is_digest(ds.digest):
             problems.append(f"dataset {name!r}: digest is not a sha256 hex digest")
-        if ds.records is not None:
+        if ds.records is not None and check_data:
             problems.extend(check_records(name, ds.records))
     if planned_operators(spec) > MAX_OPERATORS:
         problems.append(
@@ -171,26 +175,65 @@ def planned_operators(spec: WorkflowSpec) -> int:
     return max(records, 1) * max(len(spec.nodes), 1)
 
 
+async def check_datasets(spec: WorkflowSpec, chunk: int = 1000) -> None:
+    """check_records for every inline dataset, yielding to the event loop between chunks
+    of records: 60k records take ~0.1-0.4 s to check, which on a shared loop (the
+    gateway's) would hold every other tenant's request that long. SpecError if any."""
+    import asyncio
+
+    problems: list[str] = []
+    for name, ds in spec.datasets.items():
+        records = ds.records or []
+        if len(records) > MAX_DATASET_RECORDS:
+            where = f"dataset {name!r}"
+            problems.append(f"{where}: {len(records)} records; the limit is {MAX_DATASET_RECORDS}")
+            continue
+        total = 0
+        for start in range(0, len(records), chunk):
+            found, size = _check_chunk(name, records[start : start + chunk], start, total)
+            total += size
+            if found:
+                problems.extend(found)
+                break
+            await asyncio.sleep(0)
+    if problems:
+        raise SpecError(problems)
+
+
 def check_records(dataset: str, records: list[Any]) -> list[str]:
     """The limits on a dataset's records: count, nesting depth, size. Walked iteratively
     and stopped at the first excess, so a hostile record costs no more than the limit."""
-    where = f"dataset {dataset!r}"
     if len(records) > MAX_DATASET_RECORDS:
-        return [f"{where}: {len(records)} records; the limit is {MAX_DATASET_RECORDS}"]
-    total = 0
-    for i, record in enumerate(records):
+        return [f"dataset {dataset!r}: {len(records)} records; the limit is {MAX_DATASET_RECORDS}"]
+    return _check_chunk(dataset, records, 0, 0)[0]
+
+
+def _check_chunk(dataset: str, records: list[Any], first: int, total: int) -> tuple[list[str], int]:
+    """(problems, bytes) of records[first:], `total` bytes counted before them."""
+    where = f"dataset {dataset!r}"
+    size = 0
+    for i, record in enumerate(records, start=first):
         if not isinstance(record, dict):
-            return [f"{where}: record {i} is {type(record).__name__}; every record is a mapping"]
-        depth = nesting_depth(record, MAX_DEPTH)
-        if depth > MAX_DEPTH:
-            return [f"{where}: record {i} is nested deeper than {MAX_DEPTH} levels"]
-        size = len(codec.encode(record))
-        if size > MAX_RECORD_BYTES:
-            return [f"{where}: record {i} is {size} bytes; the limit is {MAX_RECORD_BYTES}"]
-        total += size
-        if total > MAX_DATASET_BYTES:
-            return [f"{where}: more than {MAX_DATASET_BYTES} bytes; the limit is that"]
-    return []
+            return [
+                f"{where}: record {i} is {type(record).__name__}; every record is a mapping"
+            ], size
+        deep = [f"{where}: record {i} is nested deeper than {MAX_DEPTH} levels"]
+        try:
+            encoded = codec.encode(record)
+        except (RecursionError, ValueError, TypeError):
+            return deep, size  # msgspec's own nesting limit, well past ours
+        # fewer brackets than the limit cannot nest deeper than it: only records with
+        # many are walked (two counts at C speed instead of a Python walk per record)
+        brackets = encoded.count(b"{") + encoded.count(b"[")
+        if brackets > MAX_DEPTH and nesting_depth(record, MAX_DEPTH) > MAX_DEPTH:
+            return deep, size
+        if len(encoded) > MAX_RECORD_BYTES:
+            limit = MAX_RECORD_BYTES
+            return [f"{where}: record {i} is {len(encoded)} bytes; the limit is {limit}"], size
+        size += len(encoded)
+        if total + size > MAX_DATASET_BYTES:
+            return [f"{where}: more than {MAX_DATASET_BYTES} bytes; the limit is that"], size
+    return [], size
 
 
 def nesting_depth(value: Any, limit: int) -> int:

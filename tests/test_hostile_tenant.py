@@ -44,10 +44,33 @@ async def gateway_up(client: TenantClient) -> None:
     raise AssertionError("the gateway did not come up")
 
 
+def victim_spec() -> Any:
+    """Tenant b's small workflow: 6 records through a map that takes 0.1 s a record, then
+    a count: ~0.6 s alone, like the probe's 0.6 s workflow (a workflow of a few ms would
+    measure only request round trips)."""
+    from flowmesh.engine.spec import parse_spec
+
+    nonce = uuid.uuid4().hex[:8]
+    rows = [{"text": f"{nonce} {i}", "colour": "red" if i % 2 else "blue"} for i in range(6)]
+    return parse_spec(
+        {
+            "name": "victim",
+            "dedup_scope": "tenant",
+            "datasets": {"src": {"records": rows}},
+            "nodes": [
+                {"name": "upper", "op": "map", "fn": "test.slow_upper", "input": "src",
+                 "params": {"field": "text", "delay": 0.1}},
+                {"name": "count", "op": "group", "input": "upper",
+                 "params": {"by": "colour", "agg": "count"}},
+            ],
+        }
+    )  # fmt: skip
+
+
 async def run_victim(b: TenantClient) -> float:
     """Tenant b's small workflow, start to completion, in seconds."""
     t0 = time.monotonic()
-    wf = await b.submit(spec("victim", uuid.uuid4().hex[:8], scope="tenant"))
+    wf = await b.submit(victim_spec())
     status = await b.wait(wf, timeout=120)
     assert status.state == "completed", status.error
     return time.monotonic() - t0

@@ -248,7 +248,7 @@ class NatsObjectBackend:
 # what JetStream accepts as an object store name
 # Blobs larger than this are hashed and (de)compressed in a thread, off the event loop.
 OFF_LOOP_BYTES = 256 * 1024
-PUT_CHUNK = 1000  # records per thread hop in put_records
+PUT_CHUNK = 250  # records hashed between yields to the event loop in put_records
 
 _BUCKET_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FRACTION_RE = re.compile(r"(\.\d{6})\d+")
@@ -313,14 +313,15 @@ class CAS:
 
     async def put_records(self, records: builtins.list[Record]) -> builtins.list[str]:
         """Store many records; their digests in order. Encoding, hashing and compressing
-        run in a thread, and the writes go out a chunk at a time, so a dataset of 60k
-        records does not hold the event loop for seconds."""
+        go a chunk at a time between other tasks, and file writes in a thread, so a dataset
+        of 60k records does not hold the event loop for seconds."""
         out: builtins.list[str] = []
         for start in range(0, len(records), PUT_CHUNK):
             chunk = records[start : start + PUT_CHUNK]
-            packed = await asyncio.to_thread(
-                lambda rows: [self._pack(canonical(r)) for r in rows], chunk
-            )
+            # on the loop, a chunk at a time with a yield between: in a thread this
+            # Python-level work would hold the GIL and the loop would queue behind it
+            packed = [(sha256_hex(b := canonical(r)), self._cctx.compress(b)) for r in chunk]
+            await asyncio.sleep(0)
             try:
                 if isinstance(self.backend, FileBackend):
                     await self.backend.put_many(packed)
@@ -385,7 +386,15 @@ class CAS:
         return value
 
     async def get_records(self, digests: builtins.list[str]) -> builtins.list[Record]:
-        return list(await asyncio.gather(*(self.get_record(d) for d in digests)))
+        """The records, in order. A chunk at a time, yielding between chunks: a group over
+        60k records read them all in one go and its worker missed its heartbeats (it was
+        reclaimed, and its next worker too)."""
+        out: builtins.list[Record] = []
+        for start in range(0, len(digests), PUT_CHUNK):
+            chunk = digests[start : start + PUT_CHUNK]
+            out.extend(await asyncio.gather(*(self.get_record(d) for d in chunk)))
+            await asyncio.sleep(0)
+        return out
 
     async def put_table(self, records: builtins.list[Record]) -> str:
         # Arrow conversion of a large dataset takes seconds: off the event loop
