@@ -64,6 +64,7 @@ def cosine(a: list[float], b: list[float]) -> float:
     return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
+@pytest.mark.slow
 def test_embeddings_match_sentence_transformers(minilm: LoadedModel) -> None:
     from sentence_transformers import SentenceTransformer
 
@@ -79,6 +80,7 @@ def test_embeddings_match_sentence_transformers(minilm: LoadedModel) -> None:
     assert cosine(ours[0], ours[1]) > cosine(ours[0], ours[2]) + 0.3
 
 
+@pytest.mark.slow
 def test_record_fields_params_and_batching(minilm: LoadedModel) -> None:
     ex = EmbedExecutor()
     [raw] = ex.run(

@@ -360,6 +360,7 @@ def spec_outcome(data: Any) -> str:
     return "value"
 
 
+@pytest.mark.slow
 def test_fuzz_spec_validator() -> None:
     outcomes: Counter[str] = Counter()
 
@@ -428,6 +429,7 @@ def test_fuzz_spec_graphs_cycles_are_found_exactly() -> None:
     run_cases("spec-graph", prop, 700)
 
 
+@pytest.mark.slow
 def test_fuzz_yaml_spec_files() -> None:
     """`flowmesh submit file.yaml`: any text in the file is a spec or a SpecError."""
     with tempfile.TemporaryDirectory() as tmp:

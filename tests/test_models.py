@@ -62,6 +62,7 @@ def cas(tmp_path: Path) -> CAS:
     return CAS(FileBackend(tmp_path / "cas"))
 
 
+@pytest.mark.slow
 def test_tiny_llama_bytes_are_the_same_in_every_process(files: dict[str, bytes]) -> None:
     procs = [
         subprocess.Popen(
@@ -256,6 +257,7 @@ async def test_refs_point_at_digests_and_can_move(cas: CAS) -> None:
     assert await get_ref(cas, "moved") is None
 
 
+@pytest.mark.slow
 async def test_adapters_are_content_bound_to_their_base(
     cas: CAS, files: dict[str, bytes], tmp_path: Path
 ) -> None:
@@ -315,6 +317,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[CAS, str, Path, f
     return cas, digest, root, time.perf_counter() - started
 
 
+@pytest.mark.slow
 async def test_smollm2_is_converted_once_per_cas(
     smollm2: tuple[CAS, str, Path, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -340,6 +343,7 @@ async def test_smollm2_is_converted_once_per_cas(
     print(f"smollm2-135m: first publish {first_s:.1f}s (converts), second {second_s:.2f}s")
 
 
+@pytest.mark.slow
 async def test_smollm2_answers_a_chat_prompt(smollm2: tuple[CAS, str, Path, float]) -> None:
     from flowmesh.workers.executors.base import OpError, OpInput
     from flowmesh.workers.executors.generate import GenerateExecutor

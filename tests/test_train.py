@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
+# every test here trains a model for seconds: the slow tier (issue 15 item 9)
+pytestmark = pytest.mark.slow
 
 from flowmesh.topics.cas import CAS, FileBackend  # noqa: E402
 from flowmesh.workers.executors.base import OpError, OpInput  # noqa: E402
