@@ -1,0 +1,44 @@
+"""`flowmesh.Client` as a tenant, through the gateway: the same calls and types as over
+the bus, the tenant's own view, and the same errors (on the tenancy tests' fabric)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from flowmesh import Client, CostSummary, GatewayError, Lineage, NotFound, SpecError
+from tests.test_tenancy import AuthFabric, auth_fabric, spec
+
+__all__ = ["auth_fabric"]  # the module-scoped fabric with tenants a and b
+
+pytestmark = pytest.mark.slow
+
+
+async def test_client_through_the_gateway(auth_fabric: AuthFabric) -> None:
+    nonce = uuid.uuid4().hex[:8]
+    async with await Client.connect(tenant_creds=auth_fabric.creds("a"), timeout=60) as a:
+        assert (a.via, a.tenant) == ("gateway", "a")
+        wf = await a.submit(spec("via-client", nonce))
+        assert wf.startswith("a_")
+        status = await a.wait(wf, timeout=120)
+        assert status.state == "completed" and status.tenant == "a"
+        assert len(await a.result(wf, "upper")) == 6
+        with pytest.raises(NotFound):
+            await a.result(wf, "nope")
+        with pytest.raises(NotFound):
+            await a.status("a_wf-missing")
+        summary = next(s for s in await a.workflows() if s.workflow_id == wf)
+        assert (summary.tenant, summary.ops_done) == ("a", summary.ops_total)
+        lineage = await a.lineage(wf, "count")
+        assert isinstance(lineage, Lineage) and lineage.workflow_id == wf
+        cost = await a.cost()
+        assert isinstance(cost, CostSummary) and set(cost.tenants) <= {"a"}
+        assert wf in cost.workflows
+        with pytest.raises(SpecError, match="acts as tenant 'a'"):
+            await a.submit(spec("as-b", nonce), tenant="b")
+    async with await Client.connect(tenant_creds=auth_fabric.creds("b"), timeout=60) as b:
+        with pytest.raises(NotFound) as other:
+            await b.result(wf, "upper")
+        assert isinstance(other.value, GatewayError)  # and a gateway refusal
+        assert wf not in {s.workflow_id for s in await b.workflows()}
