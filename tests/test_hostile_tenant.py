@@ -88,6 +88,17 @@ async def under_attack(
     return alone, during, outcome
 
 
+# The victim's workflow completes in well under a second alone (about 0.1 s since the
+# batch protocol), and a status is written every 0.25 s and polled: twice a time that
+# short is within the status cadence and this box's scheduling jitter. Harmed means
+# more than twice its time, or than twice this floor.
+VICTIM_FLOOR_S = 0.5
+
+
+def unharmed(alone: float, during: float) -> bool:
+    return during < 2 * max(alone, VICTIM_FLOOR_S)
+
+
 async def refused(a: TenantClient, verb: str, body: Any) -> GatewayError:
     with pytest.raises(GatewayError) as info:
         await a.call(verb, body)
@@ -132,7 +143,7 @@ async def test_inputs_that_blocked_the_engine_get_clear_errors(auth_fabric: Auth
         assert all(e.code == "bad_request" for e in errors)
         assert f"nested deeper than {limits.MAX_DEPTH} levels" in str(errors[0])
         assert f"5000 nodes; the limit is {limits.MAX_NODES}" in str(errors[-1])
-        assert during < 2 * alone, (alone, during)
+        assert unharmed(alone, during), (alone, during)
 
         # a dataset as large as the gateway takes (60k small records) converts off the
         # loop: b's workflow does not wait behind it
@@ -150,7 +161,7 @@ async def test_inputs_that_blocked_the_engine_get_clear_errors(auth_fabric: Auth
             return str(reply["workflow_id"])
 
         alone, during, wf = await under_attack(b, big_dataset)
-        assert during < 2 * alone, (alone, during)
+        assert unharmed(alone, during), (alone, during)
         await a.wait(wf, timeout=60, raise_on_failure=False)
 
         # memory returns: within 20% of the start
@@ -181,7 +192,7 @@ async def test_tenant_patterns_and_params_run_bounded(auth_fabric: AuthFabric) -
 
         alone, during, status = await under_attack(b, backtracking_regex)
         assert status.state == "completed"  # RE2: no match, in linear time
-        assert during < 2 * alone, (alone, during)
+        assert unharmed(alone, during), (alone, during)
         scores = await a.result(status.workflow_id, "s")
         assert [r["score"] for r in scores] == [0.0] * len(evil)
 
@@ -239,7 +250,7 @@ async def test_floods_are_refused_and_a_workflow_can_be_cancelled(
 
         alone, during, codes = await under_attack(b, flood)
         assert set(codes) <= {"ok", "too_many_requests"} and "too_many_requests" in codes
-        assert during < 2 * alone, (alone, during)
+        assert unharmed(alone, during), (alone, during)
 
         # reads served from the tenant's own records: 8 cost calls at once (61 s and
         # 1.5 GB before, and others got "no engine serves") do not hold b up
@@ -249,7 +260,7 @@ async def test_floods_are_refused_and_a_workflow_can_be_cancelled(
         alone, during, bills = await under_attack(b, cost_calls)
         mine = {w.workflow_id for w in await a.workflows()}
         assert all(set(bill.workflows) <= mine for bill in bills)
-        assert during < 2 * alone, (alone, during)
+        assert unharmed(alone, during), (alone, during)
         page = await a.call("list", {"offset": 0, "limit": 2})
         assert len(page) <= 2
 
