@@ -79,12 +79,16 @@ def test_each_shard_has_its_own_completion_consumer() -> None:
 
 async def keep_op_history_r3(url: str) -> None:
     """fm_ops made before any component makes it, keeping 64 revisions per key (as
-    tests/test_faults.py does), at 3 replicas like everything else here."""
+    tests/test_faults.py does), at 3 replicas like everything else here; then every
+    other stream and bucket, so the processes do not all create them at once on a
+    freshly formed cluster (on a loaded box that outlasts a client's API timeout)."""
     nc = await nats.connect(url.split(","))
     try:
-        await nc.jetstream().create_key_value(
+        js = nc.jetstream(timeout=30.0)
+        await js.create_key_value(
             KeyValueConfig(bucket=streams.KV_OPS, history=64, storage=StorageType.FILE, replicas=3)
         )
+        await streams.ensure(js, streams.Layout(replicas=3))
     finally:
         await nc.close()
 
