@@ -30,17 +30,21 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import nats.js.errors
 import structlog
 
 from flowmesh.engine.providers import Provider
 from flowmesh.engine.scheduler.fleet import Fleet
 from flowmesh.topics import Bus, codec, streams, subjects
-from flowmesh.topics.messages import WorkerInfo, WorkflowStatus
+from flowmesh.topics.messages import ReadyChunk, WorkerInfo, WorkflowStatus
 from flowmesh.topics.operators import KINDS
 
 log = structlog.get_logger("flowmesh.autoscaler")
 
 ALL_POOLS = frozenset(k.pool for k in KINDS.values())
+# ready chunks read per pool to count the operators they carry; a longer backlog is
+# taken to hold chunks of the same mean size (a backlog that long scales to the limit)
+CHUNKS_SAMPLED = 32
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,9 @@ class Autoscaler:
         js = self.bus.js
         ready = await js.stream_info(streams.STREAM_READY, subjects_filter=subjects.READY_ALL)
         backlog = {
-            subj[len(subjects.READY_PREFIX) + 1 :]: n
+            subj[len(subjects.READY_PREFIX) + 1 :]: await self._operators_in(
+                subj, n, ready.state.first_seq
+            )
             for subj, n in (ready.state.subjects or {}).items()
         }
         assign = await js.stream_info(streams.STREAM_ASSIGN, subjects_filter=subjects.ASSIGN_ALL)
@@ -290,6 +296,31 @@ class Autoscaler:
             except codec.DecodeError:
                 continue
         return n
+
+    async def _operators_in(self, subject: str, chunks: int, first_seq: int) -> int:
+        """Operators waiting on one ready subject: the stream counts messages, and each
+        is a chunk of up to 256 operators. The first CHUNKS_SAMPLED chunks are read; the
+        rest are assumed to be of their mean size."""
+        if chunks <= 0:
+            return 0
+        seen = ops = 0
+        seq = first_seq
+        while seen < min(chunks, CHUNKS_SAMPLED):
+            try:
+                msg = await self.bus.js.get_msg(
+                    streams.STREAM_READY, seq=seq, subject=subject, next=True
+                )
+            except nats.js.errors.NotFoundError:
+                break  # taken meanwhile: what was read is the backlog
+            seen += 1
+            seq = (msg.seq or seq) + 1
+            try:
+                ops += len(codec.decode(msg.data or b"", ReadyChunk).items)
+            except codec.DecodeError:
+                ops += 1  # the scheduler dead-letters it; it weighs as one here
+        if seen == 0:
+            return 0
+        return math.ceil(ops * chunks / seen)
 
     def _learn(self, info: WorkerInfo) -> None:
         prev = self._batches.get(info.worker)

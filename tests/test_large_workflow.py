@@ -29,8 +29,10 @@ async def test_a_20k_record_workflow_completes_with_no_false_deaths_beside_small
         tmp_path,
         workers=2,
         small=3,
-        small_after_s=5.0,
-        small_every_s=3.0,
+        # early: with batches on the wire the 20k records take seconds, not minutes, and
+        # a small workflow submitted after the big one ended would test nothing
+        small_after_s=1.0,
+        small_every_s=1.0,
         timeout_s=600.0,
     )
     assert r.state == "completed", r.summary()
