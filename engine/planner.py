@@ -497,11 +497,23 @@ class Planner:
         self, run: WorkflowRun, name: str, slots: list[tuple[Pos, list[str]]]
     ) -> None:
         """New output records at `name`: start the record-level operators they feed."""
+        await self._start_children(run, self._count_children(run, name, slots))
+
+    @staticmethod
+    def _count_children(
+        run: WorkflowRun, name: str, slots: list[tuple[Pos, list[str]]]
+    ) -> dict[str, list[tuple[Pos, list[str]]]]:
+        """The record-level operators that new outputs of `name` feed, counted as pending
+        in their nodes now, without an await. A slot counted done whose children are not
+        yet counted would let another task see the child node complete without them
+        (`pending` 0 once its parent completed): it did, in a completion wave of reused
+        operators, and the workflow completed with records missing."""
+        children: dict[str, list[tuple[Pos, list[str]]]] = {}
         for child_name in run.nodes[name].downstream:
             child = run.nodes[child_name]
             if child.kind is None or child.kind.fanout != "record":
                 continue
-            starts: list[tuple[Pos, list[str]]] = []
+            starts = children.setdefault(child_name, [])
             for pos, records in slots:
                 for j, rec in enumerate(records):
                     cpos = (*pos, j)
@@ -509,6 +521,12 @@ class Planner:
                     child.pending += 1
                     child.status.total += 1
                     starts.append((cpos, [rec]))
+        return children
+
+    async def _start_children(
+        self, run: WorkflowRun, children: dict[str, list[tuple[Pos, list[str]]]]
+    ) -> None:
+        for child_name, starts in children.items():
             # in waves: each is one pipelined round of claims and a few ready chunks
             for i in range(0, len(starts), FANOUT_WINDOW):
                 await self._start_ops(run, child_name, starts[i : i + FANOUT_WINDOW])
@@ -801,7 +819,8 @@ class Planner:
         order = sorted(range(len(got)), key=lambda i: outputs[i][0].status == "failed")
         got = [got[i] for i in order]
         outputs = [outputs[i] for i in order]
-        new: dict[tuple[str, str], tuple[WorkflowRun, list[tuple[Pos, list[str]]]]] = {}
+        # per (workflow, node): the operators its completed slots feed, counted at once
+        new: dict[tuple[str, str], tuple[WorkflowRun, dict[str, list[tuple[Pos, list[str]]]]]] = {}
         for (done, waiters), (status_done, outs) in zip(got, outputs, strict=True):
             for w in waiters:
                 if w.run.state != "running":
@@ -830,9 +849,11 @@ class Planner:
                 node.pending -= 1
                 node.status.done += 1
                 self._dirty.add(w.run.wf_id)
-                new.setdefault((w.run.wf_id, w.node), (w.run, []))[1].append((w.pos, outs))
-        for (_, name), (run, slots) in new.items():
-            await self._fan_out(run, name, slots)
+                children = new.setdefault((w.run.wf_id, w.node), (w.run, {}))[1]
+                for child, starts in self._count_children(w.run, w.node, [(w.pos, outs)]).items():
+                    children.setdefault(child, []).extend(starts)
+        for (_, name), (run, children) in new.items():
+            await self._start_children(run, children)
             await self._maybe_complete(run, name)
 
     async def _outputs_of(self, done: OpDone) -> tuple[OpDone, list[str]]:
