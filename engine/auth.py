@@ -31,7 +31,8 @@ import click
 import msgspec
 
 from flowmesh.topics import subjects
-from flowmesh.topics.creds import Creds, CredsError, load_creds
+from flowmesh.topics.config.creds import Creds, CredsError, load_creds
+from flowmesh.topics.config.settings import Settings
 
 FABRIC_USER = "fabric"
 TENANT_USER_PREFIX = "tenant-"
@@ -203,7 +204,7 @@ def auth_group() -> None:
 )
 @click.option(
     "--url",
-    default=lambda: os.environ.get("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
+    default=lambda: Settings.load().nats,
     show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222",
     help="the server's address: where the config listens and what credentials point at",
 )

@@ -40,11 +40,12 @@ from flowmesh.engine.local import LocalFabric, free_port
 from flowmesh.engine.spec import SpecError, load_spec
 from flowmesh.engine.tenant_client import TenantClient
 from flowmesh.engine.top import printable
-from flowmesh.topics import codec, logs
-from flowmesh.topics.cas import records_to_arrow
+from flowmesh.topics import codec
+from flowmesh.topics.config.settings import Settings, SettingsError
 from flowmesh.topics.errors import NotFound
 from flowmesh.topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
-from flowmesh.topics.settings import Settings, SettingsError
+from flowmesh.topics.store.cas import records_to_arrow
+from flowmesh.topics.telemetry import logs
 
 DEMO = configs.path("workflows", "demo.yaml")
 DEMO_MODEL = "smollm2-135m"
@@ -142,6 +143,10 @@ def up(
     idle_grace: float,
     no_models: bool,
     planner_shards: int,
+    bus: str | None,
+    kafka: str | None,
+    kv: str | None,
+    scheduler: str | None,
 ) -> None:
     """Run the engine and N local workers (and a nats-server if none is reachable), and
     restart any of them that dies, until Ctrl-C or SIGTERM."""
@@ -165,6 +170,11 @@ def up(
         metrics_port=metrics_port,
         console_port=console_port,
         planner_shards=planner_shards,
+        # to every process it starts as flags (this process's environment is left alone)
+        bus=bus,
+        kafka=kafka,
+        kv=kv,
+        scheduler=scheduler,
     )
     with fabric:
         engine = f"{planner_shards} planner shard(s)" if planner_shards else "one engine"
@@ -622,7 +632,7 @@ def _print_status(st: WorkflowStatus, out: Console = stdout) -> None:
 def settings_command(table: bool, as_json: bool) -> None:
     """Show the settings in effect (flags > environment > file > defaults), and where each
     one came from."""
-    from flowmesh.topics.settings import VARIABLES, settings_table
+    from flowmesh.topics.config.settings import VARIABLES, settings_table
 
     if table:
         click.echo(settings_table(), nl=False)
@@ -655,10 +665,10 @@ def _register_subcommands() -> None:
     # in their own modules so each stays small; registered here so `flowmesh --help`
     # lists them
     from flowmesh.engine.auth import auth_group
-    from flowmesh.engine.cache import cache_group
+    from flowmesh.engine.cache.cli import cache_group
     from flowmesh.engine.cli_procs import COMMANDS
     from flowmesh.engine.cost import cost_command
-    from flowmesh.engine.lineage import lineage_command
+    from flowmesh.engine.lineage.cli import lineage_command
     from flowmesh.engine.top import top_command
 
     main.add_command(lineage_command)

@@ -4,11 +4,10 @@ subcommand modules can import them without an import cycle)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -16,9 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from flowmesh.engine.spec import SpecError
-from flowmesh.topics.creds import CredsError
+from flowmesh.topics.bus.transport import BUSES
+from flowmesh.topics.config.creds import CredsError
+from flowmesh.topics.config.settings import Settings, SettingsError
 from flowmesh.topics.errors import FlowMeshError, WorkflowFailed
-from flowmesh.topics.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
@@ -35,23 +35,33 @@ stdout = _console(stderr=False)  # what a command answers: tables, results
 
 def connect_timeout() -> float:
     """Seconds a command waits for NATS before it gives up (settings: connect_timeout)."""
-    return float(Settings.load().connect_timeout)
+    return float(settings().connect_timeout)
 
 
-def _env(name: str, default: str) -> Callable[[], str]:
-    return lambda: os.environ.get(name, default)
+def settings() -> Settings:
+    """The settings in effect (environment > file > defaults); a bad one is a usage
+    error that names where it came from."""
+    try:
+        return Settings.load()
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def setting(field: str) -> Callable[[], str]:
+    """An option's default: that setting (the flag, when given, wins over it)."""
+    return lambda: str(getattr(settings(), field))
 
 
 nats_option = click.option(
     "--nats",
     "nats_url",
-    default=_env("FLOWMESH_NATS", "nats://127.0.0.1:4222"),
+    default=setting("nats"),
     show_default="$FLOWMESH_NATS or nats://127.0.0.1:4222",
     help="NATS server URL",
 )
 data_option = click.option(
     "--data-dir",
-    default=_env("FLOWMESH_DATA", ".flowmesh"),
+    default=setting("data_dir"),
     type=click.Path(path_type=Path),
     show_default="$FLOWMESH_DATA or .flowmesh",
     help="local data directory",
@@ -75,7 +85,7 @@ models_option = click.option(
 creds_option = click.option(
     "--creds",
     "creds_path",
-    default=_env("FLOWMESH_CREDS", ""),
+    default=setting("creds"),
     show_default="$FLOWMESH_CREDS",
     help="fabric credentials file (flowmesh auth init) for a server that requires them",
 )
@@ -88,56 +98,65 @@ tenant_creds_option = click.option(
 )
 
 
-def _set_env(name: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
-    # exported to the environment: every process this one starts (LocalFabric's engine
-    # and workers) and every Bus it connects run on the same bus
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        if value:
-            os.environ[name] = value
-        return value
-
-    return callback
+def _choice(flag: str, choices: tuple[str, ...], help: str) -> Callable[[Any], Any]:
+    """An option with a fixed set of values and no default of its own (None: the
+    settings and environment say)."""
+    return click.option(flag, type=click.Choice(choices), default=None, help=help)
 
 
 def bus_options(fn: Callable[..., T]) -> Callable[..., T]:
-    """--bus / --kafka: where the streams run (topics/transport.py)."""
+    """--bus / --kafka / --kv: where the streams and the KV buckets live
+    (topics/bus/transport.py), passed to the command as `bus`, `kafka` and `kv` (None:
+    the settings and environment say); a command hands them on as arguments
+    (kafka_servers, kv_store) and to its children as flags, never through the
+    environment."""
+    fn = _choice(
+        "--kv",
+        BUSES,
+        "where the KV buckets live (default $FLOWMESH_KV or nats); kafka needs --bus kafka: "
+        "compacted changelog topics, and no process connects to NATS",
+    )(fn)
     fn = click.option(
         "--kafka",
         default=None,
-        expose_value=False,
-        callback=_set_env("FLOWMESH_KAFKA"),
         help="Kafka bootstrap servers for --bus kafka (default $FLOWMESH_KAFKA or 127.0.0.1:9092)",
     )(fn)
-    return click.option(
+    fn = _choice(
         "--bus",
-        type=click.Choice(["nats", "kafka"]),
-        default=None,
-        expose_value=False,
-        callback=_set_env("FLOWMESH_BUS"),
-        help="the streams' bus (default $FLOWMESH_BUS or nats); KV and CAS stay on NATS",
+        BUSES,
+        "the streams' bus (default $FLOWMESH_BUS or nats); KV stays on NATS unless --kv kafka",
     )(fn)
+    return fn
 
 
-scheduler_option = click.option(
+def kafka_servers(bus: str | None, kafka: str | None) -> str:
+    """The Kafka servers the streams run on, "" for NATS: the flags over the settings."""
+    chosen = settings().updated(bus=bus, kafka=kafka)
+    return chosen.kafka if chosen.bus == "kafka" else ""
+
+
+def kv_store(kv: str | None) -> str:
+    """Where the KV buckets live ("nats" or "kafka"): the flag over the settings."""
+    return settings().updated(kv=kv).kv
+
+
+scheduler_option = _choice(
     "--scheduler",
-    type=click.Choice(["live", "faust"]),
-    default=None,
-    expose_value=False,
-    callback=_set_env("FLOWMESH_SCHEDULER"),
-    help="live (default, $FLOWMESH_SCHEDULER) or faust (a faust-streaming agent; "
+    ("live", "faust"),
+    "live (default, $FLOWMESH_SCHEDULER) or faust (a faust-streaming agent; "
     "needs --bus kafka and the faust extra)",
 )
 
 
 def _cas(cas_url: str | None, data_dir: Path) -> str:
-    """The CAS a fabric command (up, engine, ...) runs with: --cas, $FLOWMESH_CAS, or
-    DATA_DIR/cas (absolute)."""
-    return cas_url or os.environ.get("FLOWMESH_CAS") or f"file://{data_dir.resolve() / 'cas'}"
+    """The CAS a fabric command (up, engine, ...) runs with: --cas, the `cas` setting
+    ($FLOWMESH_CAS or the file), or DATA_DIR/cas (absolute)."""
+    return settings().updated(cas=cas_url or None, data_dir=str(data_dir)).cas_url
 
 
 def client_cas(cas_url: str | None, data_dir: Path) -> str | None:
     """The CAS a client command was told to use (--cas, --data-dir, or their variables),
-    or None: then it uses the one the running fabric recorded (topics/fabric.py), so it
+    or None: then it uses the one the running fabric recorded (topics/store/fabric.py), so it
     finds the fabric's data from any folder."""
     ctx = click.get_current_context(silent=True)
     given_dir = None

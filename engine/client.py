@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import pyarrow.parquet as pq
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 
 from flowmesh.engine.spec import (
     MAX_DATASET_BYTES,
@@ -32,9 +32,8 @@ from flowmesh.engine.spec import (
     validate,
 )
 from flowmesh.topics import Bus, codec, streams, subjects
-from flowmesh.topics.cas import CAS, Record, open_cas
+from flowmesh.topics.config.settings import Settings
 from flowmesh.topics.errors import NotComplete, NotFound, WaitTimeout, WorkflowFailed
-from flowmesh.topics.fabric import agree, read_fabric
 from flowmesh.topics.messages import (
     CancelWorkflow,
     DatasetSpec,
@@ -43,7 +42,8 @@ from flowmesh.topics.messages import (
     WorkflowSpec,
     WorkflowStatus,
 )
-from flowmesh.topics.settings import Settings
+from flowmesh.topics.store.cas import CAS, Record, open_cas
+from flowmesh.topics.store.fabric import agree, read_fabric
 
 # WorkflowFailed: the name tests and older callers import from here
 __all__ = ["FlowMesh", "WorkflowFailed", "read_records"]
@@ -89,14 +89,26 @@ class FlowMesh:
         cas_url: str | None = None,
         *,
         settings: Settings | None = None,
+        kafka: str | None = None,
+        kv: str | None = None,
     ) -> FlowMesh:
         """Connect to the fabric at `nats_url` (default: the settings', i.e. $FLOWMESH_NATS)
         and open its CAS: `cas_url` if given (it must be the one the fabric recorded), else
-        the fabric's own (topics/fabric.py), else the settings'. Unavailable when no NATS
-        server answers within the settings' connect_timeout."""
+        the fabric's own (topics/store/fabric.py), else the settings'. Unavailable when no NATS
+        server answers within the settings' connect_timeout. `kafka`: the bootstrap servers
+        its streams run on ("" for NATS); None takes the settings' bus. `kv`: where its
+        KV buckets live ("nats", "kafka"); None takes the settings'."""
         settings = settings or Settings.load()
         url = nats_url or settings.nats
-        bus = await Bus.connect(url, name="flowmesh-client", give_up_after=settings.connect_timeout)
+        if kafka is None:
+            kafka = settings.kafka if settings.bus == "kafka" else ""
+        bus = await Bus.connect(
+            url,
+            name="flowmesh-client",
+            give_up_after=settings.connect_timeout,
+            kafka=kafka,
+            kv=kv or settings.kv,
+        )
         try:
             mine = cas_url if cas_url is not None else settings.chosen_cas
             # told no CAS: the fabric's, once its engine has recorded it (a client may
@@ -196,24 +208,25 @@ class FlowMesh:
         unknown transforms, models and bad transform params up front; None with no worker
         registered yet (the planner then waits for one)."""
         kv_exec = await self.bus.kv(streams.KV_EXECUTORS)
-        try:
-            keys = set(await kv_exec.keys())
-        except NoKeysError:
+        keys = set(await self.bus.kv_keys(streams.KV_EXECUTORS))
+        if not keys:
             return None
-        kv_models = await self.bus.kv(streams.KV_MODELS)
-        try:
-            models = set(await kv_models.keys())
-        except NoKeysError:
-            models = set()
+        models = set(await self.bus.kv_keys(streams.KV_MODELS))
+        # the signature entries (one per transform, ~25) read at once: the gateway
+        # validates every tenant's submission on a loop it shares with the planner, where
+        # each read in turn waited its turn behind a large submission's work
+        named = sorted(k for k in keys if k.startswith(streams.SIGNATURE_PREFIX))
+        entries = await asyncio.gather(*(kv_exec.get(k) for k in named), return_exceptions=True)
         signatures: dict[str, dict[str, tuple[str, bool]]] = {}
-        for key in keys:
-            if not key.startswith(streams.SIGNATURE_PREFIX):
-                continue
-            try:
-                entry = await kv_exec.get(key)
-                raw = codec.decode(entry.value or b"", dict[str, tuple[str, bool]])
-            except (KeyNotFoundError, codec.DecodeError):
+        for key, entry in zip(named, entries, strict=True):
+            if isinstance(entry, KeyNotFoundError):
                 continue  # not checked here; the worker still checks at run time
+            if isinstance(entry, BaseException):
+                raise entry
+            try:
+                raw = codec.decode(entry.value or b"", dict[str, tuple[str, bool]])
+            except codec.DecodeError:
+                continue
             signatures[key.removeprefix(streams.SIGNATURE_PREFIX)] = raw
         executors = frozenset(k for k in keys if not k.startswith(streams.SIGNATURE_PREFIX))
         return Catalog(executors, frozenset(models), signatures)
@@ -229,31 +242,19 @@ class FlowMesh:
         return codec.decode(entry.value, WorkflowStatus) if entry.value else None
 
     async def workflows(self) -> list[WorkflowStatus]:
-        kv = await self.bus.kv(streams.KV_WF)
-        try:
-            names = await kv.keys()
-        except NoKeysError:
-            return []
-        out = [await self.status(n) for n in names]
-        return sorted((s for s in out if s), key=lambda s: s.submitted_at)
+        out = [
+            codec.decode(value, WorkflowStatus)
+            for _, value, _ in await self.bus.kv_items(streams.KV_WF)
+        ]
+        return sorted(out, key=lambda s: s.submitted_at)
 
     async def workers(self) -> list[WorkerInfo]:
-        kv = await self.bus.kv(streams.KV_WORKERS)
-        try:
-            names = await kv.keys()
-        except NoKeysError:
-            return []
         infos = []
-        for n in names:
+        for _, value, _ in await self.bus.kv_items(streams.KV_WORKERS):
             try:
-                entry = await kv.get(n)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                try:
-                    infos.append(codec.decode(entry.value, WorkerInfo))
-                except codec.DecodeError:
-                    continue  # not a worker's heartbeat (the scheduler dead-letters it)
+                infos.append(codec.decode(value, WorkerInfo))
+            except codec.DecodeError:
+                continue  # not a worker's heartbeat (the scheduler dead-letters it)
         return infos
 
     async def wait(
@@ -304,7 +305,7 @@ class FlowMesh:
         if status is None:
             raise KeyError(f"no workflow {workflow_id!r}")
         if status.state == "running":
-            await self.bus.nc.publish(
+            await self.bus.transport.broadcast(
                 subjects.CANCEL, codec.encode(CancelWorkflow(workflow_id, "cancelled"))
             )
             deadline = time.monotonic() + timeout

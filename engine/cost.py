@@ -3,7 +3,7 @@
 Every committed operator carries its device-seconds (its share of the batch it ran in)
 times its worker class's $/h and busy watts (workers/runtime.py). A shared operator's cost
 is split evenly among every workflow that asked for it, whether it ran for them, they
-joined it in flight, or they reused it after it committed (engine/planner.py records each
+joined it in flight, or they reused it after it committed (engine/planner/ records each
 request). A workflow's bill therefore goes down when a later workflow reuses its
 results: the service is shared, and so is its cost. The split always adds up to the
 device cost actually spent.
@@ -78,6 +78,11 @@ class CostReport:
     total_energy_j: float = 0.0
     total_device_seconds: float = 0.0
     operators: int = 0
+    # what workers spent for batches but billed to no one: warm-up, waiting for a core
+    # (OpState.overhead_seconds, workers/billing.py); the fleet's, not a tenant's
+    overhead_device_seconds: float = 0.0
+    overhead_usd: float = 0.0
+    overhead_energy_j: float = 0.0
 
 
 async def kv_values(bus: Bus, bucket: str) -> dict[str, bytes]:
@@ -89,20 +94,25 @@ def attribute(
     states: list[OpState], requests: list[OpRequest], statuses: dict[str, WorkflowStatus]
 ) -> CostReport:
     """Pure: split each committed operator's cost among the workflows that asked for it."""
+    from flowmesh.engine.lineage.reads import requesters
+
     report = CostReport()
-    by_key: dict[str, dict[str, OpRequest]] = defaultdict(dict)
+    by_key: dict[str, list[OpRequest]] = defaultdict(list)
     for req in requests:
-        by_key[req.key][req.workflow_id] = req
+        by_key[req.key].append(req)
     for st in states:
         if st.state == "pending":
             continue
-        askers = by_key.get(st.key) or {
-            st.workflow_id: OpRequest(st.key, st.workflow_id, st.tenant, "", "ran", st.created_at)
-        }
+        # the workflow that ran it comes from its entry (its `ran` request is recorded
+        # per wave, which a lookup by key does not find), the others from their records
+        askers = {r.workflow_id: r for r in requesters(st, by_key.get(st.key, []))}
         report.operators += 1
         report.total_usd += st.cost_usd
         report.total_energy_j += st.energy_j
         report.total_device_seconds += st.device_seconds
+        report.overhead_device_seconds += st.overhead_seconds
+        report.overhead_usd += st.overhead_seconds * st.price_per_hour / 3600.0
+        report.overhead_energy_j += st.overhead_seconds * st.watts
         n = len(askers)
         for wf_id, req in askers.items():
             status = statuses.get(wf_id)
@@ -128,10 +138,10 @@ def attribute(
 
 
 async def cost_report(bus: Bus) -> CostReport:
+    from flowmesh.engine.lineage.reads import all_requests
+
     states = [codec.decode(v, OpState) for v in (await kv_values(bus, streams.KV_OPS)).values()]
-    requests = [
-        codec.decode(v, OpRequest) for v in (await kv_values(bus, streams.KV_REQUESTS)).values()
-    ]
+    requests = await all_requests(bus)
     statuses = {
         k: codec.decode(v, WorkflowStatus) for k, v in (await kv_values(bus, streams.KV_WF)).items()
     }
@@ -144,37 +154,32 @@ async def workflows_cost(bus: Bus, workflow_ids: list[str]) -> CostReport:
     asked for those (the split), and those operators' states. Its cost grows with these
     workflows' operators, not with the fleet's three buckets as cost_report's does (8 of
     those at once took 61 s and 1.5 GB on a busy fabric)."""
-    from flowmesh.engine.lineage import (
-        REQUEST_CHUNK,
-        _op_state,
-        _requests,
-        _requests_of_ops,
-        _scan,
-        _workflow_status,
+    from flowmesh.engine.lineage.reads import (
+        decode_requests,
+        op_state,
+        requests_of_ops,
+        workflow_status,
     )
 
     statuses: dict[str, WorkflowStatus] = {}
     for wf in workflow_ids:
-        status = await _workflow_status(bus, wf)
+        status = await workflow_status(bus, wf)
         if status is not None:
             statuses[wf] = status
-    keys: set[str] = set()
-    ids = sorted(statuses)
-    prefix = f"$KV.{streams.KV_REQUESTS}."
-    for i in range(0, len(ids), REQUEST_CHUNK):
-        # one short-lived consumer per chunk of workflows, filtered on the server
-        filters = [f"{prefix}*.{wf}" for wf in ids[i : i + REQUEST_CHUNK]]
-        msgs = await _scan(bus, f"KV_{streams.KV_REQUESTS}", filters)
-        keys.update(r.key for r in _requests(msgs))
+    patterns = [f"*.{wf}" for wf in sorted(statuses)]
+    entries = await bus.kv_select(streams.KV_REQUESTS, patterns)
+    keys = {r.key for r in decode_requests(entries)}
     ordered = sorted(keys)
-    requests = [r for reqs in (await _requests_of_ops(bus, ordered)).values() for r in reqs]
     sem = asyncio.Semaphore(64)
 
     async def state(key: str) -> OpState | None:
         async with sem:
-            return await _op_state(bus, key)
+            return await op_state(bus, key)
 
-    states = [s for s in await asyncio.gather(*(state(k) for k in ordered)) if s is not None]
+    found = dict(zip(ordered, await asyncio.gather(*(state(k) for k in ordered)), strict=True))
+    of_ops = await requests_of_ops(bus, ordered, found)
+    requests = [r for reqs in of_ops.values() for r in reqs]
+    states = [s for s in found.values() if s is not None]
     return attribute(states, requests, statuses)
 
 
@@ -215,7 +220,9 @@ def render(report: CostReport, tenant: str | None, console: Console) -> None:
     console.print(table("per tenant", sorted(tenants, key=lambda b: b.name), "tenant"))
     console.print(
         f"fleet spent ${report.total_usd:.6f}, {report.total_energy_j / 1000:.3f} kJ, "
-        f"{report.total_device_seconds:.2f} device-seconds on {report.operators} operators"
+        f"{report.total_device_seconds:.2f} device-seconds on {report.operators} operators, "
+        f"billed to the workflows above; fleet overhead (warm-up, contention) "
+        f"${report.overhead_usd:.6f}, {report.overhead_device_seconds:.2f} device-seconds"
     )
 
 
@@ -244,6 +251,9 @@ def cost_command(nats_url: str, tenant: str | None, as_json: bool) -> None:
             "total_energy_j": report.total_energy_j,
             "total_device_seconds": report.total_device_seconds,
             "operators": report.operators,
+            "overhead_device_seconds": report.overhead_device_seconds,
+            "overhead_usd": report.overhead_usd,
+            "overhead_energy_j": report.overhead_energy_j,
         }
         click.echo(json.dumps(out))
         return

@@ -13,8 +13,9 @@ The verbs, their request and reply bodies (submit, status, list, result, lineage
 cancel) and the error codes are the contract's: topics/api.py.
 
 One tenant cannot take the service from the others (issue 17): each has a request rate,
-a number of requests in progress at once, and a number of operators in flight of its
-running workflows (Quotas); past one, it is answered `too_many_requests` at once, without
+a number of requests in progress at once, running workflows, operators in flight and
+bytes stored (engine/quota.py: the rates split among the live gateways, the rest in one
+shared entry per tenant); past one, it is answered `too_many_requests` at once, without
 queueing. Gateway tenants get `dedup_scope: tenant` whatever their spec asks, unless the
 operator lets them share (FLOWMESH_SHARE_TENANTS): shared results tell a tenant whether
 and when another ran the same record (see the README, "Tenancy").
@@ -23,21 +24,23 @@ and when another ran the same record (see the README, "Tenancy").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.errors import NoKeysError
 
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.cost import workflows_cost
-from flowmesh.engine.lineage import LineageError, build_lineage
+from flowmesh.engine.lineage import LineageError
+from flowmesh.engine.lineage.pages import build_lineage_page
+from flowmesh.engine.quota import GatewayPeers, Ledger, QuotaBusy, QuotaExceeded, Quotas
 from flowmesh.engine.spec import SpecError, planned_operators
 from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.api import (
@@ -59,8 +62,8 @@ from flowmesh.topics.api import (
     WorkflowRequest,
     WorkflowSummary,
 )
-from flowmesh.topics.cas import CAS, CASError
-from flowmesh.topics.messages import CancelWorkflow, WorkflowSpec, WorkflowStatus
+from flowmesh.topics.messages import CancelWorkflow, WorkflowStatus
+from flowmesh.topics.store.cas import CAS, CASError
 
 log = structlog.get_logger("flowmesh.gateway")
 
@@ -74,28 +77,6 @@ ACCEPT_WAIT_S = 10.0
 CANCEL_WAIT_S = 5.0  # how long cancel waits to see the planner mark it cancelled
 
 
-@dataclass(frozen=True)
-class Quotas:
-    """Per tenant, per gateway process. Defaults from FLOWMESH_TENANT_* variables."""
-
-    rps: float = 50.0  # sustained requests per second
-    burst: int = 100  # requests at once above the rate
-    concurrent: int = 8  # requests in progress at once
-    ops_in_flight: int = 200_000  # operators of its running workflows (planned, not done)
-    workflows_running: int = 100
-
-    @classmethod
-    def from_env(cls) -> Quotas:
-        env = os.environ.get
-        return cls(
-            rps=float(env("FLOWMESH_TENANT_RPS", cls.rps)),
-            burst=int(env("FLOWMESH_TENANT_BURST", cls.burst)),
-            concurrent=int(env("FLOWMESH_TENANT_CONCURRENT", cls.concurrent)),
-            ops_in_flight=int(env("FLOWMESH_TENANT_OPS_IN_FLIGHT", cls.ops_in_flight)),
-            workflows_running=int(env("FLOWMESH_TENANT_WORKFLOWS", cls.workflows_running)),
-        )
-
-
 def share_tenants_from_env() -> frozenset[str]:
     """Tenants the operator lets dedup globally (FLOWMESH_SHARE_TENANTS=a,b)."""
     raw = os.environ.get("FLOWMESH_SHARE_TENANTS", "")
@@ -104,11 +85,11 @@ def share_tenants_from_env() -> frozenset[str]:
 
 @dataclass
 class _TenantUse:
+    """A tenant's request rate and requests in progress at this gateway."""
+
     tokens: float
     stamp: float
     active: int = 0
-    # its workflows this gateway saw submitted and not yet seen finished: id -> operators
-    running: dict[str, int] = field(default_factory=dict)
 
 
 class ApiError(Exception):
@@ -155,6 +136,8 @@ class Gateway:
         self.quotas = quotas or Quotas.from_env()
         self.share_tenants = share_tenants_from_env() if share_tenants is None else share_tenants
         self._use: dict[str, _TenantUse] = {}
+        self.ledger = Ledger(bus, self.quotas)  # the quotas shared by every gateway
+        self.peers = GatewayPeers(bus, f"gw-{uuid.uuid4().hex[:12]}")
         # reads that scan records (cost, lineage, result): at most HEAVY_AT_ONCE of one
         # tenant's at a time; the rest of its requests wait their turn, others' do not
         self._heavy: dict[str, asyncio.Semaphore] = {}
@@ -162,12 +145,31 @@ class Gateway:
         self._sem = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
+        self._beat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self.peers.beat()
+        self._beat = asyncio.create_task(self._beat_loop())
         self._sub = await self.bus.nc.subscribe(subjects.API_ALL, queue=QUEUE, cb=self._on_msg)
-        log.info("gateway serving", subject=subjects.API_ALL, queue=QUEUE)
+        log.info("gateway serving", subject=subjects.API_ALL, queue=QUEUE, peers=self.peers.count)
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(streams.GATEWAY_TTL_S / 3)
+            try:
+                await self.peers.beat()
+            except Exception as exc:  # a nats restart: beat again once it is back
+                log.warning("gateway heartbeat failed", error=str(exc))
 
     async def stop(self) -> None:
+        await self.ledger.stop()
+        if self._beat is not None:
+            self._beat.cancel()
+            with contextlib.suppress(BaseException):
+                await self._beat
+            self._beat = None
+            with contextlib.suppress(Exception):  # the others' shares grow at once
+                await self.peers.leave()
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
@@ -207,7 +209,8 @@ class Gateway:
                     raise ApiError(
                         "too_many_requests",
                         f"tenant {tenant!r} is over its request quota ({self.quotas.rps:g}/s, "
-                        f"{self.quotas.concurrent} at once); retry later",
+                        f"{self.quotas.concurrent} at once, across {self.peers.count} "
+                        "gateways); retry later",
                     )
                 if len(msg.data) > MAX_REQUEST_BYTES:
                     raise ApiError(
@@ -278,20 +281,18 @@ class Gateway:
         verbs = ", ".join(subjects.API_VERBS)
         raise ApiError("bad_request", f"unknown verb {verb!r} (one of {verbs})")
 
-    def _use_of(self, tenant: str) -> _TenantUse:
+    def _admit(self, tenant: str) -> _TenantUse | None:
+        """Take one request of `tenant` from its token bucket and its in-progress slots,
+        this gateway's share of them; None when it is over either (answered at once:
+        nothing queues for it)."""
+        now = time.monotonic()
+        quotas = self.quotas.share(self.peers.count)
         use = self._use.get(tenant)
         if use is None:
-            use = self._use[tenant] = _TenantUse(float(self.quotas.burst), time.monotonic())
-        return use
-
-    def _admit(self, tenant: str) -> _TenantUse | None:
-        """Take one request of `tenant` from its token bucket and its in-progress slots;
-        None when it is over either (answered at once: nothing queues for it)."""
-        now = time.monotonic()
-        use = self._use_of(tenant)
-        use.tokens = min(float(self.quotas.burst), use.tokens + (now - use.stamp) * self.quotas.rps)
+            use = self._use[tenant] = _TenantUse(float(quotas.burst), now)
+        use.tokens = min(float(quotas.burst), use.tokens + (now - use.stamp) * quotas.rps)
         use.stamp = now
-        if use.tokens < 1.0 or use.active >= self.quotas.concurrent:
+        if use.tokens < 1.0 or use.active >= quotas.concurrent:
             return None
         use.tokens -= 1.0
         use.active += 1
@@ -332,47 +333,39 @@ class Gateway:
             # tenant ran a record): only tenants the operator opted in share
             spec = msgspec.structs.replace(spec, dedup_scope="tenant")
         workflow_id = gateway_workflow_id(tenant, req.workflow_id)
-        await self._check_in_flight(tenant, workflow_id, spec)
+        # what the submission will store: its records as JSON (the gateway took them in
+        # one request, so this is at most the request's size)
+        try:
+            dataset_bytes = sum(len(codec.encode(ds.records)) for ds in spec.datasets.values())
+        except (msgspec.EncodeError, RecursionError, TypeError):
+            dataset_bytes = 0  # not encodable: validation refuses it below, with the reason
+        try:
+            await self.ledger.admit(tenant, workflow_id, planned_operators(spec), dataset_bytes)
+        except (QuotaExceeded, QuotaBusy) as exc:
+            raise ApiError("too_many_requests", str(exc)) from exc
         try:
             await self.fm.submit(spec, workflow_id, tenant=tenant)
-        except SpecError as exc:
+        except (SpecError, CASError) as exc:
+            await self.ledger.release(tenant, workflow_id)
+            if isinstance(exc, CASError):
+                raise ApiError("bad_request", f"cannot store the datasets: {exc}") from exc
             raise ApiError("bad_request", str(exc)) from exc
-        except CASError as exc:
-            raise ApiError("bad_request", f"cannot store the datasets: {exc}") from exc
-        self._use_of(tenant).running[workflow_id] = planned_operators(spec)
+        except BaseException:
+            await asyncio.shield(self.ledger.release(tenant, workflow_id))
+            raise
         log.info("gateway submission", tenant=tenant, workflow=workflow_id, name=spec.name)
         deadline = time.monotonic() + ACCEPT_WAIT_S
         while await self.fm.status(workflow_id) is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return SubmitReply(workflow_id=workflow_id)
 
-    async def _check_in_flight(self, tenant: str, workflow_id: str, spec: WorkflowSpec) -> None:
-        """The tenant's running workflows and their operators stay within its quota."""
-        running = self._use_of(tenant).running
-        for wf in list(running):
-            status = await self.fm.status(wf)
-            if status is not None and status.state != "running":
-                del running[wf]
-        running.pop(workflow_id, None)  # a resubmission of its own id counts once
-        planned = planned_operators(spec)
-        if len(running) >= self.quotas.workflows_running:
-            raise ApiError(
-                "too_many_requests",
-                f"{len(running)} workflows running; the quota is {self.quotas.workflows_running}",
-            )
-        if sum(running.values()) + planned > self.quotas.ops_in_flight:
-            raise ApiError(
-                "too_many_requests",
-                f"{sum(running.values())} operators in flight and {planned} more asked for; "
-                f"the quota is {self.quotas.ops_in_flight} (wait for some to finish, or cancel)",
-            )
-
     async def cancel(self, tenant: str, workflow_id: str) -> dict[str, str]:
         """Stop one of the tenant's workflows: its planner starts nothing more for it and
         marks it cancelled. Operators already running finish (each within its limits)."""
         status = await self._owned(tenant, workflow_id)
         if status.state == "running":
-            await self.bus.nc.publish(
+            # through the bus the planners listen on (a Kafka topic on --bus kafka)
+            await self.bus.transport.broadcast(
                 subjects.CANCEL,
                 codec.encode(CancelWorkflow(workflow_id, reason=f"cancelled by {tenant}")),
             )
@@ -380,17 +373,14 @@ class Gateway:
             while status.state == "running" and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
                 status = await self._owned(tenant, workflow_id)
-        self._use_of(tenant).running.pop(workflow_id, None)
+        # its operators stop counting as in flight at the tenant's next submission, which
+        # finds it no longer running
         return {"workflow_id": workflow_id, "state": status.state}
 
     async def own_workflows(self, tenant: str) -> list[str]:
         """The tenant's workflow ids: the bucket's key names filtered by the tenant's
         namespace ("<tenant>_"), no other tenant's status read or decoded."""
-        kv = await self.bus.kv(streams.KV_WF)
-        try:
-            names = await kv.keys()
-        except NoKeysError:
-            return []
+        names = await self.bus.kv_keys(streams.KV_WF)
         return [n for n in names if n.startswith(f"{tenant}_")]
 
     async def _page(self, tenant: str, offset: int, limit: int) -> list[WorkflowStatus]:
@@ -456,12 +446,15 @@ class Gateway:
         )
 
     async def lineage(self, tenant: str, req: LineageRequest) -> dict[str, Any]:
+        """A page of the lineage: what it reads grows with the page, not the workflow."""
         await self._owned(tenant, req.workflow_id)
         try:
-            lin = await build_lineage(self.fm, req.workflow_id, req.node)
+            lin = await build_lineage_page(
+                self.fm, req.workflow_id, req.node, req.page, req.limit, MAX_REPLY_BYTES - 4096
+            )
         except LineageError as exc:
             raise ApiError("not_found", str(exc)) from exc
-        return redact_lineage(lin.to_dict(), tenant)
+        return redact_lineage(codec.to_builtins(lin), tenant)
 
     async def cost(self, tenant: str, offset: int = 0, limit: int = LIST_PAGE) -> CostSummary:
         """The bills of a page of the tenant's workflows (newest first), and their sum;

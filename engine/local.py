@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from urllib.parse import urlparse
 import structlog
 
 from flowmesh.engine.supervise import Supervisor
+from flowmesh.topics.parent import child_env
 
 log = structlog.get_logger("flowmesh.local")
 
@@ -81,6 +83,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _dies_with_us() -> list[str]:
+    """A prefix for a child that is not FlowMesh's (nats-server: it cannot watch for its
+    parent) so that the kernel stops it when this process is gone: setpriv's
+    --pdeathsig (util-linux), when started from the main thread. The signal follows the
+    thread that started the child, and the main thread lives as long as the process."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
+
+
 @dataclass
 class LocalFabric:
     """Processes of a one-machine fabric; a context manager that stops what it started."""
@@ -97,6 +110,12 @@ class LocalFabric:
     # and the config a nats-server started here runs with
     creds: Path | None = None
     nats_config: Path | None = None
+    # the streams' bus, Kafka's servers, the scheduler: given to every process as flags
+    # (None: each reads its own settings and environment)
+    bus: str | None = None
+    kafka: str | None = None
+    kv: str | None = None
+    scheduler: str | None = None
     # Prometheus exporters (the engine, or the scheduler, on this port; planner shard i
     # on port - 1 - i and the gateway below them; worker i on port + 1 + i) and the web
     # console; 0: off
@@ -126,6 +145,7 @@ class LocalFabric:
         )
         if self.creds is not None:
             env["FLOWMESH_CREDS"] = str(Path(self.creds).resolve())
+        env = child_env(env)  # FlowMesh's processes stop when this one is gone
         # a session of its own: a Ctrl-C at the terminal reaches `flowmesh up` alone, which
         # then stops the nats-server only after everything that needs it. The child keeps
         # its own copy of the log's descriptor; ours is closed (restarts must not leak one)
@@ -166,12 +186,33 @@ class LocalFabric:
         self.nats_proc = self._spawn(
             "nats-server",
             [
+                *_dies_with_us(),
                 self.nats_binary,
                 *config,
                 *("-a", host, "-p", str(port), "-js", "-sd", str(self.data_dir / "nats")),
             ],
         )
         return self.nats_proc
+
+    def _bus_args(self) -> list[str]:
+        out = ["--bus", self.bus] if self.bus else []
+        out += ["--kv", self.kv] if self.kv else []
+        return out + (["--kafka", self.kafka] if self.kafka else [])
+
+    def _scheduler_args(self) -> list[str]:
+        return ["--scheduler", self.scheduler] if self.scheduler else []
+
+    @property
+    def kafka_servers(self) -> str | None:
+        """The Kafka servers this fabric's streams run on ("" for NATS), for a Bus of
+        this process; None when it was not told (the settings and environment say)."""
+        if self.bus is None:
+            return None
+        if self.bus != "kafka":
+            return ""
+        from flowmesh.topics.config.settings import Settings
+
+        return self.kafka or Settings.load().kafka
 
     def _engine_argv(self, command: str, *args: str) -> list[str]:
         return [
@@ -183,6 +224,7 @@ class LocalFabric:
             self.nats_url,
             "--cas",
             self.cas_url,
+            *self._bus_args(),
             *args,
         ]
 
@@ -198,6 +240,7 @@ class LocalFabric:
             "engine",
             self._engine_argv(
                 "engine",
+                *self._scheduler_args(),
                 *self.engine_args,
                 *self._metrics_args(self.metrics_port),
                 *self._console_args(),
@@ -226,7 +269,10 @@ class LocalFabric:
         self.scheduler_proc = self._spawn(
             "scheduler",
             self._engine_argv(
-                "scheduler", *self.engine_args, *self._metrics_args(self.metrics_port)
+                "scheduler",
+                *self._scheduler_args(),
+                *self.engine_args,
+                *self._metrics_args(self.metrics_port),
             ),
         )
         return self.scheduler_proc
@@ -264,6 +310,7 @@ class LocalFabric:
                 str(self.data_dir),
                 "--id",
                 wid,
+                *self._bus_args(),
                 *self.worker_args,
                 *self._worker_metrics_args(index),
                 *extra_args,
@@ -292,8 +339,17 @@ class LocalFabric:
             self.stop()
             raise
 
+    @property
+    def kafka_only(self) -> bool:
+        """Streams and KV on Kafka (kv, or $FLOWMESH_KV, kafka): no nats-server is started."""
+        from flowmesh.topics.bus import transport
+
+        bus = self.bus or transport.bus_from_env()
+        return bus == "kafka" and (self.kv or transport.kv_from_env()) == "kafka"
+
     def _start(self) -> LocalFabric:
-        self.ensure_nats()
+        if not self.kafka_only:
+            self.ensure_nats()
         watch = self.supervisor.adopt
         if self.nats_proc is not None:  # ours: restarted too if it dies
             watch("nats-server", self.nats_proc, self.start_nats)
@@ -317,13 +373,16 @@ class LocalFabric:
 
     def control_procs(self) -> dict[str, subprocess.Popen[bytes] | None]:
         """The engine's processes by name."""
-        if not self.planner_shards:
-            return {"engine": self.engine_proc}
-        return {
+        parts = {
             **{f"planner-{i}": p for i, p in enumerate(self.planner_procs)},
             "scheduler": self.scheduler_proc,
             "gateway": self.gateway_proc,
         }
+        if not self.planner_shards:
+            # one process, and any part started beside it (tests start a scheduler of
+            # their own), so that stop() stops that too
+            return {"engine": self.engine_proc, **{k: p for k, p in parts.items() if p}}
+        return parts
 
     def alive(self) -> dict[str, bool]:
         procs = {

@@ -14,8 +14,9 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from flowmesh.topics.exporter import serve as serve
 from flowmesh.topics.operators import pool_of
+from flowmesh.topics.telemetry.exporter import child
+from flowmesh.topics.telemetry.exporter import serve as serve
 
 # batches hold up to a few hundred operators; powers of two read well on a dashboard
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -68,6 +69,14 @@ BATCH_WORKFLOWS = Histogram(
 RECLAIMED_OPS = Counter(
     "flowmesh_reclaimed_ops_total", "Operators taken back from dead workers and made ready again"
 )
+PLANNER_RETRIES = Counter(
+    "flowmesh_planner_retries_total",
+    "Planner steps the bus or the store refused, to be done again: a wave of operators "
+    "to start (start), a node to complete (complete), a trained adapter to release "
+    "(adapter), a completion message delivered again (done), a submission read again "
+    "(accept)",
+    ["what"],
+)
 
 
 def workflow_submitted(tenant: str) -> None:
@@ -82,12 +91,14 @@ def workflows_running(n: int) -> None:
     WORKFLOWS_RUNNING.set(n)
 
 
-def op_requested(kind: str, tenant: str, role: str) -> None:
-    OP_REQUESTS.labels(kind, tenant, role).inc()
+def op_requested(kind: str, tenant: str, role: str, n: int = 1) -> None:
+    """`n` requests of operators of `kind` by `tenant`, in `role` (a wave counts each
+    label set once: three locked increments per operator were a tenth of a wave)."""
+    child(OP_REQUESTS, kind, tenant, role).inc(n)
     if role == "ran":
-        OPS_CREATED.labels(kind, tenant).inc()
+        child(OPS_CREATED, kind, tenant).inc(n)
     else:
-        DEDUP_HITS.labels(kind, tenant, role).inc()
+        child(DEDUP_HITS, kind, tenant, role).inc(n)
 
 
 _seen: dict[str, set[str]] = {"pool": set(), "device_class": set()}
@@ -135,3 +146,7 @@ def due(what: str, every_s: float) -> bool:
 
 def ops_reclaimed(n: int) -> None:
     RECLAIMED_OPS.inc(n)
+
+
+def planner_retry(what: str) -> None:
+    PLANNER_RETRIES.labels(what).inc()

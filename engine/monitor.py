@@ -5,10 +5,11 @@
 bus itself, never from one engine's memory, so it works against any fabric and after
 any restart:
 
-* streams and consumer lag: JetStream stream/consumer info (messages not yet delivered
-  and delivered but unacked, per consumer);
-* ready-pool depth per pool and batches in flight per worker: the subjects of the
-  work-queue streams FM_READY and FM_ASSIGN (a message leaves them when acked);
+* streams and consumer lag: the transport's stats (topics/bus/transport.py): on NATS
+  JetStream stream/consumer info (messages not yet delivered and delivered but unacked,
+  per consumer), on Kafka the topics of each role and their groups' committed offsets;
+* ready-pool depth per pool and batches in flight per worker: per subject of FM_READY
+  and FM_ASSIGN, what their consumers have not acked yet (on either bus);
 * workers: their heartbeats in KV fm_workers (class, slots, resident models);
 * workflows, their nodes and operator counts: KV fm_wf;
 * dedup hit rate, per-tenant throughput and $: KV fm_ops and fm_requests, split with
@@ -29,37 +30,19 @@ from typing import Any
 import structlog
 
 from flowmesh.engine.cost import attribute, kv_values
+from flowmesh.engine.lineage.reads import request_records, unique_requests
 from flowmesh.topics import Bus, codec, streams
+from flowmesh.topics.bus.transport import ConsumerStat, StreamStat
 from flowmesh.topics.messages import OpRequest, OpState, WorkerInfo, WorkflowStatus
 
 log = structlog.get_logger("flowmesh.monitor")
 
 THROUGHPUT_WINDOW_S = 60.0  # per-tenant throughput: operators finished in this window
-FM_STREAMS = (
-    streams.STREAM_SUBMIT,
-    streams.STREAM_READY,
-    streams.STREAM_ASSIGN,
-    streams.STREAM_DONE,
-    streams.STREAM_DLQ,
-)
-
-
-@dataclass
-class StreamRow:
-    name: str
-    messages: int
-    bytes: int
-    consumers: int
-    subjects: dict[str, int] = field(default_factory=dict)  # work-queue streams only
-
-
-@dataclass
-class ConsumerRow:
-    stream: str
-    name: str
-    pending: int  # not yet delivered: the lag
-    ack_pending: int  # delivered, not yet acked
-    redelivered: int
+# what the bus reports of its streams and consumers (topics/bus/transport.py): on NATS
+# JetStream's stream and consumer info, on Kafka the topics of each role and the offsets
+# their consumer groups committed
+StreamRow = StreamStat
+ConsumerRow = ConsumerStat
 
 
 @dataclass
@@ -164,37 +147,6 @@ class Snapshot:
 # --- gathering --------------------------------------------------------------------------
 
 
-async def _streams(bus: Bus) -> tuple[list[StreamRow], list[ConsumerRow]]:
-    rows: list[StreamRow] = []
-    consumers: list[ConsumerRow] = []
-    for name in FM_STREAMS:
-        # per-subject counts only for the work-queue streams: one subject per pool /
-        # worker there, but one per message nowhere else worth showing
-        wq = name in (streams.STREAM_READY, streams.STREAM_ASSIGN)
-        info = await bus.js.stream_info(name, subjects_filter=">" if wq else None)
-        st = info.state
-        rows.append(
-            StreamRow(
-                name=name,
-                messages=st.messages or 0,
-                bytes=st.bytes or 0,
-                consumers=st.consumer_count or 0,
-                subjects={k: v for k, v in (st.subjects or {}).items() if v},
-            )
-        )
-        for ci in await bus.js.consumers_info(name):
-            consumers.append(
-                ConsumerRow(
-                    stream=name,
-                    name=ci.name or "",
-                    pending=ci.num_pending or 0,
-                    ack_pending=ci.num_ack_pending or 0,
-                    redelivered=ci.num_redelivered or 0,
-                )
-            )
-    return rows, consumers
-
-
 def _by_suffix(subjects_count: dict[str, int], prefix: str) -> dict[str, int]:
     return {
         subject[len(prefix) + 1 :]: n
@@ -237,8 +189,17 @@ def _worker_rows(infos: list[WorkerInfo], in_flight: dict[str, int], now: float)
 def workflow_row(st: WorkflowStatus, now: float) -> WorkflowRow:
     """A workflow with its DAG: source datasets, then nodes with operator counts."""
     nodes = [
-        NodeRow(name=name, op="dataset", inputs=[], total=0, done=0, failed=0, reused=0,
-                complete=True, n_outputs=0)
+        NodeRow(
+            name=name,
+            op="dataset",
+            inputs=[],
+            total=0,
+            done=0,
+            failed=0,
+            reused=0,
+            complete=True,
+            n_outputs=0,
+        )
         for name in st.datasets
     ]
     for name, ns in st.nodes.items():
@@ -263,8 +224,17 @@ def workflow_row(st: WorkflowStatus, now: float) -> WorkflowRow:
     for missing in sorted({i for n in nodes for i in n.inputs} - known):
         nodes.insert(
             0,
-            NodeRow(name=missing, op="dataset", inputs=[], total=0, done=0, failed=0,
-                    reused=0, complete=False, n_outputs=0),
+            NodeRow(
+                name=missing,
+                op="dataset",
+                inputs=[],
+                total=0,
+                done=0,
+                failed=0,
+                reused=0,
+                complete=False,
+                n_outputs=0,
+            ),
         )
     return WorkflowRow(
         workflow_id=st.workflow_id,
@@ -326,9 +296,7 @@ def summarize(
 
     tenants: dict[str, TenantRow] = {}
     for w in workflows:
-        t = tenants.setdefault(
-            w.tenant, TenantRow(w.tenant, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
-        )
+        t = tenants.setdefault(w.tenant, TenantRow(w.tenant, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0))
         t.workflows += 1
         t.running += w.state == "running"
     for name, bill in report.tenants.items():
@@ -369,11 +337,22 @@ def _decode_all(values: dict[str, bytes], typ: type[Any], errors: list[str]) -> 
     return out
 
 
+def _decode_requests(values: dict[str, bytes], errors: list[str]) -> list[OpRequest]:
+    """KV fm_requests' entries as requests (a wave's `ran` ones expanded)."""
+    out: list[OpRequest] = []
+    for key, value in values.items():
+        try:
+            out.extend(request_records(key, value))
+        except codec.DecodeError as exc:
+            errors.append(f"OpRequest {key}: {exc}")
+    return unique_requests(out)
+
+
 async def snapshot(bus: Bus) -> Snapshot:
     """Read everything the dashboards show, at once."""
     errors: list[str] = []
     (stream_rows, consumers), wk, wf, ops, reqs = await asyncio.gather(
-        _streams(bus),
+        bus.transport.stats(),
         kv_values(bus, streams.KV_WORKERS),
         kv_values(bus, streams.KV_WF),
         kv_values(bus, streams.KV_OPS),
@@ -382,7 +361,7 @@ async def snapshot(bus: Bus) -> Snapshot:
     workers = list(_decode_all(wk, WorkerInfo, errors).values())
     statuses = _decode_all(wf, WorkflowStatus, errors)
     states = list(_decode_all(ops, OpState, errors).values())
-    requests = list(_decode_all(reqs, OpRequest, errors).values())
+    requests = _decode_requests(reqs, errors)
     snap = summarize(stream_rows, consumers, workers, statuses, states, requests, time.time())
     snap.errors = errors[:20]
     return snap

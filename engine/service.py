@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,14 @@ from flowmesh.engine.scheduler.fleet import load_fleet
 from flowmesh.engine.scheduler.policy import load_policy_config
 from flowmesh.engine.shards import check_shard
 from flowmesh.topics import Bus
-from flowmesh.topics.cas import open_cas
-from flowmesh.topics.creds import redact_url
-from flowmesh.topics.fabric import record_fabric
+from flowmesh.topics.config.creds import redact_url
+from flowmesh.topics.parent import terminate_when_parent_gone
+from flowmesh.topics.store.cas import open_cas
+from flowmesh.topics.store.fabric import record_fabric
 
 if TYPE_CHECKING:
     from flowmesh.engine.console.app import ConsoleServer
+    from flowmesh.topics.bus.kafka_kv import KVOwner
 
 log = structlog.get_logger("flowmesh.engine")
 
@@ -45,7 +46,7 @@ class Parts:
 
     planner: bool = True
     scheduler: bool = True
-    gateway: bool = True  # the tenant gateway, and the console when it has a port
+    gateway: bool = True  # the tenant gateway (NATS only), and the console when it has a port
     shard: int = 0  # with planner: this process plans shard `shard` of `shards`
     shards: int = 1
 
@@ -85,6 +86,7 @@ class Engine:
         self.scheduler = scheduler
         self.gateway = gateway  # the tenant-facing API (fm.api.<tenant>.<verb>)
         self.console: ConsoleServer | None = None
+        self.kv_owner: KVOwner | None = None  # Kafka-only: the one writer of every bucket
 
     @classmethod
     async def start(
@@ -96,21 +98,45 @@ class Engine:
         policy_path: Path | None = None,
         parts: Parts = ALL,
         console_port: int = 0,
+        kafka: str | None = None,
+        scheduler: str = "live",
+        max_attempts: int | None = None,
+        max_reclaims: int | None = None,
+        kv: str | None = None,
     ) -> Engine:
-        bus = await Bus.connect(nats_url, name=f"flowmesh-{parts.name}")
+        """`kafka`: the streams' Kafka servers ("" for NATS; None: the environment
+        says); `scheduler`: live or faust; the max_* (None: the environment or the
+        default) travel with every operator the planner makes ready."""
+        bus = await Bus.connect(nats_url, name=f"flowmesh-{parts.name}", kafka=kafka, kv=kv)
+        engine = cls(bus)
+        if bus.kafka_kv is not None and parts.scheduler:
+            # KV on Kafka: the process with the (one) scheduler applies every write, so
+            # it starts before anything here asks for KV (topics/bus/kafka_kv.py)
+            from flowmesh.topics.bus.kafka import KafkaStreams
+            from flowmesh.topics.bus.kafka_kv import ALL_BUCKETS, KVOwner
+
+            assert isinstance(bus.transport, KafkaStreams)
+            engine.kv_owner = KVOwner(bus.transport, ALL_BUCKETS)
+            await engine.kv_owner.start()
         cas = await open_cas(cas_url, bus.js)
         if parts.planner or parts.gateway:
-            # where clients must put datasets and find results (topics/fabric.py)
+            # where clients must put datasets and find results (topics/store/fabric.py)
             await record_fabric(bus, cas_url)
-        engine = cls(bus)
         if parts.planner:
-            engine.planner = Planner(bus, cas, shard=parts.shard, shards=parts.shards)
+            engine.planner = Planner(
+                bus,
+                cas,
+                shard=parts.shard,
+                shards=parts.shards,
+                max_attempts=max_attempts,
+                max_reclaims=max_reclaims,
+            )
             await engine.planner.start()
         if parts.scheduler:
             fleet = load_fleet(fleet_path) if fleet_path else None
             config = load_policy_config(policy_path) if policy_path else None
             scheduler_cls = Scheduler
-            if os.environ.get("FLOWMESH_SCHEDULER", "live") == "faust":  # issue 9: on Kafka
+            if scheduler == "faust":  # issue 9: on Kafka
                 from flowmesh.engine.scheduler.faust_app import FaustScheduler
 
                 scheduler_cls = FaustScheduler
@@ -118,16 +144,25 @@ class Engine:
                 bus, dead_after_s=dead_after_s, fleet=fleet, config=config
             )
             await engine.scheduler.start()
-        if parts.gateway:
+        if parts.gateway and not bus.has_nats:
+            # the tenant API is NATS request/reply (fm.api.<tenant>.<verb>), and the
+            # tenants' credentials are the nats-server's: neither exists on Kafka-only
+            log.warning(
+                "tenant gateway not started: it is NATS request/reply, and this bus is "
+                "Kafka-only (FLOWMESH_KV=kafka); tenants submit with the client on Kafka"
+            )
+        elif parts.gateway:
             engine.gateway = Gateway(bus, cas)
             await engine.gateway.start()
-            if console_port:
-                from flowmesh.engine.console import start_console
+        if parts.gateway and console_port:
+            # the console reads only the bus's streams and KV (engine/monitor.py), so it
+            # runs on either bus; on Kafka-only it admits the operator alone (access.py)
+            from flowmesh.engine.console import start_console
 
-                try:
-                    engine.console = await start_console(bus, cas, console_port)
-                except OSError as exc:  # port taken: the gateway runs on without a console
-                    log.warning("console not started", port=console_port, error=str(exc))
+            try:
+                engine.console = await start_console(bus, cas, console_port)
+            except OSError as exc:  # port taken: the gateway runs on without a console
+                log.warning("console not started", port=console_port, error=str(exc))
         # the URL may carry the fabric user's password
         log.info(
             "engine started",
@@ -135,6 +170,7 @@ class Engine:
             shard=f"{parts.shard}/{parts.shards}" if parts.planner else None,
             nats=redact_url(nats_url),
             cas=cas_url,
+            bus=bus.transport.name,
         )
         return engine
 
@@ -147,6 +183,8 @@ class Engine:
             await self.scheduler.stop()
         if self.planner is not None:
             await self.planner.stop()
+        if self.kv_owner is not None:
+            await self.kv_owner.stop()
         await self.bus.close()
 
 
@@ -159,10 +197,27 @@ async def serve(
     metrics_port: int = 0,
     console_port: int = 0,
     parts: Parts = ALL,
+    kafka: str | None = None,
+    scheduler: str = "live",
+    max_attempts: int | None = None,
+    max_reclaims: int | None = None,
+    kv: str | None = None,
 ) -> None:
     """Run `parts` of the engine until SIGINT or SIGTERM."""
+    orphaned = terminate_when_parent_gone()  # from the start: connecting may wait long
     engine = await Engine.start(
-        nats_url, cas_url, dead_after_s, fleet_path, policy_path, parts, console_port
+        nats_url,
+        cas_url,
+        dead_after_s,
+        fleet_path,
+        policy_path,
+        parts,
+        console_port,
+        kafka=kafka,
+        scheduler=scheduler,
+        max_attempts=max_attempts,
+        max_reclaims=max_reclaims,
+        kv=kv,
     )
     metrics.serve(metrics_port)
     stop = asyncio.Event()
@@ -177,3 +232,4 @@ async def serve(
         await asyncio.wait_for(engine.stop(), STOP_TIMEOUT_S)
     except TimeoutError:
         log.warning("engine did not stop cleanly", part=parts.name, timeout_s=STOP_TIMEOUT_S)
+    orphaned.cancel()

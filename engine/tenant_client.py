@@ -30,19 +30,22 @@ from flowmesh.engine.client import read_records
 from flowmesh.engine.spec import SpecError, validate
 from flowmesh.topics import codec, subjects
 from flowmesh.topics.api import (
+    LINEAGE_PAGE,
     LIST_PAGE,
     MAX_REQUEST_BYTES,
     ApiReply,
     CostSummary,
     Lineage,
+    LineageCursor,
+    LineageRequest,
     ResultPage,
     SubmitReply,
     SubmitRequest,
     WorkflowRequest,
     WorkflowSummary,
 )
-from flowmesh.topics.cas import Record
-from flowmesh.topics.creds import load_creds
+from flowmesh.topics.bus.reach import wait_reachable
+from flowmesh.topics.config.creds import load_creds
 from flowmesh.topics.errors import (
     GatewayError,
     NotComplete,
@@ -51,8 +54,9 @@ from flowmesh.topics.errors import (
     WaitTimeout,
     WorkflowFailed,
 )
+from flowmesh.topics.lineage import collect_pages
 from flowmesh.topics.messages import DatasetSpec, WorkflowSpec, WorkflowStatus
-from flowmesh.topics.reach import wait_reachable
+from flowmesh.topics.store.cas import Record
 
 # the names tests and older callers import from here
 __all__ = ["GatewayError", "NotFound", "TenantClient"]
@@ -275,10 +279,29 @@ class TenantClient:
             offset = page.next_offset
         return rows
 
-    async def lineage(self, workflow_id: str, node: str | None = None) -> Lineage:
-        """The workflow's (or a node's) lineage; other tenants' requests only counted."""
-        data = await self.call("lineage", {"workflow_id": workflow_id, "node": node})
-        return codec.convert(data, Lineage)
+    async def lineage_page(
+        self,
+        workflow_id: str,
+        node: str | None = None,
+        page: LineageCursor | None = None,
+        limit: int = LINEAGE_PAGE,
+    ) -> Lineage:
+        """One page of the workflow's (or a node's) lineage: every node's header and up
+        to `limit` operators of the node `page` names (None: the first); `next_page`
+        says where the next page starts. Other tenants' requests only counted."""
+        req = LineageRequest(workflow_id=workflow_id, node=node, page=page, limit=limit)
+        return codec.convert(await self.call("lineage", req), Lineage)
+
+    async def lineage(
+        self, workflow_id: str, node: str | None = None, per_node: int = 0
+    ) -> Lineage:
+        """The workflow's (or a node's) lineage, fetched a page at a time; per_node > 0:
+        only the first `per_node` operators of each node."""
+
+        async def fetch(cursor: LineageCursor | None, limit: int) -> Lineage:
+            return await self.lineage_page(workflow_id, node, cursor, limit)
+
+        return await collect_pages(fetch, per_node)
 
     async def cancel(self, workflow_id: str) -> str:
         """Cancel one of this tenant's running workflows; its state after the request."""

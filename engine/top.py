@@ -23,7 +23,7 @@ from rich.text import Text
 from flowmesh.engine.cli_options import _run, connect_timeout, creds_option, nats_option
 from flowmesh.engine.monitor import Snapshot, snapshot
 from flowmesh.topics import Bus
-from flowmesh.topics.creds import CredsError, resolve_url
+from flowmesh.topics.config.creds import CredsError, resolve_url
 
 STALE_S = 5.0  # a worker silent this long is shown as stale
 

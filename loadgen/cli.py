@@ -33,10 +33,11 @@ from flowmesh.engine.scheduler.fleet import Fleet, load_fleet
 from flowmesh.engine.scheduler.policy import PolicyConfig, load_policy_config
 from flowmesh.loadgen.real import commands as real_commands
 from flowmesh.loadgen.real.large import large_cmd
+from flowmesh.loadgen.sim.bound import Floor, floor
 from flowmesh.loadgen.sim.metrics import PolicyResult, comparison, ratios, simulate
 from flowmesh.loadgen.sim.policies import ALIASES, POLICIES
 from flowmesh.loadgen.sim.report import plots, table, write_json
-from flowmesh.loadgen.sim.workload import Workload, load_workload
+from flowmesh.loadgen.sim.workload import LEVERS, Workload, load_workload
 
 DEFAULT_FLEET = configs.path("fleet", "default.yaml")
 DEFAULT_SCHEDULER = configs.path("scheduler", "default.yaml")
@@ -91,6 +92,11 @@ def _workload_options(f: Callable[..., None]) -> Callable[..., None]:
                 "--isolated-per", type=click.Choice(["model", "model-kind"]), default=None
             ),
             click.option(
+                "--levers-off",
+                default="",
+                help=f"flowmesh without these levers (comma-separated: {', '.join(LEVERS)})",
+            ),
+            click.option(
                 "--cpu-runs-gpu-kinds/--no-cpu-runs-gpu-kinds",
                 default=None,
                 help="may CPU workers take generate/score (as their profile allows)?",
@@ -113,6 +119,7 @@ def _setup(
         preempt_rate_per_h=opts["preempt_rate"],
         isolated_per=opts["isolated_per"],
         cpu_runs_gpu_kinds=opts["cpu_runs_gpu_kinds"],
+        levers_off=_levers(opts["levers_off"]),
     )
     names = [ALIASES.get(p.strip(), p.strip()) for p in opts["policies"].split(",") if p.strip()]
     for n in names:
@@ -122,6 +129,14 @@ def _setup(
     names = list(dict.fromkeys(sorted(names, key=lambda n: POLICIES.index(n), reverse=True)))
     fleet = load_fleet(opts["fleet_path"])
     return wl, fleet, load_policy_config(opts["scheduler_path"]), names
+
+
+def _levers(spec: str) -> list[str]:
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    for n in names:
+        if n not in LEVERS:
+            raise click.BadParameter(f"unknown lever {n!r}; known: {', '.join(LEVERS)}")
+    return names
 
 
 @main.command()
@@ -183,16 +198,25 @@ def sim(seed: int | None, out_dir: str | None, no_plots: bool, **opts: Any) -> N
 @main.command()
 @_workload_options
 @click.option("--seeds", default="1,2,3,4,5", show_default=True, help="comma-separated")
-def sweep(seeds: str, **opts: Any) -> None:
+@click.option(
+    "--ablate",
+    is_flag=True,
+    help="also run flowmesh with each lever off alone; print what each lever gives",
+)
+def sweep(seeds: str, ablate: bool, **opts: Any) -> None:
     """Every policy over several seeds: flowmesh's ratios against the strongest baseline
-    on each metric and against each baseline, mean [min-max] over the seeds."""
+    on each metric and against each baseline, mean [min-max] over the seeds; the floor
+    the mix allows (loadgen/sim/bound.py); with --ablate, each lever's share."""
     seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     wl0, _, _, names = _setup(opts, None)
     if "flowmesh" not in names or len(names) < 2:
         raise click.BadParameter("sweep compares flowmesh with baselines: include both")
+    levers = [n for n in LEVERS if n not in wl0.settings.levers.off()] if ablate else []
     per_seed: list[dict[str, PolicyResult]] = []
+    ablated: list[dict[str, PolicyResult]] = []
+    floors = []
     with _progress() as bar:
-        task = bar.add_task("seeds", total=len(seed_list) * len(names))
+        task = bar.add_task("seeds", total=len(seed_list) * (len(names) + len(levers)))
         for seed in seed_list:
             wl, fleet, config, _ = _setup(opts, seed)
             results = {}
@@ -200,6 +224,13 @@ def sweep(seeds: str, **opts: Any) -> None:
                 results[name] = simulate(wl, fleet, config, name)
                 bar.advance(task)
             per_seed.append(results)
+            off = {}
+            for lever in levers:
+                wl_off = wl.with_overrides(levers_off=[*wl.settings.levers.off(), lever])
+                off[lever] = simulate(wl_off, fleet, config, "flowmesh")
+                bar.advance(task)
+            ablated.append(off)
+            floors.append(floor(wl, fleet, config.ref_model_gb))
     keys = {
         "cost_reduction_x": "cost reduction",
         "energy_reduction_x": "energy reduction",
@@ -246,6 +277,112 @@ def sweep(seeds: str, **opts: Any) -> None:
             f"{sum(r.completed for r in rs2)}/{sum(r.workflows for r in rs2)}",
         )
     Console(width=max(console.width, 140)).print(base_cost)
+    Console(width=max(console.width, 140)).print(bound_table(wl0.name, per_seed, floors))
+    if levers:
+        Console(width=max(console.width, 140)).print(
+            ablation_table(wl0.name, per_seed, ablated, levers)
+        )
+
+
+def _span(v: list[float], digits: int = 2) -> str:
+    d = digits
+    return f"{statistics.mean(v):.{d}f} [{min(v):.{d}f}-{max(v):.{d}f}]"
+
+
+def bound_table(name: str, per_seed: list[dict[str, PolicyResult]], floors: list[Floor]) -> Table:
+    """The floor of the mix against the strongest baseline's cost and energy: the most
+    any policy could save (strongest / floor), per seed, mean [min-max]."""
+    t = Table(
+        title=f"{name}: what the mix allows at best (loadgen/sim/bound.py), mean [min-max]",
+        title_justify="left",
+    )
+    t.add_column("quantity")
+    t.add_column("mean [min-max]", justify="right")
+    best_cost, best_energy, fm_cost, fm_energy = [], [], [], []
+    for results in per_seed:
+        base = [r for n, r in results.items() if n != "flowmesh"]
+        best_cost.append(min(r.cost_usd for r in base))
+        best_energy.append(min(r.energy_kwh for r in base))
+        fm_cost.append(results["flowmesh"].cost_usd)
+        fm_energy.append(results["flowmesh"].energy_kwh)
+
+    def per(f: Callable[[float, Floor], float], base: list[float]) -> str:
+        return _span([f(b, fl) for b, fl in zip(base, floors, strict=True)])
+
+    rows = [
+        (
+            "unique / requested operators",
+            _span([f.unique_ops / max(f.requested_ops, 1) for f in floors]),
+        ),
+        (
+            "floor $: unique work, full batches, cheapest class",
+            _span([f.cost_usd for f in floors], 3),
+        ),
+        ("floor $ on the fastest class", _span([f.fastest_cost_usd for f in floors], 3)),
+        ("cheapest baseline $", _span(best_cost, 3)),
+        ("flowmesh $", _span(fm_cost, 3)),
+        ("max cost x (cheapest baseline / floor)", per(lambda b, f: b / f.cost_usd, best_cost)),
+        ("max cost x at the fastest class", per(lambda b, f: b / f.fastest_cost_usd, best_cost)),
+        ("flowmesh cost x", _span([b / c for b, c in zip(best_cost, fm_cost, strict=True)])),
+        ("floor kWh (busy, most frugal class)", _span([f.energy_kwh for f in floors], 3)),
+        ("most frugal baseline kWh", _span(best_energy, 3)),
+        ("max energy x", per(lambda b, f: b / f.energy_kwh, best_energy)),
+        ("flowmesh energy x", _span([b / e for b, e in zip(best_energy, fm_energy, strict=True)])),
+    ]
+    for label, cell in rows:
+        t.add_row(label, cell)
+    return t
+
+
+def ablation_table(
+    name: str,
+    per_seed: list[dict[str, PolicyResult]],
+    ablated: list[dict[str, PolicyResult]],
+    levers: list[str],
+) -> Table:
+    """Per lever: flowmesh with that lever off against full flowmesh (cost and energy:
+    off / full, > 1 is what the lever saves; p95: off / full, > 1 is what it gains in
+    latency), and the lever-off run against the strongest baseline."""
+    t = Table(
+        title=f"{name}: flowmesh with one lever off, against full flowmesh, mean [min-max]",
+        title_justify="left",
+    )
+    for c in (
+        "lever off",
+        "cost off/full",
+        "energy off/full",
+        "p95 off/full",
+        "cost x vs strongest",
+        "p95 vs strongest",
+        "ops executed",
+        "model loads",
+    ):
+        t.add_column(c, justify="right" if c != "lever off" else "left")
+    full = [r["flowmesh"] for r in per_seed]
+    t.add_row(
+        "(none: full flowmesh)",
+        "1.00",
+        "1.00",
+        "1.00",
+        _span([ratios(r)["flowmesh"]["cost_reduction_x"] for r in per_seed]),
+        _span([ratios(r)["flowmesh"]["p95_latency_ratio"] for r in per_seed]),
+        f"{statistics.mean(r.ops_executed for r in full):,.0f}",
+        f"{statistics.mean(r.model_loads for r in full):,.0f}",
+    )
+    for lever in levers:
+        off = [a[lever] for a in ablated]
+        swapped = [{**r, "flowmesh": a[lever]} for r, a in zip(per_seed, ablated, strict=True)]
+        t.add_row(
+            lever,
+            _span([o.cost_usd / f.cost_usd for o, f in zip(off, full, strict=True)]),
+            _span([o.energy_kwh / f.energy_kwh for o, f in zip(off, full, strict=True)]),
+            _span([o.latency_p95_s / f.latency_p95_s for o, f in zip(off, full, strict=True)]),
+            _span([ratios(r)["flowmesh"]["cost_reduction_x"] for r in swapped]),
+            _span([ratios(r)["flowmesh"]["p95_latency_ratio"] for r in swapped]),
+            f"{statistics.mean(r.ops_executed for r in off):,.0f}",
+            f"{statistics.mean(r.model_loads for r in off):,.0f}",
+        )
+    return t
 
 
 @main.command("bench-scheduler")

@@ -32,8 +32,8 @@ _WHERE = {
     "Client": "flowmesh.client",
     "load_spec": "flowmesh.engine.spec",
     "SpecError": "flowmesh.engine.spec",
-    "Settings": "flowmesh.topics.settings",
-    "SettingsError": "flowmesh.topics.settings",
+    "Settings": "flowmesh.topics.config.settings",
+    "SettingsError": "flowmesh.topics.config.settings",
     "WorkflowSpec": "flowmesh.topics.messages",
     "WorkflowStatus": "flowmesh.topics.messages",
     "NodeStatus": "flowmesh.topics.messages",
@@ -45,6 +45,7 @@ _WHERE = {
     "LineageNode": "flowmesh.topics.api",
     "LineageOp": "flowmesh.topics.api",
     "LineageDataset": "flowmesh.topics.api",
+    "LineageCursor": "flowmesh.topics.api",
     "CostSummary": "flowmesh.topics.api",
     "Bill": "flowmesh.topics.api",
     "FlowMeshError": "flowmesh.topics.errors",
@@ -66,6 +67,7 @@ __all__ = [
     "FlowMeshError",
     "GatewayError",
     "Lineage",
+    "LineageCursor",
     "LineageDataset",
     "LineageNode",
     "LineageOp",
@@ -107,11 +109,13 @@ if _typing.TYPE_CHECKING:
         Bill,
         CostSummary,
         Lineage,
+        LineageCursor,
         LineageDataset,
         LineageNode,
         LineageOp,
         WorkflowSummary,
     )
+    from flowmesh.topics.config.settings import Settings, SettingsError
     from flowmesh.topics.errors import (
         DataDirMismatch,
         FlowMeshError,
@@ -130,4 +134,3 @@ if _typing.TYPE_CHECKING:
         WorkflowSpec,
         WorkflowStatus,
     )
-    from flowmesh.topics.settings import Settings, SettingsError

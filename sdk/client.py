@@ -23,12 +23,19 @@ from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.spec import SpecError, load_spec
 from flowmesh.engine.tenant_client import TenantClient
 from flowmesh.topics import codec
-from flowmesh.topics.api import Bill, CostSummary, Lineage, WorkflowSummary
-from flowmesh.topics.cas import Record
-from flowmesh.topics.creds import resolve_url
+from flowmesh.topics.api import (
+    LINEAGE_PAGE,
+    Bill,
+    CostSummary,
+    Lineage,
+    LineageCursor,
+    WorkflowSummary,
+)
+from flowmesh.topics.config.creds import resolve_url
+from flowmesh.topics.config.settings import Settings
 from flowmesh.topics.errors import NotFound
 from flowmesh.topics.messages import WorkflowSpec, WorkflowStatus
-from flowmesh.topics.settings import Settings
+from flowmesh.topics.store.cas import Record
 
 Spec = WorkflowSpec | str | Path
 
@@ -179,7 +186,8 @@ class Client:
 
     async def lineage(self, workflow_id: str, node: str | None = None) -> Lineage:
         """The operators behind a workflow (or one node and its ancestors), down to the
-        source datasets; through the gateway, other tenants' requests only counted."""
+        source datasets; through the gateway, other tenants' requests only counted. The
+        gateway serves it a page at a time (`lineage_page`); this fetches every page."""
         if self._gateway is not None:
             return await self._gateway.lineage(workflow_id, node)
         assert self._direct is not None
@@ -189,7 +197,28 @@ class Client:
             lin = await build_lineage(self._direct, workflow_id, node)
         except LineageError as exc:
             raise NotFound(str(exc)) from exc
-        return codec.convert(lin.to_dict(), Lineage)
+        return lin
+
+    async def lineage_page(
+        self,
+        workflow_id: str,
+        node: str | None = None,
+        page: LineageCursor | None = None,
+        limit: int = LINEAGE_PAGE,
+    ) -> Lineage:
+        """One page of the lineage: every node's header and up to `limit` operators of
+        the node `page` names (None: the first), from its offset; `next_page` says where
+        the next one starts (None: the last). What a page reads grows with the page."""
+        if self._gateway is not None:
+            return await self._gateway.lineage_page(workflow_id, node, page, limit)
+        assert self._direct is not None
+        from flowmesh.engine.lineage import LineageError
+        from flowmesh.engine.lineage.pages import build_lineage_page
+
+        try:
+            return await build_lineage_page(self._direct, workflow_id, node, page, limit)
+        except LineageError as exc:
+            raise NotFound(str(exc)) from exc
 
     async def cost(self) -> CostSummary:
         """Bills per tenant and per workflow (through the gateway: this tenant's)."""

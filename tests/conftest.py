@@ -109,6 +109,7 @@ def make_fabric(
         models: bool = False,
         worker_args: tuple[str, ...] = (),
         cas_url: str | None = None,
+        engine_args: tuple[str, ...] = (),
     ) -> LocalFabric:
         fabric = LocalFabric(
             data_dir=tmp_path / "data",
@@ -121,7 +122,7 @@ def make_fabric(
                 *([] if models else ["--no-models"]),
                 *worker_args,
             ],
-            engine_args=["--dead-after", "2"],
+            engine_args=["--dead-after", "2", *engine_args],
         )
         fabrics.append(fabric.start())
         return fabric

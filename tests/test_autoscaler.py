@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,60 +22,118 @@ from flowmesh.engine.autoscaler import (
     Snapshot,
     WorkerObs,
     class_from_fleet,
+    fleet_for,
     parse_classes,
     plan,
 )
 from flowmesh.engine.providers.kubernetes import KubernetesProvider
 from flowmesh.engine.providers.local import LocalProcessProvider
-from flowmesh.engine.scheduler.fleet import load_fleet
+from flowmesh.engine.scheduler import elastic
+from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator, load_fleet
+from flowmesh.engine.scheduler.groups import group_ready
+from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from flowmesh.loadgen.sim.replay import dump_trace, live_decisions, load_trace, replay
 from flowmesh.topics import Bus
 from flowmesh.topics.messages import WorkflowSpec
 from tests.conftest import MakeFabric
 from tests.workflows import map_then_count
 
 REPO = Path(__file__).resolve().parent.parent
+TRACE = REPO / "tests" / "data" / "autoscale_trace.json"
+# the live run whose decisions are replayed through the simulator (and TRACE's config)
+REPLAY_CONFIG = AutoscalerConfig(
+    classes=(ClassPolicy("cpu", 0, 3, ops_per_s=1.0, pools=frozenset({"cpu"})),),
+    target_backlog_s=1.0,
+    startup_s=2.0,
+    release="forecast",
+    idle_grace_s=3.0,
+    tick_s=0.5,
+    max_step=100,
+)
 CHEAP = ClassPolicy("cheap", min_workers=0, max_workers=2, price_per_hour=0.10, ops_per_s=1.0)
 FAST = ClassPolicy("fast", min_workers=1, max_workers=8, price_per_hour=2.00, ops_per_s=10.0)
-SPEED = {"cheap": 1.0, "fast": 10.0}  # $/op: cheap 2.8e-5, fast 5.6e-5
 
 
 def worker(wid: str, cls: str, outstanding: int = 0, idle_for: float = 0.0) -> WorkerObs:
     return WorkerObs(wid, cls, frozenset({"cpu", "gpu"}), outstanding, idle_for)
 
 
+def waiting(pool: str, kind: str, n: int, model: str | None = None, gb: float = 0.0) -> Snapshot:
+    items = tuple(
+        ReadyItem(
+            f"{kind}-{i}", f"bk-{kind}-{model}", kind, f"{kind}.x@1", model, gb, 0, "t", "wf", 0.0
+        )
+        for i in range(n)
+    )
+    return Snapshot({pool: n}, (), {}, ready={pool: items})
+
+
+def at(snap: Snapshot, replicas: dict[str, int]) -> Snapshot:
+    return replace(snap, replicas=replicas)
+
+
+def policy_for(config: AutoscalerConfig, fleet: Fleet | None = None) -> Policy:
+    fleet = fleet_for(config.classes, fleet)
+    return Policy(fleet, PolicyConfig(), LatencyEstimator(fleet))
+
+
 # --- the plan ------------------------------------------------------------------------
 
 
-def test_backlog_adds_the_cheapest_class_first_then_spills_over() -> None:
-    config = AutoscalerConfig(classes=(CHEAP, FAST), drain_s=10.0)
-    # 10 ops in 10 s: one op/s, exactly one cheap worker; the fast one stays at its min
-    steps = plan(Snapshot({"cpu": 10}, (), {"cheap": 0, "fast": 1}), config, SPEED)
-    assert [(s.device_class, s.target) for s in steps] == [("cheap", 1)]
-    # 100 ops: cheap to its max (2 ops/s), the rest (8 ops/s) on top of fast's minimum
-    # worker (10 ops/s): fast needs none more
-    steps = plan(Snapshot({"cpu": 100}, (), {"cheap": 0, "fast": 1}), config, SPEED)
-    assert [(s.device_class, s.target) for s in steps] == [("cheap", 2)]
-    # 300 ops: 30 ops/s = 2 cheap + the fast minimum + 2 more fast (ceil(18/10))
-    steps = plan(Snapshot({"cpu": 300}, (), {"cheap": 0, "fast": 1}), config, SPEED)
-    assert {s.device_class: s.target for s in steps} == {"cheap": 2, "fast": 3}
+def test_the_pool_grows_with_its_backlog_in_seconds_of_work() -> None:
+    config = AutoscalerConfig(classes=(FAST,), target_backlog_s=10.0)
+    pol = policy_for(config)
+    # 50 ops at 10 ops/s (FAST's speed): 5 s of work, under one worker's 10 s target
+    steps = plan(at(waiting("cpu", "map", 50), {"fast": 1}), config, pol)
+    assert steps == []
+    # 300 ops: 30 s: three workers' worth, one is up
+    steps = plan(at(waiting("cpu", "map", 300), {"fast": 1}), config, pol)
+    assert [(s.device_class, s.target) for s in steps] == [("fast", 3)]
 
 
 def test_growth_is_bounded_by_max_workers_and_max_step() -> None:
-    config = AutoscalerConfig(classes=(CHEAP, FAST), drain_s=1.0, max_step=3)
-    steps = plan(Snapshot({"cpu": 10_000}, (), {"cheap": 0, "fast": 1}), config, SPEED)
-    assert {s.device_class: s.target for s in steps} == {"cheap": 2, "fast": 4}
+    config = AutoscalerConfig(classes=(FAST,), target_backlog_s=1.0, max_step=3)
+    steps = plan(at(waiting("cpu", "map", 10_000), {"fast": 1}), config, policy_for(config))
+    assert [(s.device_class, s.target) for s in steps] == [("fast", 4)]
+    config = replace(config, max_step=100)
+    steps = plan(at(waiting("cpu", "map", 10_000), {"fast": 1}), config, policy_for(config))
+    assert [(s.device_class, s.target) for s in steps] == [("fast", 8)]
 
 
 def test_a_pool_is_served_only_by_classes_that_run_it() -> None:
     cpu_only = ClassPolicy("cpu", max_workers=4, ops_per_s=1.0, pools=frozenset({"cpu"}))
     gpu = ClassPolicy("gpu", max_workers=4, price_per_hour=1.0, pools=frozenset({"gpu"}))
-    config = AutoscalerConfig(classes=(cpu_only, gpu), drain_s=10.0)
-    steps = plan(Snapshot({"gpu": 5}, (), {"cpu": 0, "gpu": 0}), config, {"cpu": 1.0, "gpu": 5.0})
+    config = AutoscalerConfig(classes=(cpu_only, gpu), target_backlog_s=10.0)
+    steps = plan(
+        at(waiting("gpu", "generate", 5), {"cpu": 0, "gpu": 0}), config, policy_for(config)
+    )
     assert [(s.device_class, s.target) for s in steps] == [("gpu", 1)]
+
+
+def test_the_class_is_the_schedulers_choice_not_the_cheapest_per_operator() -> None:
+    """The old rule (cheapest $ per operator first) started an RTX 4090 for every GPU
+    backlog; the policy's utility weighs time and energy too, and a model that does not
+    fit a class never goes there."""
+    fleet = load_fleet(REPO / "configs" / "fleet" / "default.yaml")
+    classes = tuple(class_from_fleet(fleet, c, 0, 4) for c in ("h100", "a100", "rtx4090"))
+    config = AutoscalerConfig(classes=classes, target_backlog_s=30.0)
+    pol = policy_for(config, fleet)
+    cheapest = min(classes, key=lambda c: c.price_per_hour / c.ops_per_s)
+    assert cheapest.name == "rtx4090"
+    replicas = {c.name: 0 for c in classes}
+    big = plan(at(waiting("gpu", "generate", 64, "m40", 40.0), replicas), config, pol)
+    assert big and all(s.device_class != "rtx4090" for s in big), big
+    # the same choice the scheduler's policy makes for one cold worker of each class
+    snap = waiting("gpu", "generate", 64, "m16", 16.0)
+    cands = [WorkerState(f"new:{c.name}:0", c.name, 1) for c in classes]
+    first = pol.decide_groups(group_ready(snap.ready["gpu"]), cands, 0.0)[0]
+    steps = plan(at(snap, replicas), config, pol)
+    assert steps[0].device_class == first.device_class
 
 
 def test_idle_workers_retire_only_after_the_grace_and_never_busy_or_below_min() -> None:
     config = AutoscalerConfig(classes=(CHEAP, FAST), idle_grace_s=30.0)
+    pol = policy_for(config)
     workers = (
         worker("c1", "cheap", idle_for=29.0),  # not idle long enough
         worker("c2", "cheap", outstanding=1, idle_for=0.0),  # busy
@@ -82,35 +141,81 @@ def test_idle_workers_retire_only_after_the_grace_and_never_busy_or_below_min() 
         worker("f2", "fast", idle_for=300.0),
     )
     snap = Snapshot({}, workers, {"cheap": 2, "fast": 2})
-    steps = plan(snap, config, SPEED)
+    steps = plan(snap, config, pol)
     # cheap: nothing may go yet; fast: down to its minimum of 1, the longest idle first
     assert [(s.device_class, s.target, s.retire) for s in steps] == [("fast", 1, ("f2",))]
     later = Snapshot({}, (worker("c1", "cheap", idle_for=31.0), *workers[1:]), snap.replicas)
-    steps = plan(later, config, SPEED)
+    steps = plan(later, config, pol)
     assert [(s.device_class, s.target, s.retire) for s in steps] == [
         ("cheap", 1, ("c1",)),
         ("fast", 1, ("f2",)),
     ]
 
 
+def test_forecast_release_keeps_only_the_idle_workers_the_backlog_needs() -> None:
+    config = AutoscalerConfig(
+        classes=(replace(CHEAP, max_workers=4),),
+        release="forecast",
+        startup_s=10.0,
+        idle_grace_s=300.0,
+        target_backlog_s=1000.0,
+    )
+    pol = policy_for(config)
+    idle = tuple(worker(f"c{i}", "cheap", idle_for=float(i + 1)) for i in range(3))
+    # nothing waiting: every idle one goes at once, long before the grace
+    steps = plan(Snapshot({}, idle, {"cheap": 3}), config, pol)
+    assert [(s.target, set(s.retire)) for s in steps] == [(0, {"c0", "c1", "c2"})]
+    # 15 ops at 1 op/s: 15 s of work, two workers' worth of a 10 s horizon: the two most
+    # recently busy stay
+    snap = replace(waiting("cpu", "map", 15), workers=idle, replicas={"cheap": 3})
+    steps = plan(snap, config, pol)
+    assert [(s.target, s.retire) for s in steps] == [(2, ("c2",))]
+
+
+def test_forecast_release_keeps_the_warm_minimum_only_while_it_can_be_needed() -> None:
+    """min_workers under a forecast release, as the simulator's flowmesh keeps it
+    (elastic.warm_minimum): kept while running workflows have work for the class's pools
+    or workflows arrive at least once per cold start; released between sparse ones."""
+    warm = replace(CHEAP, min_workers=1, pools=frozenset({"gpu"}))
+    config = AutoscalerConfig(
+        classes=(warm,), release="forecast", startup_s=30.0, idle_grace_s=300.0
+    )
+    pol = policy_for(config)
+    idle = Snapshot({}, (worker("c1", "cheap", idle_for=5.0),), {"cheap": 1})
+    # a running workflow's later stage runs in its pool: it stays warm for it
+    assert plan(replace(idle, work_pools=frozenset({"gpu"})), config, pol) == []
+    # work for another pool only, and one workflow an hour: it goes like any other
+    sparse = replace(idle, work_pools=frozenset({"cpu"}), arrivals_per_s=1 / 3600)
+    assert [(s.target, s.retire) for s in plan(sparse, config, pol)] == [(0, ("c1",))]
+    # a workflow every 20 s, within the 30 s cold start: it stays
+    assert plan(replace(idle, arrivals_per_s=1 / 20), config, pol) == []
+    # a fixed release keeps min_workers whatever the forecast
+    fixed = replace(config, release="fixed")
+    assert plan(sparse, fixed, policy_for(fixed)) == []
+    # the simulator's rule is the same function
+    assert elastic.warm_minimum(1, False, 1 / 3600, 30.0) == 0
+    assert elastic.arrival_rate([0.0, 10.0, 20.0], 30.0, 30.0) == pytest.approx(0.1)
+
+
 def test_waiting_work_keeps_idle_workers_of_its_pool() -> None:
     # a worker can look idle while operators wait for it (assigned next round): the
     # backlog of its pools keeps it
-    config = AutoscalerConfig(classes=(CHEAP,), idle_grace_s=1.0, drain_s=1000.0)
-    snap = Snapshot({"cpu": 1}, (worker("c1", "cheap", idle_for=50.0),), {"cheap": 2})
-    assert plan(snap, config, SPEED) == []
+    config = AutoscalerConfig(classes=(CHEAP,), idle_grace_s=1.0, target_backlog_s=1000.0)
+    snap = at(waiting("cpu", "map", 1), {"cheap": 2})
+    snap = replace(snap, workers=(worker("c1", "cheap", idle_for=50.0),))
+    assert plan(snap, config, policy_for(config)) == []
 
 
-def test_an_empty_fabric_with_a_running_workflow_gets_one_cheap_worker() -> None:
+def test_an_empty_fabric_with_a_running_workflow_gets_one_worker() -> None:
     config = AutoscalerConfig(classes=(FAST, CHEAP))
     empty = Snapshot({}, (), {"cheap": 0, "fast": 0}, running_workflows=1)
     # FAST's minimum of 1 would do it too: give it none to see the rule itself
     no_min = AutoscalerConfig(classes=(replace(FAST, min_workers=0), CHEAP))
-    steps = plan(empty, no_min, SPEED)
-    assert [(s.device_class, s.target) for s in steps] == [("cheap", 1)]
+    steps = plan(empty, no_min, policy_for(no_min))
+    assert [(s.device_class, s.target) for s in steps] == [("fast", 1)]
     assert "no worker" in steps[0].reason
-    # nothing running and nothing waiting: nothing starts
-    assert plan(Snapshot({}, (), {"cheap": 0, "fast": 1}), config, SPEED) == []
+    # nothing running and nothing waiting: nothing starts (FAST's minimum is up)
+    assert plan(Snapshot({}, (), {"cheap": 0, "fast": 1}), config, policy_for(config)) == []
 
 
 def test_class_specs_and_fleet_prices() -> None:
@@ -234,8 +339,9 @@ async def test_backlog_starts_workers_and_idle_ones_stop_without_losing_work(
     provider = LocalProcessProvider(fabric, {"cpu": ["--device-class", "cpu"]})
     config = AutoscalerConfig(
         classes=(ClassPolicy("cpu", min_workers=0, max_workers=3, ops_per_s=1.0),),
-        # drain the backlog within a second: one worker (about 10 ops/s here) is not enough
-        drain_s=1.0,
+        # a second of waiting work per worker: one worker (1 op/s until its batches
+        # show its speed) is not enough for 40 operators
+        target_backlog_s=1.0,
         idle_grace_s=3.0,
         tick_s=0.5,
     )
@@ -280,3 +386,86 @@ async def test_backlog_starts_workers_and_idle_ones_stop_without_losing_work(
         stop.set()
         await loop
         await bus.close()
+
+
+@pytest.mark.slow
+async def test_a_live_runs_scaling_decisions_are_the_simulators(make_fabric: MakeFabric) -> None:
+    """One engine: a real run's rounds (workflows arriving, workers joining, the batch
+    times they report) replayed through the simulator's flowmesh policy give the same
+    workers added, of the same class, and the same workers released."""
+    from flowmesh.engine.client import FlowMesh
+
+    fabric = make_fabric(workers=0)
+    provider = LocalProcessProvider(fabric, {"cpu": ["--device-class", "cpu"]})
+    config = REPLAY_CONFIG
+    bus = await Bus.connect(fabric.nats_url, name="test-autoscaler")
+    scaler = Autoscaler(bus, provider, config, record=True)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(scaler.run(stop))
+    try:
+        async with await FlowMesh.connect(fabric.nats_url, fabric.cas_url) as fm:
+
+            async def retired() -> None:
+                for _ in range(300):
+                    if not provider.alive():
+                        return
+                    await asyncio.sleep(0.1)
+
+            first = await fm.wait(await fm.submit(burst("warm", 4, 0.1)), timeout=180)
+            assert first.state == "completed"
+            await retired()
+            # planned with no worker up: a backlog the pool grows for
+            wf = await fm.submit(burst("burst", 40, 0.1))
+            assert (await fm.wait(wf, timeout=180)).state == "completed"
+            await retired()
+    finally:
+        stop.set()
+        await loop
+        await bus.close()
+    assert scaler.policy.fleet is not None
+    if os.environ.get("FLOWMESH_RECORD_TRACE"):  # refresh tests/data/autoscale_trace.json
+        trace = dump_trace(scaler.rounds, scaler.observed)
+        Path(os.environ["FLOWMESH_RECORD_TRACE"]).write_text(json.dumps(trace, indent=1))
+    # a running workflow with nothing keyed and no worker: the bootstrap rule, live only
+    # (the simulator keys operators without workers)
+    rounds = [r for r in scaler.rounds if any(r[1].backlog.values()) or not r[1].running_workflows]
+    sim = replay(rounds, scaler.observed, config, scaler.policy.fleet, scaler.policy_config)
+    live = [live_decisions(r[2]) for r in rounds]
+    for r, a, b in zip(rounds, sim, live, strict=True):
+        assert a == b, (r[0], r[1].workers, r[1].replicas, r[1].backlog, a, b)
+    summary = [
+        (round(r[0], 1), d)
+        for r, d in zip(
+            scaler.rounds, map(live_decisions, (r[2] for r in scaler.rounds)), strict=True
+        )
+        if d.added or d.released
+    ]
+    assert any(d.added for d in live) and any(d.released for d in live), summary
+    assert max(n for d in live for n in d.added.values()) >= 2, live
+
+
+def test_a_recorded_live_run_replays_to_the_same_decisions() -> None:
+    """The recorded rounds of a real run (tests/data/autoscale_trace.json, made by the
+    test above with FLOWMESH_RECORD_TRACE set: workflows arriving, workers joining and
+    the batch times they reported) decided again by the simulator's flowmesh policy and
+    by the live autoscaler's plan: the same workers added, of the same class, and the
+    same workers released, round by round."""
+    rounds, observed = load_trace(json.loads(TRACE.read_text()))
+    config = REPLAY_CONFIG
+    fleet = fleet_for(config.classes, None)
+    # the bootstrap rounds (nothing keyed, no worker) are the live side's only
+    rounds = [r for r in rounds if any(r[1].backlog.values()) or not r[1].running_workflows]
+    sim = replay(rounds, observed, config, fleet, PolicyConfig())
+    recorded = [live_decisions(r[2]) for r in rounds]
+    assert sim == recorded
+    # and the live plan, run again now, makes the decisions it made then
+    pol = policy_for(config)
+    fed = 0
+    again = []
+    for now, snap, _steps, n_obs in rounds:
+        for obs in observed[fed:n_obs]:
+            pol.estimator.observe(*obs)
+        fed = max(fed, n_obs)
+        again.append(live_decisions(plan(snap, config, pol, now)))
+    assert again == recorded
+    assert any(d.added for d in recorded) and any(d.released for d in recorded)

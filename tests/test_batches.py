@@ -11,7 +11,7 @@ import pytest
 from nats.js.api import KeyValueConfig
 
 from flowmesh.topics import Bus, codec, streams
-from flowmesh.topics.bus import KVWriteError
+from flowmesh.topics.bus.nats import KVWriteError
 from flowmesh.topics.messages import (
     Assignment,
     DoneBatch,
@@ -112,6 +112,31 @@ async def test_pipelined_compare_and_set_writes_report_each_conflict(nats_url: s
             await bus.kv_write_many("small", [("c", b"x" * 64, 0)])
     finally:
         await bus.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [None, {"Nats-Expected-Last-Subject-Sequence": "0"}, {"Nats-Msg-Id": "ready-ab", "X-Y": "z"}],
+)
+def test_the_pipeline_builds_what_nats_py_would_send(headers: dict[str, str] | None) -> None:
+    # the reply pipeline queues its requests' protocol commands itself: byte for byte
+    # what nats-py's publish queues, and nats-py's own path for what it would refuse
+    from nats.protocol import command
+
+    from flowmesh.topics.bus.pipeline import _command
+
+    payload = b'{"k": "v\r\n"}'
+    got = _command("$KV.fm_ops.abc", "_INBOX.x.7", payload, headers)
+    if headers is None:
+        assert got == command.pub_cmd("$KV.fm_ops.abc", "_INBOX.x.7", payload)
+    else:
+        hdr = b"NATS/1.0\r\n"
+        hdr += b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+        assert got == command.hpub_cmd("$KV.fm_ops.abc", "_INBOX.x.7", hdr, payload)
+    assert _command("a b", "_INBOX.x.7", payload, headers) is None
+    assert _command("a\r\nPUB x 1", "_INBOX.x.7", payload, headers) is None
+    assert _command("a", "_INBOX.x.7", payload, {"Bad:Key": "v"}) is None
+    assert _command("a", "_INBOX.x.7", payload, {"K": "v\r\nPUB"}) is None
 
 
 def test_the_scheduler_lingers_only_when_waiting_can_grow_the_batch() -> None:

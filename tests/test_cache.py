@@ -21,8 +21,8 @@ from flowmesh.engine import cache
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.spec import parse_spec
 from flowmesh.topics import Bus, codec, streams
-from flowmesh.topics.cas import CAS, FileBackend, open_cas
 from flowmesh.topics.messages import NodeStatus, OpSpec, OpState, WorkflowStatus
+from flowmesh.topics.store.cas import CAS, FileBackend, open_cas
 from tests.conftest import MakeFabric, connect
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowmesh.topics import Bus
-from flowmesh.topics.cas import (
+from flowmesh.topics.codec import canonical, is_digest, sha256_hex
+from flowmesh.topics.store.cas import (
     CAS,
     BlobNotFound,
     CASError,
@@ -23,7 +24,6 @@ from flowmesh.topics.cas import (
     check_name,
     open_cas,
 )
-from flowmesh.topics.codec import canonical, is_digest, sha256_hex
 
 
 @pytest.fixture(params=["file", "nats"])
@@ -258,4 +258,3 @@ def test_fuzz_names(name: str) -> None:
             await CAS(backend).put(b"x", digest=name)
 
     asyncio.run(every_op())
-

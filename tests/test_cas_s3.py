@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from flowmesh.topics.cas import CAS, BlobNotFound, CASError, CorruptBlob, open_cas
-from flowmesh.topics.cas_s3 import S3Backend, parse_s3_url
 from flowmesh.topics.codec import sha256_hex
+from flowmesh.topics.store.cas import CAS, BlobNotFound, CASError, CorruptBlob, open_cas
+from flowmesh.topics.store.s3 import S3Backend, parse_s3_url
 from tests.conftest import MakeFabric, connect
 from tests.workflows import map_then_count
 

@@ -7,7 +7,15 @@ import uuid
 
 import pytest
 
-from flowmesh import Client, CostSummary, GatewayError, Lineage, NotFound, SpecError
+from flowmesh import (
+    Client,
+    CostSummary,
+    GatewayError,
+    Lineage,
+    LineageCursor,
+    NotFound,
+    SpecError,
+)
 from tests.test_tenancy import AuthFabric, auth_fabric, spec
 
 __all__ = ["auth_fabric"]  # the module-scoped fabric with tenants a and b
@@ -32,6 +40,19 @@ async def test_client_through_the_gateway(auth_fabric: AuthFabric) -> None:
         assert (summary.tenant, summary.ops_done) == ("a", summary.ops_total)
         lineage = await a.lineage(wf, "count")
         assert isinstance(lineage, Lineage) and lineage.workflow_id == wf
+        # served a page at a time: two of upper's six operators, then the next two
+        first = await a.lineage_page(wf, limit=2)
+        assert first.paged and [n.name for n in first.nodes] == ["upper", "count"]
+        assert len(first.node("upper").ops) == 2 and first.node("upper").n_ops == 6
+        assert first.next_page == LineageCursor(node="upper", offset=2)
+        second = await a.lineage_page(wf, page=first.next_page, limit=2)
+        assert not set(second.ops) & set(first.ops) and len(second.ops) == 2
+        # all of them add up to the whole graph, linked down to the dataset
+        assert {n.name: len(n.ops) for n in lineage.nodes} == {"upper": 6, "count": 1}
+        (group,) = lineage.node("count").ops
+        assert set(lineage.ops[group].upstream) == set(lineage.node("upper").ops)
+        with pytest.raises(NotFound):
+            await a.lineage_page(wf, page=LineageCursor(node="nope"))
         cost = await a.cost()
         assert isinstance(cost, CostSummary) and set(cost.tenants) <= {"a"}
         assert wf in cost.workflows

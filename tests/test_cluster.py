@@ -32,9 +32,9 @@ from flowmesh.engine.local import LocalFabric
 from flowmesh.engine.shards import check_shard, done_consumer_name, shard_of
 from flowmesh.engine.spec import parse_spec
 from flowmesh.topics import Bus, codec, streams, subjects
-from flowmesh.topics.cas import open_cas
-from flowmesh.topics.creds import Creds, redact_url, url_with_creds
+from flowmesh.topics.config.creds import Creds, redact_url, url_with_creds
 from flowmesh.topics.messages import DoneBatch, OpState, WorkflowStatus
+from flowmesh.topics.store.cas import open_cas
 from tests.conftest import PLUGINS, REPO, NatsCluster, NatsServer, connect
 from tests.test_faults import dataset, expected, read_stream, workflow
 

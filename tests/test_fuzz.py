@@ -38,8 +38,8 @@ import flowmesh.topics.messages as messages
 import flowmesh.topics.operators as operators
 from flowmesh.engine.spec import SpecError, load_spec, parse_spec, topo_order
 from flowmesh.topics import Bus, codec, streams, subjects
-from flowmesh.topics.cas import CAS, CASError, FileBackend
 from flowmesh.topics.messages import DeadLetter, WorkflowSpec
+from flowmesh.topics.store.cas import CAS, CASError, FileBackend
 from tests.conftest import connect
 
 # --- counting ------------------------------------------------------------------------

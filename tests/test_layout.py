@@ -68,10 +68,13 @@ def test_every_folder_is_listed_as_a_flowmesh_package() -> None:
         "flowmesh": TOP_PACKAGE,
         **{f"flowmesh.{r}": r for r in PACKAGE_ROOTS},
     }
+    # every folder: a Python package, or a folder of data the wheel ships (configs,
+    # the console's static files), which setuptools wants listed as well
     on_disk = {
-        "flowmesh." + ".".join(init.parent.relative_to(REPO).parts)
+        "flowmesh." + ".".join(folder.relative_to(REPO).parts)
         for root in PACKAGE_ROOTS
-        for init in (REPO / root).rglob("__init__.py")
+        for folder in [REPO / root, *(REPO / root).rglob("*")]
+        if folder.is_dir() and "__pycache__" not in folder.parts
     }
     # the top package is one flat folder: a sub-folder of it would not be listed
     assert [

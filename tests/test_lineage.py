@@ -19,17 +19,23 @@ from flowmesh.engine import lineage
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.lineage import (
     DATASET_PREFIX,
+    NODE_PREFIX,
     PRODUCER,
     SCHEMA_URL,
-    WorkflowLineage,
+    Lineage,
+    LineageError,
     build_lineage,
     op_run_id,
     openlineage_events,
     render,
     workflow_run_id,
 )
+from flowmesh.engine.lineage import pages as lineage_pages
+from flowmesh.engine.lineage.pages import build_lineage_page
 from flowmesh.engine.spec import parse_spec
 from flowmesh.topics import codec, streams
+from flowmesh.topics.api import LineageCursor
+from flowmesh.topics.lineage import collect_pages
 from flowmesh.topics.messages import WorkflowSpec, WorkflowStatus
 from tests.conftest import MakeFabric, connect
 
@@ -77,7 +83,7 @@ def chain(name: str, rows: list[dict[str, Any]], tenant: str = "default") -> Wor
     )
 
 
-def walk_to_sources(lin: WorkflowLineage, key: str) -> set[str]:
+def walk_to_sources(lin: Lineage, key: str) -> set[str]:
     """The dataset refs an operator's upstream chain ends in (asserting it never breaks)."""
     ends: set[str] = set()
     todo, seen = [key], set()
@@ -143,7 +149,7 @@ async def test_lineage_walks_down_to_the_source_dataset(
         async def aged_out(*args: Any) -> None:
             return None
 
-        monkeypatch.setattr(lineage, "_submitted_spec", aged_out)
+        monkeypatch.setattr(lineage.reads, "submitted_spec", aged_out)
         # ...and the status predates node specs in it
         kv_wf = await fm.bus.kv(streams.KV_WF)
         current = await kv_wf.get(wf)
@@ -183,6 +189,64 @@ async def test_lineage_walks_down_to_the_source_dataset(
         text = console.export_text()
         assert "dataset src: 24 records" in text and "invalidated" in text
         assert "and 21 more ops" in text
+
+
+async def test_lineage_pages_read_what_they_show_and_add_up_to_the_whole(
+    make_fabric: MakeFabric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fabric = make_fabric(workers=2)
+    async with await connect(fabric, 2) as fm:
+        wf = await fm.submit(chain("pages", records(range(30))))
+        await fm.wait(wf, timeout=60)
+        whole = await build_lineage(fm, wf)
+        # input nodes above 5 operators are linked by windows of slots, not read whole
+        monkeypatch.setattr(lineage_pages, "LINK_ALL", 5)
+        reads_done: list[str] = []
+        op_state = lineage.reads.op_state
+
+        async def counted(bus: Any, key: str) -> Any:
+            reads_done.append(key)
+            return await op_state(bus, key)
+
+        monkeypatch.setattr(lineage.reads, "op_state", counted)
+        page = await build_lineage_page(fm, wf, page=LineageCursor("reds", 10), limit=5)
+        # one page reads its own 5 entries and a window of upper's, not the 61 operators
+        assert len(reads_done) < 30
+        assert page.paged and [n.name for n in page.nodes] == ["upper", "reds", "count"]
+        reds = page.node("reds")
+        assert reds.ops == whole.node("reds").ops[10:15] and reds.n_ops == 30
+        assert page.node("upper").ops == [] and page.next_page == LineageCursor("reds", 15)
+        for k in reds.ops:  # linked exactly as in the whole graph (map is one to one)
+            assert page.ops[k].upstream == whole.ops[k].upstream
+        # the group op reads all 30 filter ops: named by its node in a page
+        (group,) = whole.node("count").ops
+        last = await build_lineage_page(fm, wf, page=LineageCursor("count"))
+        assert last.ops[group].upstream == [NODE_PREFIX + "reds"] and last.next_page is None
+
+        # every page, fetched in turn, adds up to the graph built in one piece
+        pages: list[Lineage] = []
+
+        async def fetch(cursor: LineageCursor | None, limit: int) -> Lineage:
+            pages.append(await build_lineage_page(fm, wf, page=cursor, limit=7))
+            return pages[-1]
+
+        merged = await collect_pages(fetch)
+        assert len(pages) == 5 + 5 + 1  # 30 + 30 + 1 operators, 7 at a time
+        assert [n.ops for n in merged.nodes] == [n.ops for n in whole.nodes]
+        assert merged.ops.keys() == whole.ops.keys()
+        for k, op in whole.ops.items():
+            assert set(merged.ops[k].upstream) == set(op.upstream), op.node
+        with pytest.raises(LineageError, match="no node 'nope'"):
+            await build_lineage_page(fm, wf, page=LineageCursor("nope"))
+        # a page that would not fit a reply is cut, and the next one starts after it
+        ten = await build_lineage_page(fm, wf, page=LineageCursor("reds", 10), limit=10)
+        budget = len(codec.encode(ten)) - 1
+        cut = await build_lineage_page(
+            fm, wf, page=LineageCursor("reds", 10), limit=10, max_bytes=budget
+        )
+        assert 1 <= len(cut.ops) < 10 and len(codec.encode(cut)) <= budget
+        assert cut.node("reds").ops == ten.node("reds").ops[: len(cut.ops)]
+        assert cut.next_page == LineageCursor("reds", 10 + len(cut.ops))
 
 
 async def test_shared_results_name_every_workflow_and_tenant(make_fabric: MakeFabric) -> None:

@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowmesh.engine.local import LocalFabric
-from flowmesh.topics import logs
 from flowmesh.topics.messages import Assignment, OpSpec, ReadyOp
+from flowmesh.topics.telemetry import logs
 from tests.conftest import PLUGINS, REPO, NatsServer, connect
 from tests.test_top import spec
 
@@ -146,7 +146,12 @@ async def test_metrics_move_with_the_right_labels(metrics_fabric: LocalFabric) -
 
 def test_log_lines_carry_the_batch_ids(capsys: pytest.CaptureFixture[str]) -> None:
     op_spec = OpSpec(
-        kind="map", executor="map.x", version="1", fanout="record", params={}, model=None,
+        kind="map",
+        executor="map.x",
+        version="1",
+        fanout="record",
+        params={},
+        model=None,
         inputs=[],
     )
     batch = Assignment.of(
@@ -176,3 +181,29 @@ def test_log_lines_carry_the_batch_ids(capsys: pytest.CaptureFixture[str]) -> No
     assert inside["workflows"] == ["wf-a", "wf-b"]
     assert inside["ops"] == ["k" * 16, "j" * 16]
     assert "batch" not in outside  # unbound when the batch is done
+
+
+def test_observing_a_batch_at_once_is_observing_each() -> None:
+    # a worker observes a batch's operators (one shared latency) as one increment
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from flowmesh.workers.metrics import observe_n
+
+    reg = CollectorRegistry()
+    one = Histogram("one_s", "", buckets=(0.1, 1.0), registry=reg)
+    many = Histogram("many_s", "", buckets=(0.1, 1.0), registry=reg)
+    for amount, n in ((0.05, 3), (0.5, 2), (7.0, 4)):
+        for _ in range(n):
+            one.observe(amount)
+        observe_n(many, amount, n)
+
+    def samples(prefix: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name.removeprefix(prefix), s.labels.get("le", "")): s.value
+            for fam in reg.collect()
+            for s in fam.samples
+            if s.name.startswith(prefix) and not s.name.endswith("_created")
+        }
+
+    assert samples("one_s") == samples("many_s")
+    assert samples("many_s")[("_count", "")] == 9

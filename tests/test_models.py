@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from flowmesh.topics.cas import CAS, CorruptBlob, FileBackend
 from flowmesh.topics.codec import is_digest
+from flowmesh.topics.store.cas import CAS, CorruptBlob, FileBackend
 from flowmesh.workers.models import (
     ModelCache,
     adapter_digest,

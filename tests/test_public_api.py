@@ -42,6 +42,7 @@ PUBLIC = [
     "FlowMeshError",
     "GatewayError",
     "Lineage",
+    "LineageCursor",
     "LineageDataset",
     "LineageNode",
     "LineageOp",
@@ -183,7 +184,7 @@ def test_readme_lists_every_variable() -> None:
     code reads is in it."""
     import re
 
-    from flowmesh.topics.settings import settings_table
+    from flowmesh.topics.config.settings import settings_table
 
     readme = (REPO / "README.md").read_text()
     start, end = readme.index("<!-- settings:start -->\n"), readme.index("<!-- settings:end -->")

@@ -112,7 +112,7 @@ async def test_take_back_goes_on_when_the_rejoined_worker_acked_a_batch_meanwhil
 
         monkeypatch.setattr(bus.js, "get_msg", get_then_the_worker_acks)
         scheduler = Scheduler(bus)
-        assert await asyncio.wait_for(scheduler._take_back_nats(wid, "b1"), 30) == 3
+        assert await asyncio.wait_for(scheduler._take_back(wid, "b1"), 30) == 3
         ready = await bus.js.pull_subscribe(subjects.READY_ALL, stream=streams.STREAM_READY)
         ops = [
             op
@@ -134,7 +134,7 @@ async def test_take_back_of_a_worker_with_nothing_is_zero(nats_url: str) -> None
     bus = await Bus.connect(nats_url, "test-take-back-empty", layout=streams.Layout())
     try:
         scheduler = Scheduler(bus)
-        assert await asyncio.wait_for(scheduler._take_back_nats("cpu-gone", None), 30) == 0
+        assert await asyncio.wait_for(scheduler._take_back("cpu-gone", None), 30) == 0
     finally:
         await bus.close()
 

@@ -164,8 +164,9 @@ async def test_a_record_that_kills_its_worker_is_isolated_then_failed_others_una
 ) -> None:
     # no exception to retry: the worker process dies (os._exit) each time it runs the
     # record. It must not crash-loop the fleet forever, nor take its batch-mates down.
-    monkeypatch.setenv("FLOWMESH_MAX_RECLAIMS", "3")
-    fabric = make_fabric(workers=2)
+    # The limit is the engine's (the workers are not told): it travels with the operator
+    monkeypatch.delenv("FLOWMESH_MAX_RECLAIMS", raising=False)
+    fabric = make_fabric(workers=2, engine_args=("--max-reclaims", "3"))
     crashing = rows(8, bad=5)
     steady = rows(6)
     async with await connect(fabric, 2) as fm:

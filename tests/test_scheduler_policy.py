@@ -3,6 +3,7 @@ live scheduler's use of what workers announce, against a real nats-server)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -626,3 +627,234 @@ def test_a_latency_budget_moves_throughput_work_to_the_cheap_class() -> None:
     assert pick(float("inf")) == "fast"
     assert pick(60.0) == "fast"
     assert pick(6 * 3600.0) == "slow"
+
+
+def test_small_tenant_sharing_a_backlogs_batch_key_gets_a_batch_of_its_own() -> None:
+    """The large-workflow scenario: another tenant's operators have the batch key of a
+    backlog that has had the worker. Left in the shared group they sit behind thousands of
+    older operators (oldest first), and once reached they ride in a 256-operator batch
+    whose one done message comes at its end. Split out, they are the next batch, alone."""
+    fleet = load_fleet(REPO / "configs/fleet/default.yaml")
+    cfg = PolicyConfig()
+    policy = Policy(fleet, cfg)
+    fair = FairShare(cfg.tenants)
+    big = [replace_kind(item(i, tenant="big", bkey="map", model=None), "map") for i in range(4096)]
+    worker = WorkerState("w", "cpu-amx", 1)
+    now = 0.0
+    for _ in range(3):
+        worker.free_slots = 1
+        [d] = policy.decide(big, worker_list(worker), now, fair)
+        big = big[len(d.items) :]
+        now += d.seconds
+    small = [
+        replace_kind(item(10_000 + i, tenant="small", bkey="map", model=None, ready_at=now), "map")
+        for i in range(5)
+    ]
+    worker.free_slots = 1
+    [d] = policy.decide([*big, *small], worker_list(worker), now + 0.5, fair)
+    assert [it.tenant for it in d.items] == ["small"] * 5
+    # the backlog keeps batching: the next round takes a full batch of its own
+    worker.free_slots = 1
+    [d2] = policy.decide(big, worker_list(worker), now + 1.0, fair)
+    assert {it.tenant for it in d2.items} == {"big"} and len(d2.items) == 256
+    # without the split the small tenant's operators wait at the shared group's tail
+    worker.free_slots = 1
+    whole = Policy(fleet, PolicyConfig(split_deficit=math.inf))
+    [d_whole] = whole.decide([*big, *small], worker_list(worker), now + 0.5, fair)
+    assert "small" not in {it.tenant for it in d_whole.items}
+
+
+def test_tenants_at_their_share_keep_batching_together() -> None:
+    """Splitting is for a tenant far below its share: two tenants that both had the
+    worker share one batch key's batch as before."""
+    fleet = load_fleet(REPO / "configs/fleet/default.yaml")
+    cfg = PolicyConfig()
+    fair = FairShare(cfg.tenants)
+    fair.charge("a", 10.0, 0.01, now=0.0)
+    fair.charge("b", 8.0, 0.01, now=0.0)
+    items = [
+        replace_kind(item(i, tenant="ab"[i % 2], bkey="map", model=None), "map") for i in range(40)
+    ]
+    [d] = Policy(fleet, cfg).decide(items, [WorkerState("w", "cpu-amx", 1)], 1.0, fair)
+    assert {it.tenant for it in d.items} == {"a", "b"}
+
+
+async def test_a_backlog_that_fills_the_pool_does_not_hide_another_tenants_chunk(
+    nats_url: str,
+) -> None:
+    """One tenant's ready chunks fill the live scheduler's pool and more wait behind in
+    the stream; another tenant's chunk published after them still reaches the pool at
+    once (read past the limit into per-tenant overflow, admitted because its tenant
+    holds little), and the backlog's overflow moves into the pool as room frees."""
+    import asyncio
+
+    from flowmesh.engine.scheduler.live import Scheduler
+    from flowmesh.topics import Bus, subjects
+    from flowmesh.topics.messages import OpSpec, ReadyOp, chunks_of
+
+    bus = await Bus.connect(nats_url, "test-live-overflow")
+    # no worker: nothing is assigned, so only intake moves operators
+    sched = Scheduler(bus, fleet=fleet_of(gpu={"price_per_hour": 1.0}), pool_limit=64)
+    await sched.start()
+    try:
+        spec = OpSpec("map", "map", "1", "record", {}, None, [])
+
+        def ops(tenant: str, n: int) -> list[ReadyOp]:
+            return [
+                ReadyOp(
+                    key=f"{tenant}-{i:06d}".ljust(64, "0"),
+                    spec=spec,
+                    batch_key="bk",
+                    workflow_id=f"wf-{tenant}",
+                    tenant=tenant,
+                )
+                for i in range(n)
+            ]
+
+        for j, chunk in enumerate(chunks_of(ops("bulk", 320), 16)):
+            await bus.publish(subjects.ready("cpu"), chunk, msg_id=f"bulk-{j}")
+        [small] = chunks_of(ops("small", 3), 16)
+        await bus.publish(subjects.ready("cpu"), small, msg_id="small")
+        for _ in range(300):
+            if sched.held_by.get("small") == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert sched.held_by.get("small") == 3, dict(sched.held_by)
+        # the backlog filled the pool to its limit and no further; the rest waits
+        assert sched.held_by["bulk"] == 64
+        assert sched.overflow_ops == 320 - 64
+        # room frees (as assignments would take operators): the backlog moves up
+        for key in [k for k in list(sched.pool) if k.startswith("bulk")][:32]:
+            sched._take(key)
+        await sched._promote()
+        assert sched.held_by["bulk"] == 64 and sched.overflow_ops == 320 - 96
+    finally:
+        await sched.stop()
+        await bus.close()
+
+
+def test_a_tenant_far_below_its_share_is_served_first_even_with_one_operator() -> None:
+    """A lone operator of a tenant that got nothing loses on throughput and cost to any
+    full batch by more than the fairness term is worth; below `split_deficit` it is
+    served first anyway (the live run's 2-operator workflow waited 6 s without this)."""
+    fleet = load_fleet(REPO / "configs/fleet/default.yaml")
+    cfg = PolicyConfig()
+    fair = FairShare(cfg.tenants)
+    fair.charge("bulk", 100.0, 0.1, now=0.0)
+    big = [
+        replace_kind(item(i, tenant="bulk", bkey="map", model=None, ready_at=-5.0), "map")
+        for i in range(4096)
+    ]
+    lone = [replace_kind(item(9999, tenant="lone", bkey="map", model=None, ready_at=0.5), "map")]
+    worker = WorkerState("w", "cpu-amx", 1)
+    [d] = Policy(fleet, cfg).decide([*big, *lone], [worker], 1.0, fair)
+    assert [it.tenant for it in d.items] == ["lone"]
+    # the premise: without the boost the full batch wins
+    worker.free_slots = 1
+    plain = Policy(fleet, PolicyConfig(split_boost=0.0))
+    [d_plain] = plain.decide([*big, *lone], [worker], 1.0, fair)
+    assert {it.tenant for it in d_plain.items} == {"bulk"}
+
+
+def test_a_group_rescored_in_floats_scores_as_numpy_does() -> None:
+    """After a pick the round rescores the picked group in plain floats (rescore.py);
+    those scores are exactly the numpy scores of every worker variant, whatever the
+    group's size, age and idle workers (cold, capped and restricted workers, fair
+    share with history, deadlines), so the round's decisions do not change."""
+    import dataclasses
+    import random
+
+    import numpy as np
+
+    from flowmesh.configs import path as config_path
+    from flowmesh.engine.scheduler.groups import group_ready
+    from flowmesh.engine.scheduler.rescore import score_column
+    from flowmesh.loadgen.sim.bench import bench_inputs
+
+    fleet = load_fleet(config_path("fleet/default.yaml"))
+    rng = random.Random(7)
+    items, layout = bench_inputs(fleet, n_items=600, n_workers=40, n_groups=30, seed=3)
+    items = [
+        dataclasses.replace(i, deadline_at=rng.uniform(100, 900)) if rng.random() < 0.3 else i
+        for i in items
+    ]
+    workers = []
+    for wid, cls, res in layout:
+        w = WorkerState(wid, cls, rng.choice([1, 2]), dict(res))
+        w.startup_s = rng.choice([0.0, 0.0, 45.0])
+        if rng.random() < 0.2:
+            w.batch_caps = {"generate@1": 8, "map@1": 16}
+        workers.append(w)
+    config = PolicyConfig(linger_s=0.25)
+    fair = FairShare()
+    for t in range(32):
+        fair.charge(f"t{t}", rng.uniform(0, 50), 0.0, 100.0)
+    policy = Policy(fleet, config)
+    free, soon = policy._available(workers, 120.0)
+    groups = policy._eligible(group_ready(items), fair)
+    tenants = set().union(*(g.tenants for g in groups))
+    rnd = policy._round_tables(
+        groups, free, soon, 120.0, fair, tenants, fair.deficits(tenants, 120.0)
+    )
+    policy._score_all(rnd)
+    assert rnd.best is not None  # finite inputs: the float path is the one taken
+    w = config.weights
+    for gi in range(len(groups)):
+        types = rnd.compat[:, gi].nonzero()[0].tolist()
+        for n_col, oldest, idle in ((1.0, 0.1, 0), (7.0, 3.0, 2), (40.0, 90.0, 11)):
+            vs, got = score_column(
+                policy._floats(rnd),
+                gi,
+                types,
+                rnd.live,
+                n_col,
+                oldest,
+                idle,
+                w.cost,
+                w.energy,
+                w.locality,
+                w.aging,
+                config.aging_scale_s,
+                config.linger_s,
+            )
+            g = slice(gi, gi + 1)
+            want, _, _ = policy._score(
+                rnd, slice(None), g, np.array([n_col]), np.array([oldest]), np.array([idle])
+            )
+            assert vs  # every group here has a worker type that runs it
+            assert got == [float(want[v, 0]) for v in vs]
+
+
+def test_the_best_pair_kept_per_group_is_the_argmax_over_all_pairs() -> None:
+    """The round's pick read from the best worker kept per group is the pair np.argmax
+    over the whole (worker, group) matrix gives, ties included (first worker, then
+    first group), as groups are rescored and workers lose or change their scores."""
+    import random
+
+    import numpy as np
+
+    from flowmesh.engine.scheduler.rescore import NEG, BestPerGroup
+
+    rng = random.Random(3)
+    for _ in range(30):
+        G, W = rng.randint(1, 12), rng.randint(1, 12)
+        # few distinct values: many ties
+        scores = np.array([[float(rng.randint(0, 4)) for _ in range(W)] for _ in range(G)])
+        best = BestPerGroup(scores)
+        for _ in range(40):
+            want_flat = int(np.argmax(scores.T))
+            pick = best.pick()
+            if scores.max() == NEG:
+                assert pick is None
+                break
+            wi, gi = divmod(want_flat, G)
+            assert pick == (wi, gi, float(scores[gi, wi]))
+            op = rng.random()
+            if op < 0.4:
+                scores[:, wi] = NEG
+                best.worker_dropped(wi)
+            elif op < 0.6:
+                scores[:, wi] = [float(rng.randint(0, 4)) for _ in range(G)]
+                best.worker_changed(wi)
+            scores[gi] = [float(rng.randint(0, 4)) if rng.random() < 0.7 else NEG for _ in range(W)]
+            best.group_changed(gi)

@@ -217,10 +217,10 @@ def test_forecast_release_never_keeps_a_worker_past_idle_release_s(
 ) -> None:
     """A kept idle worker is re-checked, and released by its idle_release_s at the
     latest, however much work the forecast says is coming."""
-    from flowmesh.engine.scheduler import rightsize
+    from flowmesh.engine.scheduler import elastic, rightsize
     from flowmesh.loadgen.sim import policies
 
-    monkeypatch.setattr(policies, "idle_to_keep", lambda *a: 10**6)  # always "keep"
+    monkeypatch.setattr(elastic, "idle_to_keep", lambda *a: 10**6)  # always "keep"
     wl = load_workload(SMOKE)
     kept: list[float] = []
     real = policies.FlowMeshPolicy.keep_idle
@@ -340,3 +340,125 @@ def test_zipf_draws_onoff_arrivals_and_deadlines_parse() -> None:
     # on/off: most arrivals inside the on windows (a quarter of the time)
     on = sum(1 for i in insts if (i.arrival % 1200) < 300)
     assert on > 0.75 * len(insts)
+
+
+def test_each_lever_switch_changes_what_flowmesh_does(fleet: Fleet, config: PolicyConfig) -> None:
+    """The ablation's switches (workload `levers:`, `--levers-off`) each turn one lever
+    off and nothing else: dedup off runs every duplicated operator; batching off keeps
+    each batch to one workflow (more, smaller batches); packing off holds one model per
+    GPU (a model it comes back to is loaded again); heterogeneity off rents only
+    `isolated.gpu` (here a class full flowmesh does not pick); release off keeps idle
+    GPUs their idle_release_s. Every workflow completes in each."""
+    from flowmesh.loadgen.sim.policies import one_gpu_class
+
+    raw = yaml_of(SMOKE)
+    raw_together = [{"name": n} for n in ("a", "b", "c")]  # all at once
+    together = parse_workload({**raw, "tenants": raw_together})
+    one_gpu = parse_workload({**raw, "fleet": {"h100": 1, "cpu-amx": 1}})
+
+    def pair(wl: Workload, lever: str) -> tuple[PolicyResult, PolicyResult]:
+        on = simulate(wl, fleet, config, "flowmesh")
+        off = simulate(wl.with_overrides(levers_off=[lever]), fleet, config, "flowmesh")
+        assert on.completed == on.workflows == off.completed
+        assert on.ops_requested == off.ops_requested
+        return on, off
+
+    on, off = pair(together, "dedup")
+    assert on.ops_executed < off.ops_executed == off.ops_requested
+    on, off = pair(together, "batching")
+    assert off.batches > on.batches and off.mean_gpu_batch_size < on.mean_gpu_batch_size
+    assert off.ops_executed == on.ops_executed  # dedup still on
+    on, off = pair(one_gpu, "packing")
+    assert off.model_loads > on.model_loads
+    on = simulate(together, fleet, config, "flowmesh")
+    used = {c for c, usd in on.cost_by_class.items() if usd > 0 and c != "cpu-amx"}
+    rent = next(c for c in ("h100", "l40s") if c not in used)  # a class full flowmesh skips
+    wl = parse_workload({**raw, "tenants": raw_together, "isolated": {"gpu": rent}})
+    off = simulate(wl.with_overrides(levers_off=["heterogeneity"]), fleet, config, "flowmesh")
+    assert off.completed == off.workflows
+    assert {c for c, usd in off.cost_by_class.items() if usd > 0 and c != "cpu-amx"} == {rent}
+    assert one_gpu_class(fleet, wl.settings) == {rent: 4, "cpu-amx": 1}
+    on, off = pair(together, "release")
+    assert off.gpu_hours - off.gpu_busy_hours > on.gpu_hours - on.gpu_busy_hours
+    with pytest.raises(ValueError, match="unknown levers"):
+        together.with_overrides(levers_off=["magic"])
+    assert parse_workload({**raw, "levers": {"dedup": False}}).settings.levers.off() == ("dedup",)
+    with pytest.raises(ValueError, match="levers: unknown"):
+        parse_workload({**raw, "levers": {"dedupe": True}})
+
+
+def test_floor_prices_the_unique_work_below_every_policy(
+    smoke: Workload, fleet: Fleet, config: PolicyConfig
+) -> None:
+    """The bound analysis: the floor counts the operators flowmesh's dedup leaves, and
+    no policy's bill or energy is under it; buying the fastest class costs at least as
+    much as the cheapest."""
+    from flowmesh.loadgen.sim.bound import floor
+
+    f = floor(smoke, fleet, config.ref_model_gb)
+    r = run_all(smoke, fleet, config)
+    assert f.requested_ops == r["flowmesh"].ops_requested
+    assert f.unique_ops == r["flowmesh"].ops_executed < f.requested_ops
+    for res in r.values():
+        assert f.cost_usd < res.cost_usd and f.energy_kwh < res.energy_kwh
+    assert f.fastest_cost_usd >= f.cost_usd > 0
+
+
+def test_cli_sweep_ablates_and_prints_the_floor() -> None:
+    res = CliRunner().invoke(
+        main,
+        ["sweep", "--workload", str(SMOKE), "--seeds", "1", "--ablate"],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    assert "what the mix allows at best" in res.output
+    for lever in ("dedup", "batching", "packing", "heterogeneity", "release"):
+        assert lever in res.output
+
+
+def test_a_lingering_group_on_an_empty_pool_starts_when_its_linger_ends(
+    fleet: Fleet, config: PolicyConfig
+) -> None:
+    """linger_s holds a partial batch back from a new worker too; with no worker
+    allocated nothing else wakes the simulator, so the group must not wait for the next
+    unrelated event (here a workflow 300 s later): the first workflow finishes in about
+    its own run time."""
+    assert config.linger_s > 0
+    raw = yaml_of(SMOKE)
+    wl = parse_workload(
+        {
+            **raw,
+            "tenants": [
+                {"name": "a", "arrivals": {"count": 1}},
+                {"name": "b", "arrivals": {"count": 1, "start_s": 300}},
+            ],
+        }
+    )
+    r = simulate(wl, fleet, config, "flowmesh")
+    assert r.completed == r.workflows == 2
+    assert r.latencies_s[0] < 200
+
+
+def test_forecast_release_keeps_the_warm_minimum_only_while_it_can_be_needed(
+    fleet: Fleet, config: PolicyConfig
+) -> None:
+    """The workload's warm minimum (a CPU worker here) is kept by `release: fixed` for
+    the whole run; the forecast release keeps it while accepted workflows have work for
+    its pool or workflows arrive once per cold start or more, so between two workflows
+    an hour apart it goes, and comes back when the next one arrives (every workflow
+    completes, its select not waiting on a cold start more than the fixed pool's)."""
+    assert config.release == "forecast"
+    raw = yaml_of(SMOKE)
+    wl = parse_workload(
+        {
+            **raw,
+            "autoscale": {"target_backlog_s": 60, "min_workers": {"cpu-amx": 1}},
+            "tenants": [{"name": "a", "arrivals": {"count": 2, "rate_per_h": 1}}],
+        }
+    )
+    fc = simulate(wl, fleet, config, "flowmesh")
+    fixed = simulate(wl, fleet, replace(config, release="fixed"), "flowmesh")
+    assert fc.completed == fixed.completed == 2
+    assert fixed.cpu_hours * 3600 >= fixed.makespan_s  # warm from start to end
+    assert fc.cpu_hours < fixed.cpu_hours / 4
+    assert fc.latency_p95_s <= fixed.latency_p95_s * 1.05

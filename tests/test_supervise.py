@@ -202,6 +202,47 @@ async def test_up_restarts_a_killed_worker_and_sigterm_stops_everything(tmp_path
     assert not _listening(nats_port) and not _listening(console_port)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_a_killed_up_leaves_no_process_behind(tmp_path: Path) -> None:
+    """SIGKILL to `up` (or the OOM killer) stops nothing in order: its engine parts and
+    workers see their parent gone and stop by themselves, and the kernel stops the
+    nats-server it started. Before, all of them ran on, holding the ports."""
+    nats_server_binary()
+    nats_port = free_port()
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowmesh.engine.cli",
+            "up",
+            *("--nats", f"nats://127.0.0.1:{nats_port}", "--data-dir", str(tmp_path / "d")),
+            *("--workers", "2", "--no-models", "--metrics-port", "0", "--console-port", "0"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    family: set[int] = set()
+    try:
+        await _wait_until("two workers", lambda: len(_workers_of(up.pid)) == 2, 60)
+        family = _children(up.pid)
+        assert any("nats-server" in _cmdline(p) for p in family)
+        up.kill()
+        up.wait()
+        # the nats-server goes at once; the others stop as on SIGTERM (their last writes
+        # to it bounded), or exit if still starting
+        try:
+            await _wait_until("its processes to stop", lambda: not any(map(_alive, family)), 60)
+        except AssertionError:
+            left = [_cmdline(p)[:160] for p in family if _alive(p)]
+            raise AssertionError(f"still running: {left}") from None
+    finally:
+        for p in family:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    assert not _listening(nats_port)
+
+
 async def _wait_until_registered(fm: FlowMesh, n: int) -> None:
     for _ in range(600):
         if len(await fm.workers()) >= n:

@@ -24,13 +24,14 @@ from click.testing import CliRunner
 from flowmesh.engine.auth import AuthFiles
 from flowmesh.engine.cli import main as cli_main
 from flowmesh.engine.client import FlowMesh
+from flowmesh.engine.lineage.reads import all_requests
 from flowmesh.engine.local import LocalFabric, free_port
 from flowmesh.engine.spec import SpecError, parse_spec
 from flowmesh.engine.tenant_client import GatewayError, NotFound, TenantClient
 from flowmesh.topics import codec, streams, subjects
-from flowmesh.topics.creds import load_creds, url_with_creds
+from flowmesh.topics.config.creds import load_creds, url_with_creds
 from flowmesh.topics.errors import Unavailable
-from flowmesh.topics.messages import OpRequest, OpState, SubmitWorkflow, WorkflowSpec
+from flowmesh.topics.messages import OpState, SubmitWorkflow, WorkflowSpec
 from tests.conftest import PLUGINS, REPO, nats_server_binary
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,20 @@ class AuthFabric:
 
 @pytest.fixture(scope="module")
 def auth_fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthFabric]:
+    """The whole engine in one process (`flowmesh engine`)."""
+    yield from _auth_fabric(tmp_path_factory, planner_shards=0)
+
+
+@pytest.fixture(scope="module")
+def auth_fabric_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthFabric]:
+    """The engine as `flowmesh up` runs it by default: a planner, the scheduler and the
+    gateway in processes of their own."""
+    yield from _auth_fabric(tmp_path_factory, planner_shards=1)
+
+
+def _auth_fabric(
+    tmp_path_factory: pytest.TempPathFactory, planner_shards: int
+) -> Iterator[AuthFabric]:
     nats_server_binary()  # skips without one
     tmp = tmp_path_factory.mktemp("tenancy")
     url = f"nats://127.0.0.1:{free_port()}"
@@ -79,6 +94,7 @@ def auth_fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthFabric
             engine_args=["--dead-after", "2"],
             creds=files.fabric,
             nats_config=files.config,
+            planner_shards=planner_shards,
         )
         fabric.start()
         env = AuthFabric(fabric, files, url)
@@ -326,10 +342,7 @@ async def test_tenant_dedup_scope_leaks_no_result_or_timing(auth_fabric: AuthFab
             state = codec.decode((await kv.get(key)).value or b"", OpState)
             assert state.state == "done" and state.workflow_id == wf_b
             assert state.started_at >= status_b.submitted_at
-        requests = [
-            codec.decode(value, OpRequest)
-            for _, value, _ in await fm.bus.kv_items(streams.KV_REQUESTS)
-        ]
+        requests = await all_requests(fm.bus)
         of_b = [r for r in requests if r.key in keys_b]
         assert {r.key for r in of_b} == keys_b
         assert all(r.tenant == "b" and r.role == "ran" for r in of_b), of_b

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from flowmesh.engine.local import LocalFabric
 from flowmesh.engine.monitor import snapshot
 from flowmesh.topics import Bus, streams
 from flowmesh.topics.messages import WorkflowSpec
@@ -18,6 +19,19 @@ from tests.workflows import map_then_count
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
+
+
+def top_once(fabric: LocalFabric) -> str:
+    """What `flowmesh top --once` prints for the fabric (its bus from the environment)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "flowmesh.engine.cli", "top", "--once", "--nats", fabric.nats_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def spec(tenant: str, n: int = 12) -> WorkflowSpec:
@@ -61,15 +75,7 @@ async def test_top_once_shows_streams_workers_and_tenants(make_fabric: MakeFabri
     assert tenants["acme"].ops_recent == tenants["globex"].ops_recent == 13
 
     # the command a user runs
-    out = subprocess.run(
-        [sys.executable, "-m", "flowmesh.engine.cli", "top", "--once", "--nats", fabric.nats_url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
+    text = top_once(fabric)
     for expected in [
         "streams",
         "consumer lag",

@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 # every test here trains a model for seconds: the slow tier (issue 15 item 9)
 pytestmark = pytest.mark.slow
 
-from flowmesh.topics.cas import CAS, FileBackend  # noqa: E402
+from flowmesh.topics.store.cas import CAS, FileBackend  # noqa: E402
 from flowmesh.workers.executors.base import OpError, OpInput  # noqa: E402
 from flowmesh.workers.executors.generate import GenerateExecutor  # noqa: E402
 from flowmesh.workers.executors.train import TrainExecutor  # noqa: E402

@@ -1,12 +1,16 @@
 """topics: the contract between FlowMesh packages.
 
-Subject names, JetStream stream/consumer/KV/object-store definitions, message schemas,
-their codec, and the content-addressed store every component reads and writes.
+The contract itself sits at this level: subject names (`subjects`), stream/consumer/KV/
+object-store definitions (`streams`), message schemas (`messages`), the tenant API's wire
+types (`api`), operator kinds and their parameters (`operators`), the codec (`codec`) and
+the exception hierarchy (`errors`). Beside it, in subfolders named for what they hold, the
+pieces every process needs to speak it: `bus/` (NATS and Kafka), `store/` (the CAS),
+`config/` (settings, credentials), `telemetry/` (logs, metrics exporter).
 engine/ and workers/ import this package and never each other.
 """
 
-from flowmesh.topics import cas, codec, operators, streams, subjects
-from flowmesh.topics.bus import Bus
+from flowmesh.topics import codec, operators, streams, subjects
+from flowmesh.topics.bus.nats import Bus
 from flowmesh.topics.messages import (
     Assignment,
     DatasetSpec,
@@ -23,6 +27,7 @@ from flowmesh.topics.messages import (
     WorkflowSpec,
     WorkflowStatus,
 )
+from flowmesh.topics.store import cas
 
 __all__ = [
     "Assignment",

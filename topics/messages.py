@@ -1,6 +1,6 @@
 """Message schemas: every payload on every subject, and every KV value.
 
-Messages carry digests and small metadata only; data lives in the CAS (see `cas.py`).
+Messages carry digests and small metadata only; data lives in the CAS (see `store/cas.py`).
 """
 
 from __future__ import annotations
@@ -101,6 +101,12 @@ class ReadyOp(msgspec.Struct, frozen=True):
     # CAS), not a stored record: the worker reads the row and checks its digest
     table: str | None = None
     row: int = -1
+    # times its worker may be lost while running it (killed, crashed, out of memory)
+    # before it is committed `failed` without running again; set by the planner
+    max_reclaims: int = 6
+    # what its inputs weigh, as JSON (the planner's estimate from the records its
+    # parents produced): the scheduler's locality term prices fetching them
+    input_bytes: int = 0
 
 
 class OpItem(msgspec.Struct, frozen=True):
@@ -117,6 +123,8 @@ class OpItem(msgspec.Struct, frozen=True):
     created_at: float = 0.0
     table: str | None = None
     row: int = -1
+    max_reclaims: int = 6
+    input_bytes: int = 0
 
 
 def item_of(op: ReadyOp) -> OpItem:
@@ -132,6 +140,8 @@ def item_of(op: ReadyOp) -> OpItem:
         op.created_at,
         op.table,
         op.row,
+        op.max_reclaims,
+        op.input_bytes,
     )
 
 
@@ -155,6 +165,8 @@ def ops_of(spec: OpSpec, batch_key: str, items: list[OpItem]) -> list[ReadyOp]:
             created_at=it.created_at,
             table=it.table,
             row=it.row,
+            max_reclaims=it.max_reclaims,
+            input_bytes=it.input_bytes,
         )
         for it in items
     ]
@@ -220,21 +232,40 @@ class Assignment(msgspec.Struct, frozen=True):
 OpStatus = Literal["done", "failed"]
 
 
-class OpDone(msgspec.Struct, frozen=True):
-    """fm.op.done: an operator's result was committed (or it failed for good)."""
+# the error of an operator stopped because the workflow that claimed it was cancelled:
+# not a failure of its work, so the workflows still waiting for it claim it again
+OP_CANCELLED = "its workflow was cancelled"
 
-    key: str
-    status: OpStatus
+
+class OpResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What running an operator gave, declared once: the completion event (OpDone), the
+    operator's KV entry (OpState) and its lineage (api.LineageOp) carry these fields by
+    inheriting them. Messages are JSON maps keyed by field name, so an entry stored when
+    each message declared the fields itself decodes unchanged."""
+
     output: str | None = None  # manifest digest: list of output record digests
     outputs: list[str] | None = None  # the same list, inline when small
     n_outputs: int = 0
+    # its output records as JSON: what a tenant's quota counts, and what the planner
+    # tells the scheduler its children will read (ReadyOp.input_bytes)
+    output_bytes: int = 0
     error: str | None = None
     worker: str = ""
     device_class: str = ""
     started_at: float = 0.0
     ended_at: float = 0.0
-    traceback: str = ""  # where a failed operator's executor raised
-    attempts: int = 0
+    attempts: int = 0  # deliveries it took, 1 when nothing went wrong
+    traceback: str = ""  # failed: where the executor raised (last attempt)
+
+
+class OpDone(OpResult, frozen=True):
+    """fm.op.done: an operator's result was committed (or it failed for good)."""
+
+    key: str
+    status: OpStatus
+    # the workflow whose request ran it (OpState.workflow_id): an operator stopped as
+    # OP_CANCELLED is claimed again by the other workflows waiting for it, never by this one
+    workflow_id: str = ""
 
 
 class DoneBatch(msgspec.Struct, frozen=True):
@@ -245,7 +276,7 @@ class DoneBatch(msgspec.Struct, frozen=True):
     done: list[OpDone]
 
 
-class OpState(msgspec.Struct, frozen=True):
+class OpState(OpResult, frozen=True):
     """Value of the operator KV entry (bucket fm_ops, key = operator key).
 
     Created `pending` by the planner with create-if-absent; moved to `done`/`failed`
@@ -257,38 +288,24 @@ class OpState(msgspec.Struct, frozen=True):
     workflow_id: str  # the workflow that created it
     tenant: str
     created_at: float
-    output: str | None = None
-    outputs: list[str] | None = None
-    n_outputs: int = 0
-    error: str | None = None
-    worker: str = ""
-    device_class: str = ""
-    started_at: float = 0.0
-    ended_at: float = 0.0
-    attempts: int = 0  # deliveries it took, 1 when nothing went wrong
     batch_size: int = 0  # operators in the batch it ran in
     device_seconds: float = 0.0  # its share of the batch's time on the worker
     price_per_hour: float = 0.0  # the worker class's $/h when it ran
     watts: float = 0.0  # the worker class's busy power when it ran
     cost_usd: float = 0.0  # device_seconds x price_per_hour
     energy_j: float = 0.0  # device_seconds x watts
-    traceback: str = ""  # failed: where the executor raised (last attempt)
+    # its share of time the worker spent for its batch but did not bill (warm-up,
+    # waiting for a core): the fleet's overhead, not its tenant's (workers/billing.py)
+    overhead_seconds: float = 0.0
 
     def to_done(self) -> OpDone:
         """The completion event that announces this (final) state."""
+        result = {f: getattr(self, f) for f in OpResult.__struct_fields__}
         return OpDone(
             key=self.key,
             status="failed" if self.state == "failed" else "done",
-            output=self.output,
-            outputs=self.outputs,
-            n_outputs=self.n_outputs,
-            error=self.error,
-            worker=self.worker,
-            device_class=self.device_class,
-            started_at=self.started_at,
-            ended_at=self.ended_at,
-            traceback=self.traceback,
-            attempts=self.attempts,
+            workflow_id=self.workflow_id,
+            **result,
         )
 
 
@@ -299,7 +316,12 @@ class OpRequest(msgspec.Struct, frozen=True):
     """Value in KV fm_requests under "<op key>.<workflow id>": one workflow asked for
     one operator. `ran`: its request created the operator; `joined`: it was already
     pending or running for another workflow (in-flight dedup); `reused`: it was already
-    committed (completed dedup). Lineage and cost attribution read these."""
+    committed (completed dedup). Lineage and cost attribution read these, through
+    engine/lineage/reads.py, which also expands the RanRequests of a wave.
+
+    Only `joined` and `reused` are written one per key; the `ran` ones of a wave are
+    one RanRequests entry, and the workflow that ran an operator is also its KV
+    fm_ops entry's `workflow_id` (so a lookup by operator key finds it there)."""
 
     key: str
     workflow_id: str
@@ -307,6 +329,30 @@ class OpRequest(msgspec.Struct, frozen=True):
     node: str
     role: RequestRole
     at: float
+
+
+RAN_PREFIX = "ran-"  # KV fm_requests keys "ran-<digest>.<workflow id>" hold RanRequests
+
+
+class RanRequests(msgspec.Struct, frozen=True):
+    """Value in KV fm_requests under "ran-<digest>.<workflow id>": the operators of one
+    wave of one node that this workflow's requests created (role `ran`), one stored
+    write for the lot instead of one per operator. The digest covers the node and the
+    operators' keys, so a planner replaying the submission writes the same entry again
+    (refused: it exists); a replay's waves cut otherwise record a key twice, as `ran`
+    both times (readers keep one request per key and workflow, the earliest)."""
+
+    workflow_id: str
+    tenant: str
+    node: str
+    at: float
+    keys: list[str]
+
+    def requests(self) -> list[OpRequest]:
+        return [
+            OpRequest(k, self.workflow_id, self.tenant, self.node, "ran", self.at)
+            for k in self.keys
+        ]
 
 
 # --- workers --------------------------------------------------------------------------

@@ -6,8 +6,15 @@ first one up sets the bus up and none depends on start order.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
+import nats.errors
+import structlog
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -19,10 +26,10 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 
 from flowmesh.topics import subjects
-from flowmesh.topics.settings import env_int
+from flowmesh.topics.config.settings import env_int
 
 DAY = 24 * 3600.0
 
@@ -39,8 +46,15 @@ KV_EXECUTORS = "fm_executors"  # executor id -> version advertised by workers
 # "params.<executor id>" -> a transform's parameters {name: [type, required]} (JSON)
 SIGNATURE_PREFIX = "params."
 KV_MODELS = "fm_models"  # model name -> weights digest advertised by workers
-KV_REQUESTS = "fm_requests"  # "<op key>.<workflow id>" -> OpRequest
-KV_FABRIC = "fm_fabric"  # "engine" -> FabricRecord: the CAS the fabric uses (topics/fabric.py)
+KV_REQUESTS = "fm_requests"  # "<op key>.<workflow id>" -> OpRequest; "ran-…" -> RanRequests
+KV_FABRIC = (
+    "fm_fabric"  # "engine" -> FabricRecord: the CAS the fabric uses (topics/store/fabric.py)
+)
+# tenant -> TenantUse: its running workflows and bytes stored, shared by every gateway
+# process (compare-and-set updates: engine/quota.py)
+KV_TENANT_USE = "fm_tenant_use"
+KV_GATEWAYS = "fm_gateways"  # gateway id -> "" (a heartbeat: the entry expires unrenewed)
+GATEWAY_TTL_S = 15.0
 OBJ_CAS = "fm_cas"  # object-store CAS backend
 
 # Consumer names
@@ -161,13 +175,45 @@ def worker_consumer(worker: str, slots: int) -> ConsumerConfig:
     )
 
 
+log = structlog.get_logger("flowmesh.streams")
+
+# How long a create waits out a cluster that cannot place its replicas yet: a peer the
+# meta leader counts as offline for a moment (a restart, a loaded box missing a route
+# heartbeat) answers "no suitable peers for placement" (err_code 10005) or 503, or
+# lets the request time out.
+PLACEMENT_WAIT_S = 30.0
+NO_PEERS_FOR_PLACEMENT = 10005
+T = TypeVar("T")
+
+
+async def _placed(create: Callable[[], Awaitable[T]], what: str) -> T:
+    """`create()`, asked again while the cluster cannot place the replicas yet, up to
+    PLACEMENT_WAIT_S; any other refusal, or one that outlasts the wait, is raised."""
+    deadline = time.monotonic() + PLACEMENT_WAIT_S
+    while True:
+        try:
+            return await create()
+        except (APIError, nats.errors.TimeoutError) as exc:
+            # a create that timed out may have been applied: asked again with the same
+            # config, the server answers with the stream it made
+            transient = (
+                not isinstance(exc, APIError)
+                or isinstance(exc, ServiceUnavailableError)
+                or exc.err_code == NO_PEERS_FOR_PLACEMENT
+            )
+            if not transient or time.monotonic() > deadline:
+                raise
+            log.warning("cannot place replicas yet; trying again", what=what, error=str(exc))
+            await asyncio.sleep(0.5)
+
+
 async def ensure(js: JetStreamContext, layout: Layout | None = None) -> None:
     layout = layout or Layout.from_env()
     for cfg in stream_configs(layout):
         try:
             await js.stream_info(cfg.name or "")
         except NotFoundError:
-            await js.add_stream(cfg)
+            await _placed(partial(js.add_stream, cfg), cfg.name or "")
     kv_buckets = {
         KV_OPS: KeyValueConfig(
             bucket=KV_OPS, history=1, storage=layout.storage, replicas=layout.replicas
@@ -194,15 +240,32 @@ async def ensure(js: JetStreamContext, layout: Layout | None = None) -> None:
         KV_FABRIC: KeyValueConfig(
             bucket=KV_FABRIC, history=1, storage=layout.storage, replicas=layout.replicas
         ),
+        KV_TENANT_USE: KeyValueConfig(
+            bucket=KV_TENANT_USE,
+            history=1,
+            max_value_size=256 * 1024,  # bounded: a tenant's running workflows are capped
+            storage=layout.storage,
+            replicas=layout.replicas,
+        ),
+        KV_GATEWAYS: KeyValueConfig(
+            bucket=KV_GATEWAYS,
+            history=1,
+            ttl=GATEWAY_TTL_S,
+            storage=layout.storage,
+            replicas=layout.replicas,
+        ),
     }
     for name, kv_cfg in kv_buckets.items():
         try:
             await js.key_value(name)
         except BucketNotFoundError:
-            await js.create_key_value(kv_cfg)
+            await _placed(partial(js.create_key_value, kv_cfg), name)
     try:
         await js.object_store(OBJ_CAS)
     except (BucketNotFoundError, NotFoundError):
-        await js.create_object_store(
-            OBJ_CAS, ObjectStoreConfig(storage=layout.storage, replicas=layout.replicas)
+        await _placed(
+            lambda: js.create_object_store(
+                OBJ_CAS, ObjectStoreConfig(storage=layout.storage, replicas=layout.replicas)
+            ),
+            OBJ_CAS,
         )

@@ -8,10 +8,12 @@ import signal
 
 import click
 
-from flowmesh.topics import Bus, logs
-from flowmesh.topics.cas import open_cas
-from flowmesh.topics.creds import CredsError, resolve_url
-from flowmesh.topics.settings import Settings, SettingsError
+from flowmesh.topics import Bus
+from flowmesh.topics.config.creds import CredsError, resolve_url
+from flowmesh.topics.config.settings import Settings, SettingsError
+from flowmesh.topics.parent import terminate_when_parent_gone
+from flowmesh.topics.store.cas import open_cas
+from flowmesh.topics.telemetry import logs
 from flowmesh.workers import metrics
 from flowmesh.workers.runtime import Worker, WorkerConfig
 
@@ -25,8 +27,13 @@ def with_creds(url: str, creds_path: str) -> str:
         raise click.BadParameter(str(exc)) from exc
 
 
-async def serve(nats_url: str, cas_url: str, config: WorkerConfig, kafka: str = "") -> None:
-    bus = await Bus.connect(nats_url, name=f"flowmesh-worker-{config.device_class}", kafka=kafka)
+async def serve(
+    nats_url: str, cas_url: str, config: WorkerConfig, kafka: str = "", kv: str | None = None
+) -> None:
+    orphaned = terminate_when_parent_gone()  # from the start: connecting may wait long
+    bus = await Bus.connect(
+        nats_url, name=f"flowmesh-worker-{config.device_class}", kafka=kafka, kv=kv
+    )
     cas = await open_cas(cas_url, bus.js)
     worker = Worker(bus, cas, config)
     await worker.start()
@@ -40,6 +47,7 @@ async def serve(nats_url: str, cas_url: str, config: WorkerConfig, kafka: str = 
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     await worker.stop()
     await bus.close()
+    orphaned.cancel()
 
 
 def _list_fns(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -66,10 +74,16 @@ def _list_fns(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     "--bus",
     type=click.Choice(["nats", "kafka"]),
     default=None,
-    help="the streams' bus [$FLOWMESH_BUS or nats]; KV and CAS stay on NATS",
+    help="the streams' bus [$FLOWMESH_BUS or nats]; KV stays on NATS unless --kv kafka",
 )
 @click.option(
     "--kafka", default=None, help="Kafka bootstrap servers for --bus kafka [$FLOWMESH_KAFKA]"
+)
+@click.option(
+    "--kv",
+    type=click.Choice(["nats", "kafka"]),
+    default=None,
+    help="where the KV buckets live [$FLOWMESH_KV or nats]; kafka needs --bus kafka",
 )
 @click.option(
     "--cas",
@@ -139,6 +153,7 @@ def main(
     nats_url: str | None,
     bus: str | None,
     kafka: str | None,
+    kv: str | None,
     cas_url: str | None,
     creds_path: str | None,
     data_dir: str | None,
@@ -163,6 +178,7 @@ def main(
             nats=nats_url,
             bus=bus,
             kafka=kafka,
+            kv=kv,
             cas=cas_url,
             creds=creds_path,
             data_dir=data_dir,
@@ -186,7 +202,7 @@ def main(
     )
     kafka_servers = settings.kafka if settings.bus == "kafka" else ""
     url = with_creds(settings.nats, settings.creds)
-    asyncio.run(serve(url, settings.cas_url, config, kafka_servers))
+    asyncio.run(serve(url, settings.cas_url, config, kafka_servers, settings.kv))
 
 
 if __name__ == "__main__":

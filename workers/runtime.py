@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -24,10 +26,10 @@ from typing import Any, Literal
 
 import msgspec
 import structlog
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from flowmesh.topics import Bus, codec, logs, streams, subjects
-from flowmesh.topics.cas import CAS, CASError
+from flowmesh.topics import Bus, codec, streams, subjects
+from flowmesh.topics.bus.transport import Consumer, Stop
 from flowmesh.topics.messages import (
     Assignment,
     CancelWorkflow,
@@ -39,18 +41,24 @@ from flowmesh.topics.messages import (
     chunks_of,
 )
 from flowmesh.topics.operators import KINDS, pool_of
-from flowmesh.topics.settings import env_int
-from flowmesh.topics.transport import Consumer
-from flowmesh.workers import metrics
+from flowmesh.topics.store.cas import CAS, CASError
+from flowmesh.topics.telemetry import logs
+from flowmesh.workers import billing, metrics
 from flowmesh.workers.executors.base import (
     CANCELLED,
     MAX_CANCELLED_KEPT,
+    OP_WALL_S,
     Executor,
     OpError,
     OpInput,
+    OpTimeout,
     Outcome,
+    Watch,
     cancel_keys,
+    check_output,
     uncancel_keys,
+    wall_limit_error,
+    watched,
 )
 from flowmesh.workers.models.adapters import store_artifacts
 
@@ -65,21 +73,27 @@ TABLES_KEPT = 4  # source tables a worker keeps decoded for the rows it reads
 # ran is replayed: that is preemption, not its fault. But a record that crashes every
 # process that runs it would take the fleet down one worker at a time, forever. After
 # ISOLATE_AFTER losses a batch's operators go back to the ready pool one per batch, so
-# the innocent ones of a batch get through; after
-# $FLOWMESH_MAX_RECLAIMS losses (default 6) an operator is failed without running again.
+# the innocent ones of a batch get through; after its `max_reclaims` losses (the planner
+# sets it on each operator, $FLOWMESH_MAX_RECLAIMS on the engine, default 6) an operator
+# is failed without running again.
 ISOLATE_AFTER = 2
-DEFAULT_MAX_RECLAIMS = 6
 # An idle worker asks the server whether its assignment consumer still exists this
 # often: a consumer deleted while nothing was fetched (a reclaim after a pause) shows
 # only as fetches that time out, the same as no work.
 CONSUMER_CHECK_S = 5.0
 REJOIN_MAX_DELAY_S = 5.0
-
-
-def max_reclaims_from_env() -> int:
-    # the batch-mates of a crashing record run alone after ISOLATE_AFTER losses: they
-    # need one more delivery than that before the limit
-    return env_int("FLOWMESH_MAX_RECLAIMS", DEFAULT_MAX_RECLAIMS, ISOLATE_AFTER + 1)
+# Every operator has a wall-time limit (OP_WALL_S). The executor runs in a thread of its
+# own; the event loop (heartbeats, in-progress acks) looks at its watch this often, and
+# past the limit raises OpTimeout in that thread. Code blocked in C (a sleep, a socket)
+# sees it only when it returns: ABANDON_AFTER_S past the limit the worker stops waiting,
+# fails the batch's operators and goes on; the thread runs on, unwatched, until it ends.
+# An abandoned thread that holds a model (generate, embed, score, train) could still be
+# using it when the next batch does, and each one left running holds memory and CPU: the
+# worker then finishes the batch in hand and exits, for its supervisor (flowmesh up,
+# Kubernetes) to start it afresh.
+WATCH_POLL_S = 0.25
+ABANDON_AFTER_S = float(os.environ.get("FLOWMESH_OP_ABANDON_S", "30"))
+MAX_ABANDONED = 4  # threads left running at once before the worker restarts
 
 
 def losses(op: ReadyOp) -> int:
@@ -111,6 +125,9 @@ class Prepared:
     # failed operators with attempts left (or split off to run alone), republished as
     # ready instead of committed: (op, msg id part)
     retries: list[tuple[ReadyOp, str]] = field(default_factory=list)
+    # the heartbeat that says this batch is running, sent while it was prepared (it
+    # came to an idle worker, so it runs next): True once the server has it
+    said: asyncio.Task[bool] | None = None
 
 
 @dataclass
@@ -134,6 +151,7 @@ class Worker:
         self.bus = bus
         self.cas = cas
         self.config = config
+        self._stop_cancels: Stop | None = None
         self.id = config.worker_id or f"{config.device_class}-{uuid.uuid4().hex[:10]}"
         subjects.check_token(self.id, "worker id")
         self.executors: dict[str, Executor] = {}
@@ -144,9 +162,11 @@ class Worker:
         # kind, size, seconds, model digest of the last batch run
         self.last_batch: tuple[str, int, float, str] = ("", 0, 0.0, "")
         self.ops_executed = 0
+        self._warmed: set[tuple[str, str, str]] = set()  # (executor, model, adapter) run once
+        self.rates = billing.StandardRates()  # what an operator of each is billed
         self.started_at = time.time()
-        self.max_reclaims = max_reclaims_from_env()
         self.running_batch = ""  # the batch executing now, announced in heartbeats
+        self._in_hand = False  # a batch is being run or finished (the next one waits)
         self._running: list[Todo] = []  # its operators
         # workflows cancelled lately (fm.wf.cancel): their queued operators are not run
         self.cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -157,6 +177,9 @@ class Worker:
         # scheduler sends us nothing and reclaims what it sent (it goes elsewhere)
         self.joined = True
         self.rejoins = 0  # consumers re-created after losing ours
+        self.abandoned = 0  # executor threads given up on past the wall-time limit
+        self._abandoned: list[threading.Thread] = []
+        self.restart_reason = ""  # set: the worker exits after the batch in hand
         self._consumer_checked = time.monotonic()
 
     # --- lifecycle ------------------------------------------------------------------
@@ -193,17 +216,10 @@ class Worker:
         kv_models = await self.bus.kv(streams.KV_MODELS)
         for name, digest in self.model_digests.items():
             await kv_models.put(name, digest.encode())
-        self.psub: Consumer
-        if self.bus.kafka is not None:
-            # our own topic, committed in our own group only after results are committed
-            # and completions published: a kill before that replays the assignment
-            self.psub = await self.bus.kafka.consumer(
-                [subjects.assign(self.id)], streams.worker_consumer_name(self.id)
-            )
-        else:
-            self.psub = await self._subscribe_assignments()
-        if self.bus.kafka is None:
-            await self.bus.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
+        # acked only after results are committed and completions published: a kill
+        # before that replays the assignment
+        self.psub: Consumer = await self._subscribe_assignments()
+        self._stop_cancels = await self.bus.transport.listen(subjects.CANCEL, self._on_cancel)
         await self.heartbeat()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop()),
@@ -215,11 +231,12 @@ class Worker:
             device_class=self.config.device_class,
             executors=len(self.executors),
             models=self.model_digests,
+            bus=self.bus.transport.name,
         )
 
-    async def _on_cancel(self, msg: Any) -> None:
+    async def _on_cancel(self, data: bytes) -> None:
         try:
-            wf = codec.decode(msg.data, CancelWorkflow).workflow_id
+            wf = codec.decode(data, CancelWorkflow).workflow_id
         except codec.DecodeError:
             return
         self.cancelled[wf] = None
@@ -250,6 +267,8 @@ class Worker:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._stop_cancels is not None:
+            await self._stop_cancels()
         with contextlib.suppress(Exception):
             await self.kv_workers.delete(self.id)
 
@@ -305,10 +324,19 @@ class Worker:
                 upcoming = None
                 if current is None:
                     continue
+                self._in_hand = True
                 if not self._stopping.is_set():
                     upcoming = asyncio.create_task(self._fetch_and_prepare())
                 with logs.bound(worker=self.id, **logs.assignment_ids(current.batch)):
-                    await self._finish(current)
+                    try:
+                        await self._finish(current)
+                    finally:
+                        self._in_hand = False
+                if self.restart_reason:
+                    log.error("worker exiting to be restarted", worker=self.id,
+                              reason=self.restart_reason)  # fmt: skip
+                    self._stopping.set()
+                    break
         finally:
             if upcoming is not None:
                 upcoming.cancel()
@@ -335,25 +363,11 @@ class Worker:
         return await self._prepare(msgs[0]) if msgs else None
 
     async def _consumer_gone(self) -> bool:
-        if self.bus.kafka is not None:
-            return False  # a Kafka topic is not deleted by a reclaim: we read on
-        name = streams.worker_consumer_name(self.id)
-        try:
-            await self.bus.js.consumer_info(streams.STREAM_ASSIGN, name)
-        except NotFoundError:
-            return True
-        except Exception:
-            return False  # the server is unreachable: nothing is known yet
-        return False
+        return await self.bus.transport.assignment_consumer_gone(self.id)
 
     async def _subscribe_assignments(self) -> Consumer:
-        """Our durable pull consumer on fm.assign.<id> (created if it does not exist)."""
-        return await self.bus.js.pull_subscribe(
-            subjects.assign(self.id),
-            durable=streams.worker_consumer_name(self.id),
-            stream=streams.STREAM_ASSIGN,
-            config=streams.worker_consumer(self.id, self.config.slots),
-        )
+        """Our consumer of fm.assign.<id> (created if it does not exist)."""
+        return await self.bus.transport.assignment_consumer(self.id, self.config.slots)
 
     async def _rejoin(self) -> None:
         """Our consumer was deleted: the scheduler took us for dead (SIGSTOP, a long
@@ -394,6 +408,11 @@ class Worker:
             return None
         keeper = asyncio.create_task(self._keep_claimed(msg))
         prepared = Prepared(msg=msg, batch=batch, keeper=keeper)
+        if not self._in_hand:
+            # nothing runs before it: said now, while its inputs are read, instead of
+            # one more round trip between reading them and running it
+            self.running_batch = batch.batch_id
+            prepared.said = asyncio.create_task(self._say_running())
         try:
             ops = batch.ops
             # an operator whose claim revision came with it is not read first: its
@@ -439,9 +458,23 @@ class Worker:
             # infrastructure trouble (nats/CAS): leave it for redelivery
             log.exception("batch preparation failed; it will be retried", error=str(exc))
             keeper.cancel()
+            self._not_running(batch)
             await self._nak(msg)
             return None
         return prepared
+
+    async def _say_running(self) -> bool:
+        """A heartbeat naming `running_batch`; whether the server has it."""
+        try:
+            await self.heartbeat()
+        except Exception:
+            return False
+        return True
+
+    def _not_running(self, batch: Assignment) -> None:
+        """`batch` was said to run and does not (or no longer): the next heartbeat says so."""
+        if self.running_batch == batch.batch_id:
+            self.running_batch = ""
 
     async def _nak(self, msg: Any) -> None:
         """Hand an assignment back for redelivery; through an outage, once the link is
@@ -469,6 +502,7 @@ class Worker:
             return
         finally:
             p.keeper.cancel()
+            self._not_running(p.batch)
         try:
             await p.msg.ack()
         except Exception as exc:
@@ -486,12 +520,14 @@ class Worker:
                 await msg.in_progress()
 
     async def _execute(self, p: Prepared) -> list[OpDone]:
-        lost = [t for t in p.todo if losses(t.op) >= self.max_reclaims]
+        lost = [t for t in p.todo if losses(t.op) >= t.op.max_reclaims]
         if lost:
-            p.todo = [t for t in p.todo if losses(t.op) < self.max_reclaims]
+            p.todo = [t for t in p.todo if losses(t.op) < t.op.max_reclaims]
             now = time.time()
             p.done.extend(
-                await self._commit_all([(t, self._lost_error(t), now, now, 0.0, 1) for t in lost])
+                await self._commit_all(
+                    [(t, self._lost_error(t), now, now, 0.0, 1, 0.0) for t in lost]
+                )
             )
         dropped = [t for t in p.todo if t.op.workflow_id in self.cancelled]
         if dropped:
@@ -499,7 +535,9 @@ class Worker:
             p.todo = [t for t in p.todo if t.op.workflow_id not in self.cancelled]
             now = time.time()
             p.done.extend(
-                await self._commit_all([(t, OpError(CANCELLED), now, now, 0.0, 1) for t in dropped])
+                await self._commit_all(
+                    [(t, OpError(CANCELLED), now, now, 0.0, 1, 0.0) for t in dropped]
+                )
             )
         if not p.todo:
             return []
@@ -525,7 +563,7 @@ class Worker:
     def _lost_error(self, t: Todo) -> OpError:
         return OpError(
             f"its worker was lost {losses(t.op)} times while running it (killed, crashed or "
-            f"out of memory; $FLOWMESH_MAX_RECLAIMS={self.max_reclaims}): not run again"
+            f"out of memory; max_reclaims={t.op.max_reclaims}): not run again"
         )
 
     async def _execute_batch(self, p: Prepared) -> list[OpDone]:
@@ -535,8 +573,9 @@ class Worker:
         self._running = p.todo
         # awaited: a record that kills the process (os._exit in its executor) must
         # find this said first, or its loss is not counted and it crash-loops the fleet
-        with contextlib.suppress(Exception):
-            await self.heartbeat()
+        if p.said is None or not await p.said:
+            with contextlib.suppress(Exception):
+                await self.heartbeat()
         try:
             return await self._run_and_commit(p)
         finally:
@@ -545,7 +584,9 @@ class Worker:
             uncancel_keys(t.op.key for t in p.todo)
 
     async def _run_and_commit(self, p: Prepared) -> list[OpDone]:
+        warmup_s = 0.0
         started = time.time()
+        cpu0 = time.process_time()
         todo = p.todo
         spec0 = todo[0].op.spec
         outcomes: list[Outcome]
@@ -553,33 +594,135 @@ class Worker:
             outcomes = [p.error or OpError("no executor") for _ in todo]
         else:
             try:
-                outcomes = await asyncio.to_thread(p.executor.run, p.inputs, p.model)
+                # a warm-up that fails or runs past the limit is the batch's outcome:
+                # it is not run a second time
+                warmup_s = await self._warm_up(p)
+                started, cpu0 = time.time(), time.process_time()
+                outcomes = await self._run_watched(p.executor, p.inputs, p.model)
+            except OpTimeout:
+                # a batch run as one (generate, embed, score, train) ran past the limit
+                outcomes = [wall_limit_error(OP_WALL_S, p.executor.id) for _ in todo]
             except Exception as exc:
                 # the executor failed as a whole: every op of the batch fails with it
                 outcomes = [_batch_error(exc) for _ in todo]
             if len(outcomes) != len(todo):
                 n = len(outcomes)
                 outcomes = [OpError(f"{p.executor.id} returned {n} results")] * len(todo)
+            # every executor's output within the limits, whichever runs it
+            outcomes = [_bounded(t.op.key, o) for t, o in zip(todo, outcomes, strict=True)]
             self.ops_executed += len(todo)
         ended = time.time()
+        measured, _ = billing.split(
+            ended - started, time.process_time() - cpu0, 0.0, not billing.gpu_in_use()
+        )
+        key = (spec0.executor, spec0.model or "", spec0.adapter or "")
+        failed = any(isinstance(o, OpError) for o in outcomes)
+        # a batch with failures pays what it took and does not set the rate
+        share = measured / len(todo) if failed else self.rates.bill(key, len(todo), measured)
+        overhead = (ended - started + warmup_s) / len(todo) - share
         self.last_batch = (spec0.kind, len(todo), ended - started, spec0.model or "")
         metrics.batch_ran(spec0.kind, self.config.device_class, len(todo), ended - started)
-        # the batch occupied this worker from start to end (inputs were loaded while the
-        # previous batch ran); each operator is charged an equal share of that time at
-        # this device class's price and power
-        share = (ended - started) / len(todo)
+        # each operator is charged the standard rate of its work (workers/billing.py) at
+        # this device class's price and power; the rest of the time the batch took
+        # (warm-up, waiting for a core, the machine's variance) is the fleet's overhead
         commits = []
         for t, outcome in zip(todo, outcomes, strict=True):
             cancelled = isinstance(outcome, OpError) and str(outcome) == CANCELLED
             if (
                 isinstance(outcome, OpError)
                 and not cancelled
+                and not outcome.permanent
                 and t.op.failures + 1 < t.op.max_attempts
             ):
                 p.retries.append(self._retry(t, outcome))
                 continue
-            commits.append((t, outcome, started, ended, share, len(todo)))
+            commits.append((t, outcome, started, ended, share, len(todo), overhead))
         return await self._commit_all(commits)
+
+    async def _warm_up(self, p: Prepared) -> float:
+        """The first batch of an inference model on this worker: the executor runs it
+        once first, unbilled (workers/billing.py); the seconds it took. One input is not
+        enough: the first batch of a size still paid 2.4x its warm time after it."""
+        spec = p.todo[0].op.spec if p.todo else None
+        if p.executor is None or spec is None or spec.kind not in billing.WARM_KINDS:
+            return 0.0
+        key = (p.executor.id, spec.model or "", spec.adapter or "")
+        if key in self._warmed or not p.inputs:
+            return 0.0
+        self._warmed.add(key)
+        t0 = time.time()
+        await self._run_watched(p.executor, p.inputs, p.model)
+        return time.time() - t0
+
+    async def _run_watched(
+        self, executor: Executor, inputs: list[OpInput], model: Any
+    ) -> list[Outcome]:
+        """executor.run in a thread of its own, held to the wall-time limit per operator
+        (per batch for executors that run the batch as one). This loop keeps beating
+        meanwhile: a tenant's slow operator neither stops the heartbeats nor holds the
+        worker past the limit."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Outcome]] = loop.create_future()
+        watch = Watch(OP_WALL_S)
+
+        def settle(result: list[Outcome] | None, exc: BaseException | None) -> None:
+            if done.done():
+                return  # abandoned: nobody waits for it any more
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(result or [])
+
+        def body() -> None:
+            try:
+                result = watched(watch, lambda: executor.run(inputs, model))
+            except BaseException as exc:  # OpTimeout included: the loop reports it
+                outcome: tuple[list[Outcome] | None, BaseException | None] = (None, exc)
+            else:
+                outcome = (result, None)
+            # an abandoned thread may end after its worker's loop has closed
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        # the executor's logs keep this batch's bound context (as asyncio.to_thread does)
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(body,), name=f"op-{executor.id}", daemon=True
+        )
+        thread.start()
+        while True:
+            finished, _ = await asyncio.wait({done}, timeout=WATCH_POLL_S)
+            if finished:
+                return done.result()
+            late = watch.overdue()
+            if late <= 0:
+                continue
+            if late > ABANDON_AFTER_S:
+                # blocked in C code that never returns to Python: stop waiting for it
+                log.error(
+                    "operator thread abandoned past its wall-time limit",
+                    worker=self.id,
+                    executor=executor.id,
+                    limit_s=OP_WALL_S,
+                    key=watch.key[:12],
+                )
+                self.abandoned += 1
+                metrics.op_abandoned(executor.kind)
+                self._abandoned = [t for t in self._abandoned if t.is_alive()] + [thread]
+                if model is not None:
+                    self.restart_reason = "an abandoned operator thread may still use its model"
+                elif len(self._abandoned) > MAX_ABANDONED:
+                    self.restart_reason = f"{len(self._abandoned)} operator threads abandoned"
+                done.cancel()
+                return [wall_limit_error(OP_WALL_S, executor.id) for _ in inputs]
+            if watch.interrupt():
+                log.warning(
+                    "operator past its wall-time limit; interrupting",
+                    worker=self.id,
+                    executor=executor.id,
+                    limit_s=OP_WALL_S,
+                    key=watch.key[:12],
+                )
 
     def _retry(self, t: Todo, error: OpError) -> tuple[ReadyOp, str]:
         """A failure with attempts left is not committed: the operator goes back to the
@@ -637,7 +780,7 @@ class Worker:
         return codec.decode(entry.value, OpState), entry.revision or 0
 
     async def _commit_all(
-        self, commits: list[tuple[Todo, Outcome, float, float, float, int]]
+        self, commits: list[tuple[Todo, Outcome, float, float, float, int, float]]
     ) -> list[OpDone]:
         """Commit each operator once: its result in the CAS, then a compare-and-set of
         its KV entry from `pending`. The writes go out pipelined (each its own check on
@@ -656,12 +799,23 @@ class Worker:
         ]
         flat = await self.cas.put_records([r for rs in results for r in rs])
         digests: list[list[str]] = []
+        at = 0
         for rs in results:
-            digests.append(flat[: len(rs)])
-            flat = flat[len(rs) :]
-        states = await asyncio.gather(
-            *(self._final_state(*c, d) for c, d in zip(commits, digests, strict=True))
-        )
+            digests.append(flat[at : at + len(rs)])
+            at += len(rs)
+        sizes = [sum(len(codec.encode(r)) for r in rs) for rs in results]
+        # a manifest only when the digests are too many to travel inline
+        big = [
+            i
+            for i, (c, d) in enumerate(zip(commits, digests, strict=True))
+            if not isinstance(c[1], OpError) and len(d) > INLINE_OUTPUTS
+        ]
+        stored = await asyncio.gather(*(self.cas.put_manifest(digests[i]) for i in big))
+        manifests = dict(zip(big, stored, strict=True))
+        states = [
+            self._final_state(*c, d, manifests.get(i), n)
+            for i, (c, d, n) in enumerate(zip(commits, digests, sizes, strict=True))
+        ]
         written = await self.bus.kv_write_many(
             streams.KV_OPS,
             [
@@ -670,12 +824,14 @@ class Worker:
             ],
         )
         out: list[OpDone] = []
+        won: list[OpState] = []
         for st, rev in zip(states, written, strict=True):
             if rev is None:
                 out.append(await self.bus.retrying("commit", functools.partial(self._settle, st)))
             else:
-                metrics.op_committed(st)  # only a commit that won is counted (and charged)
+                won.append(st)
                 out.append(st.to_done())
+        metrics.ops_committed(won)  # only a commit that won is counted (and charged)
         return out
 
     async def _settle(self, state: OpState) -> OpDone:
@@ -695,11 +851,11 @@ class Worker:
                     await self.kv_ops.create(state.key, codec.encode(state))
             except KeyWrongLastSequenceError:
                 continue
-            metrics.op_committed(state)
+            metrics.ops_committed([state])
             return state.to_done()
         raise RuntimeError(f"operator {state.key[:12]}: its KV entry keeps changing")
 
-    async def _final_state(
+    def _final_state(
         self,
         t: Todo,
         outcome: Outcome,
@@ -707,9 +863,14 @@ class Worker:
         ended: float,
         share: float,
         size: int,
+        overhead: float,
         digests: list[str],
+        manifest: str | None,
+        output_bytes: int = 0,
     ) -> OpState:
-        """The entry that commits `t`: `digests` are its result records, stored."""
+        """The entry that commits `t`: `digests` are its result records, stored
+        (`output_bytes` of them, as JSON), and `manifest` lists them when they are too
+        many to travel inline."""
         op = t.op
         tb = ""
         if isinstance(outcome, OpError):
@@ -717,9 +878,7 @@ class Worker:
             tb = _traceback_of(outcome)
         else:
             status, error = "done", None
-        # a manifest only when the digests are too many to travel inline
-        inline = len(digests) <= INLINE_OUTPUTS
-        manifest = await self.cas.put_manifest(digests) if status == "done" and not inline else None
+        inline = manifest is None
         created = t.pending.created_at if t.pending else (op.created_at or started)
         return OpState(
             key=op.key,
@@ -731,6 +890,7 @@ class Worker:
             output=manifest,
             outputs=digests if inline else None,
             n_outputs=len(digests),
+            output_bytes=output_bytes if status == "done" else 0,
             error=error,
             worker=self.id,
             device_class=self.config.device_class,
@@ -743,6 +903,7 @@ class Worker:
             watts=self.config.watts,
             cost_usd=share * self.config.price_per_hour / 3600.0,
             energy_j=share * self.config.watts,
+            overhead_seconds=overhead,
             traceback=tb,
         )
 
@@ -780,6 +941,15 @@ def ready_messages(ops: list[tuple[ReadyOp, str]]) -> list[tuple[str, Any, str |
         ident = codec.digest_of([ids[it.key] for it in chunk.items])
         out.append((subjects.ready(pool_of(chunk.spec.kind)), chunk, f"ready-{ident}"))
     return out
+
+
+def _bounded(key: str, outcome: Outcome) -> Outcome:
+    if isinstance(outcome, OpError):
+        return outcome
+    try:
+        return check_output(key[:12], outcome)
+    except OpError as exc:
+        return exc
 
 
 def _batch_error(exc: Exception) -> OpError:

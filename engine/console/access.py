@@ -6,15 +6,26 @@
 * The operator: `Authorization: Bearer $FLOWMESH_CONSOLE_TOKEN`, or, on a loopback
   listener with no token set, anyone who can reach it (the machine's own users).
 * A tenant: HTTP Basic with the user and password of its credentials file (`flowmesh auth
-  init`); the password is checked by the nats-server itself (a login with it), and a
+  init`); the password is checked by the nats-server itself (a login with it; a server
+  run without auth, which takes any password, admits no tenant login), and a
   success is remembered for a few minutes, so a page's polling does not cost a bcrypt
   check per request. A tenant sees only its own workflows, lineage and cost.
 * Anything else, and every request to a listener that is not loopback without a token or
   a tenant login, gets 401.
+
+On a Kafka-only fabric (FLOWMESH_KV=kafka) there is no nats-server, so nothing holds the
+tenants' passwords (`flowmesh auth init` writes them into the nats-server's config) and
+nothing here could check one: the console admits the operator alone (the token, or a
+loopback listener with none set), and a tenant login answers 401 saying so, rather than
+being taken on trust or checked against a second copy of the secrets. A tenant there has
+no view of its own in the console; it has none on the bus either (Kafka-only has no
+per-tenant permissions: every client can read every topic), so the operator decides who
+sees what, e.g. behind a proxy that adds the token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -124,21 +135,61 @@ class Access:
     async def _server_accepts(self, user: str, password: str) -> bool:
         """The nats-server checks the password (its bcrypt hash is in its config)."""
         assert self.nats_url is not None
+
+        async def quiet(exc: Exception) -> None:
+            pass  # the outcome is logged once below, not a traceback per attempt
+
         try:
-            nc = await nats.connect(
-                self.nats_url,
-                user=user,
-                password=password,
-                connect_timeout=LOGIN_TIMEOUT_S,
-                allow_reconnect=False,
-                max_reconnect_attempts=0,
-                name="flowmesh-console-login",
+            # bounded as a whole: with the server away nats-py tries its first connect
+            # again and again, and the browser's request would hang with it
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    self.nats_url,
+                    user=user,
+                    password=password,
+                    connect_timeout=LOGIN_TIMEOUT_S,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    error_cb=quiet,
+                    name="flowmesh-console-login",
+                ),
+                LOGIN_TIMEOUT_S,
             )
         except Exception as exc:  # refused, or the server is away: not logged in
             log.info("console login refused", user=user, error=type(exc).__name__)
             return False
+        # a server run without auth takes any password: it vouches for nobody, and
+        # "tenant-x" with any password would read x's workflows. nats-py keeps the
+        # server's INFO only in a private field: without it, refuse (never admit)
+        checks = bool(getattr(nc, "_server_info", {}).get("auth_required", False))
         await nc.close()
-        return True
+        if not checks:
+            log.warning(
+                "console tenant login refused: the nats-server checks no passwords", user=user
+            )
+        return checks
+
+    @property
+    def tenant_logins(self) -> bool:
+        """Whether a tenant can log in: only with a nats-server to check its password."""
+        return self.nats_url is not None
+
+    def refusal(self, request: web.Request) -> tuple[str, str]:
+        """Why a request was refused (401), and the WWW-Authenticate challenge to send."""
+        if self.tenant_logins:
+            return (
+                "log in with your tenant credentials or the operator token",
+                'Basic realm="flowmesh", charset="UTF-8"',
+            )
+        scheme = request.headers.get("Authorization", "").partition(" ")[0].lower()
+        why = "this console admits only the operator token (Authorization: Bearer)"
+        if scheme == "basic":
+            why = (
+                "tenant logins are checked by the NATS server, and this fabric has none "
+                "(Kafka-only, FLOWMESH_KV=kafka): " + why
+            )
+        # no Basic challenge: a browser's password prompt could never succeed here
+        return why, 'Bearer realm="flowmesh"'
 
     def middleware(self) -> Middleware:
         @web.middleware
@@ -149,10 +200,9 @@ class Access:
                 )
             viewer = await self.viewer(request)
             if viewer is None:
+                why, challenge = self.refusal(request)
                 return web.json_response(
-                    {"error": "log in with your tenant credentials or the operator token"},
-                    status=401,
-                    headers={"WWW-Authenticate": 'Basic realm="flowmesh", charset="UTF-8"'},
+                    {"error": why}, status=401, headers={"WWW-Authenticate": challenge}
                 )
             request[VIEWER] = viewer
             return await handler(request)

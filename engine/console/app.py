@@ -8,14 +8,18 @@ One static page (static/index.html, plain HTML + JS, no build step) and a small 
     GET /api/workflows                  workflows with their DAGs and operator counts
     GET /api/workflows/{id}             one workflow
     GET /api/workflows/{id}/lineage     its lineage graph (?node=NAME: that node and its
-                                        ancestors), operator by operator (engine/lineage.py)
+                                        ancestors), operator by operator (engine/lineage/);
+                                        the first ?limit= (200) of each node, read as pages
     GET /api/workers                    workers
     GET /api/cost                       per-workflow and per-tenant bills (engine/cost.py)
 
 Snapshots and bills are computed at most once per interval however many browsers watch,
 and less often when a scan is slow (a scan of t seconds is reused for 5t), so the
 console's load on the bus grows neither with its audience nor past a fifth of its time.
-It runs in the gateway's process (`flowmesh gateway`), off the planner's event loop. A
+It runs in the gateway's process (`flowmesh gateway`), off the planner's event loop, on
+either bus: on a Kafka-only fabric the process starts no tenant gateway (NATS
+request/reply) but serves the console, whose reads (monitor, cost) go through the bus's
+streams and KV and so see the same figures as on NATS. A
 request that fails answers a JSON error; it never takes the engine down. Who may look,
 and at what: access.py (the operator sees every tenant; a tenant logged in with its
 credentials only its own).
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,15 +43,20 @@ from aiohttp.typedefs import Middleware
 from flowmesh.engine.console.access import Access, viewer_of
 from flowmesh.engine.cost import CostReport, cost_report
 from flowmesh.engine.gateway import redact_lineage
-from flowmesh.engine.lineage import LineageError, build_lineage
+from flowmesh.engine.lineage import LineageError
+from flowmesh.engine.lineage.pages import build_lineage_page
 from flowmesh.engine.monitor import Snapshot, snapshot
-from flowmesh.topics import Bus
-from flowmesh.topics.cas import CAS
+from flowmesh.topics import Bus, codec
+from flowmesh.topics.api import LINEAGE_PAGE, Lineage, LineageCursor
+from flowmesh.topics.config.settings import Settings
+from flowmesh.topics.lineage import collect_pages
+from flowmesh.topics.store.cas import CAS
 
 log = structlog.get_logger("flowmesh.console")
 
 STATIC = Path(__file__).resolve().parent / "static"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LINEAGE_PER_NODE = 200  # operators of each node a lineage answer shows unless asked
 SCAN_SHARE_INVERSE = 5.0  # a scan that took t seconds is reused for at least 5t
 
 
@@ -164,10 +172,20 @@ class ConsoleServer:
             # another tenant's workflow answers as a missing one, without a lookup
             return _json({"error": f"no workflow {wf_id!r}"}, status=404)
         try:
-            lin = await build_lineage(_Fabric(self.bus, self.cas), wf_id, node)
+            limit = max(1, min(int(request.query.get("limit", LINEAGE_PER_NODE)), LINEAGE_PAGE))
+        except ValueError:
+            return _json({"error": "limit: a whole number"}, status=400)
+        fabric = _Fabric(self.bus, self.cas)
+
+        async def fetch(cursor: LineageCursor | None, size: int) -> Lineage:
+            return await build_lineage_page(fabric, wf_id, node, cursor, size)
+
+        try:
+            # a page of each node: what a request reads grows with what it shows
+            lin = await collect_pages(fetch, limit)
         except LineageError:
             return _json({"error": f"no workflow {wf_id!r}"}, status=404)
-        out = lin.to_dict()
+        out = codec.to_builtins(lin)
         if tenant is not None:
             if out.get("tenant") not in (None, tenant):
                 return _json({"error": f"no workflow {wf_id!r}"}, status=404)
@@ -252,9 +270,10 @@ class ConsoleServer:
     async def start(self, port: int, host: str | None = None) -> int:
         """Listen on `port` (0: any free port); returns the port bound.
 
-        Loopback unless $FLOWMESH_CONSOLE_HOST says otherwise; elsewhere every request
-        needs a tenant login or the operator token (access.py)."""
-        host = host or os.environ.get("FLOWMESH_CONSOLE_HOST", "127.0.0.1")
+        Loopback unless the console_host setting ($FLOWMESH_CONSOLE_HOST) says
+        otherwise; elsewhere every request needs a tenant login or the operator token
+        (access.py)."""
+        host = host or Settings.load().console_host
         if self.access is None:
             self.access = Access(host, _nats_url(self.bus))
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=2.0)
@@ -265,7 +284,11 @@ class ConsoleServer:
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
         self.access.port = self.port
-        log.info("console listening", url=f"http://{host}:{self.port}/")
+        log.info(
+            "console listening",
+            url=f"http://{host}:{self.port}/",
+            tenant_logins=self.access.tenant_logins,  # False on Kafka-only: operator only
+        )
         return self.port
 
     async def stop(self) -> None:
@@ -275,7 +298,10 @@ class ConsoleServer:
 
 
 def _nats_url(bus: Bus) -> str | None:
-    """The server the engine is on, without its credentials: tenant logins go there."""
+    """The server the engine is on, without its credentials: tenant logins go there.
+    None on a Kafka-only bus (no server: the operator alone logs in, access.py)."""
+    if not bus.has_nats:  # its `nc` raises on any attribute asked of it
+        return None
     nc = getattr(bus, "nc", None)
     url = getattr(nc, "connected_url", None) if nc is not None else None
     if url is None or url.hostname is None:

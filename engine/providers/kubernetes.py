@@ -7,7 +7,7 @@ SIGTERM, finishes the batch in hand within terminationGracePeriodSeconds (the wo
 manifests in deploy/ allow for the worker's stop grace), and whatever it still held is
 reclaimed by the scheduler and replayed elsewhere.
 
-Where KEDA runs (deploy/keda-scaledobject.yaml) it owns the replica count; use this
+Where KEDA runs (deploy/k8s/keda.yaml) it owns the replica count; use this
 provider instead of KEDA, not beside it, or the two will fight over `replicas`.
 """
 

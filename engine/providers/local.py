@@ -103,6 +103,7 @@ class LocalAutoscaler:
             else ClassPolicy(device_class, min_workers=min_workers, max_workers=max_workers)
         )
         self.config = AutoscalerConfig(classes=(policy,), idle_grace_s=idle_grace_s)
+        self.fleet = fleet
         self.provider = LocalProcessProvider(
             fabric, {device_class: ["--device-class", device_class]}
         )
@@ -125,8 +126,13 @@ class LocalAutoscaler:
         from flowmesh.engine.autoscaler import Autoscaler
         from flowmesh.topics import Bus
 
-        bus = await Bus.connect(self.fabric.nats_url, name="flowmesh-autoscaler")
-        scaler = Autoscaler(bus, self.provider, self.config)
+        bus = await Bus.connect(
+            self.fabric.nats_url,
+            name="flowmesh-autoscaler",
+            kafka=self.fabric.kafka_servers,
+            kv=self.fabric.kv,
+        )
+        scaler = Autoscaler(bus, self.provider, self.config, fleet=self.fleet)
         stop = asyncio.Event()
 
         async def watch() -> None:

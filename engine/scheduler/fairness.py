@@ -14,6 +14,9 @@ class TenantPolicy:
     budget_usd: float | None = None  # past it, its operators wait (they are not dropped)
 
 
+_DEFAULT = TenantPolicy()
+
+
 @dataclass
 class FairShare:
     """Weighted fair share over decayed device-seconds per tenant.
@@ -36,7 +39,8 @@ class FairShare:
     _at: float = 0.0
 
     def policy(self, tenant: str) -> TenantPolicy:
-        return self.policies.get(tenant, TenantPolicy())
+        # one shared default (frozen): built per call it was most of a round's reads
+        return self.policies.get(tenant, _DEFAULT)
 
     def _decay_to(self, now: float) -> None:
         if now > self._at:

@@ -28,7 +28,7 @@ import structlog
 
 from flowmesh.engine.scheduler.live import Scheduler
 from flowmesh.topics import streams
-from flowmesh.topics.transport import Consumer
+from flowmesh.topics.bus.transport import Consumer
 
 log = structlog.get_logger("flowmesh.scheduler.faust")
 
@@ -113,8 +113,10 @@ class FaustScheduler(Scheduler):
     app: Any = None
 
     async def _ready_source(self) -> Consumer:
-        kafka = self.bus.kafka
-        if kafka is None:
+        from flowmesh.topics.bus.kafka import KafkaStreams
+
+        kafka = self.bus.transport
+        if not isinstance(kafka, KafkaStreams):
             raise RuntimeError("the faust scheduler runs on Kafka: start it with --bus kafka")
         topics = kafka.ready_topics()
         for topic in topics:

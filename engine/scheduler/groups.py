@@ -43,16 +43,24 @@ class ReadyGroup:
     input_bytes: int = 0
     tenants: Counter[str] = field(default_factory=Counter)
     deadline_at: float = math.inf  # the most pressing of its operators' deadlines
+    # added to its utility (the policy's split of tenants far below their share)
+    boost: float = 0.0
+    # per operator (in `items` order), its tenant: a round charges tenants for the
+    # operators it assigns from these names, without reading every operator again
+    # (empty: not kept; the round reads the operators)
+    tenant_of: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, items: list[ReadyItem]) -> ReadyGroup:
         """A group of `items` (one batch key, already oldest first)."""
+        tenant_of = list(map(_tenant, items))
         return cls(
             items[0].batch_key,
             items,
             sum(map(_input_bytes, items)),
-            Counter(map(_tenant, items)),
+            Counter(tenant_of),
             min(map(_deadline_at, items)),
+            tenant_of=tenant_of,
         )
 
     def without(self, tenants: set[str]) -> ReadyGroup | None:
@@ -111,9 +119,11 @@ class ReadyPool:
                 item.input_bytes,
                 Counter({item.tenant: 1}),
                 item.deadline_at,
+                tenant_of=[item.tenant],
             )
             return
         g.items.insert(at, item)
+        g.tenant_of.insert(at, item.tenant)
         g.deadline_at = min(g.deadline_at, item.deadline_at)
         g.input_bytes += item.input_bytes
         g.tenants[item.tenant] += 1
@@ -125,6 +135,7 @@ class ReadyPool:
         g = self._groups[item.batch_key]
         at = g.items.index(item)
         del g.items[at]
+        del g.tenant_of[at]
         del self._order[item.batch_key][at]
         g.input_bytes -= item.input_bytes
         g.tenants[item.tenant] -= 1

@@ -9,6 +9,10 @@ the simulator runs the same policy.
 Capacity is read from the stream itself: the number of messages on `fm.assign.<worker>`
 is exactly the number of batches a worker holds (work-queue retention drops a message
 when the worker acks it), so a restarted scheduler knows every worker's load at once.
+That read is a round trip to the server, so a round does not make it: it uses the last
+read plus what was sent since (an upper bound: acks only lower it), and reads again
+only when the read is old, or when those counts let it assign nothing and a worker has
+finished a batch since.
 
 A worker whose heartbeat stops (SIGKILL, lost host) is reclaimed: its consumer is
 deleted, its unacked assignments are read back and their operators republished as ready.
@@ -19,18 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
 import structlog
-from nats.js.errors import APIError, NotFoundError
 
 from flowmesh.engine import metrics
 from flowmesh.engine.scheduler.fairness import FairShare
@@ -39,13 +41,12 @@ from flowmesh.engine.scheduler.groups import ReadyPool
 from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from flowmesh.engine.supervise import guarded
 from flowmesh.topics import Bus, streams, subjects
+from flowmesh.topics.bus.transport import Consumer
 from flowmesh.topics.messages import Assignment, ReadyChunk, ReadyOp, WorkerInfo, chunks_of
 from flowmesh.topics.operators import pool_of
-from flowmesh.topics.transport import Consumer
 
 log = structlog.get_logger("flowmesh.scheduler")
 
-NO_MESSAGE_FOUND = 10057  # JetStream's answer to deleting a message already gone
 FETCH_CHUNKS = 64  # ready chunks per fetch (each up to 256 operators)
 
 
@@ -65,6 +66,21 @@ class Carrier:
 
 
 @dataclass
+class Waiting:
+    """A ready chunk read past the pool's limit: not yet in the pool, its message kept
+    claimed (in progress) like a carrier's."""
+
+    msg: Any
+    chunk: ReadyChunk
+    wall: float  # wall clock when read, for aging
+    seen: float  # monotonic, when read
+    touched: float = 0.0  # monotonic, last in-progress ack
+
+    def __post_init__(self) -> None:
+        self.touched = self.touched or self.seen
+
+
+@dataclass
 class Held:
     op: ReadyOp
     carrier: Carrier
@@ -74,6 +90,8 @@ class Held:
 
 # How fast the arrival-rate estimate of a batch key forgets (seconds).
 RATE_TAU_S = 2.0
+# The longest a round trusts the assignment counts it read without reading them again.
+COUNTS_MAX_AGE_S = 2.0
 
 
 @dataclass
@@ -92,6 +110,16 @@ class Arrivals:
         return self.count * math.exp(-(now - self.at) / RATE_TAU_S) / RATE_TAU_S
 
 
+def _left_behind(msg: Any) -> bool:
+    """Whether ready chunks are waiting on the stream after `msg`: a JetStream delivery
+    says how many; a delivery that does not say (Kafka, faust) counts as yes."""
+    try:
+        pending = msg.metadata.num_pending
+    except Exception:  # not a JetStream delivery
+        return True
+    return not isinstance(pending, int) or pending > 0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -99,6 +127,7 @@ class Scheduler:
         *,
         dead_after_s: float = 5.0,
         pool_limit: int = 20_000,
+        overflow_limit: int = 200_000,
         tick_s: float = 0.02,
         fleet: Fleet | None = None,
         config: PolicyConfig | None = None,
@@ -107,6 +136,13 @@ class Scheduler:
         self.bus = bus
         self.dead_after_s = dead_after_s
         self.pool_limit = pool_limit
+        # operators read past pool_limit, kept as chunks per tenant (decoded, about 200
+        # bytes an operator) until the pool has room or their tenant holds little
+        self.overflow_limit = overflow_limit
+        self.tenant_floor = max(1, pool_limit // 16)
+        self.overflow: dict[str, deque[Waiting]] = {}
+        self.overflow_ops = 0
+        self.held_by: Counter[str] = Counter()  # tenant -> operators in the pool
         self.tick_s = tick_s
         self.fleet = fleet or Fleet(classes={}, kinds=())
         self.config = config or PolicyConfig()
@@ -132,10 +168,25 @@ class Scheduler:
         # policy's estimates, wall clock): lets the policy hold a batch for it
         self._busy_until: dict[str, float] = {}
         self.reclaimed_ops = 0
+        # assignment subject -> batches not yet acked, as last read (None: never) plus
+        # the batches sent since; `_sent` counts every batch sent, to add those a read
+        # may have missed
+        self._counts: dict[str, int] | None = None
+        self._counts_at = 0.0  # monotonic, when read
+        self._counts_stale = False  # a worker finished a batch since the read
+        self._sent: Counter[str] = Counter()
+        self._known_gb: dict[str, float] = {}  # model digest -> size a worker announced
+        self._round_lock = asyncio.Lock()
+        self._ready_behind = True  # the last fetch left ready chunks on the stream
 
     @property
     def held(self) -> int:
         return len(self.pool)
+
+    @property
+    def full(self) -> bool:
+        """No room left for ready chunks, in the pool or in the overflow queues."""
+        return self.held >= self.pool_limit and self.overflow_ops >= self.overflow_limit
 
     async def start(self) -> None:
         self.kv_workers = await self.bus.kv(streams.KV_WORKERS)
@@ -155,14 +206,7 @@ class Scheduler:
 
     async def _ready_source(self) -> Consumer:
         """Where ready operators come from (engine/scheduler/faust_app.py feeds its own)."""
-        if self.bus.kafka is not None:  # every pool's topic, committed in group `scheduler`
-            return await self.bus.kafka.consumer(self.bus.kafka.ready_topics(), streams.SCHEDULER)
-        return await self.bus.js.pull_subscribe(  # type: ignore[no-any-return]
-            subjects.READY_ALL,
-            durable=streams.SCHEDULER,
-            stream=streams.STREAM_READY,
-            config=streams.scheduler_consumer(),
-        )
+        return await self.bus.transport.ready_consumer()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -227,9 +271,33 @@ class Scheduler:
                     # which may predate the grace given after a reconnect
                     seen_at = max(seen_at, prev.last_seen)
                 self.workers[info.worker] = WorkerView(info, seen_at)
+                self._learn_model_sizes(info.model_gb)
+                if (
+                    prev is None
+                    or info.batches_done != prev.info.batches_done
+                    or info.slots != prev.info.slots
+                ):
+                    self._counts_stale = True  # a slot may be free now
                 self._wake.set()
         finally:
             await watcher.stop()
+
+    def _learn_model_sizes(self, announced: dict[str, float]) -> None:
+        """A model size announced for the first time (or changed): held operators of that
+        model that arrived before it was known, placed by the assumed `model_gb`, take it
+        now (a ready operator read before the first heartbeat would otherwise go to a
+        device its model does not fit)."""
+        new = {d: gb for d, gb in announced.items() if self._known_gb.get(d) != gb}
+        if not new:
+            return
+        self._known_gb.update(new)
+        for key, held in self.pool.items():
+            gb = new.get(held.op.spec.model or "")
+            if gb is None:
+                continue
+            item = self.ready.remove(key)
+            if item is not None:
+                self.ready.add(replace(item, model_gb=gb))
 
     def live_workers(self) -> list[WorkerView]:
         now = time.monotonic()
@@ -244,7 +312,7 @@ class Scheduler:
         while not self._stopping.is_set():
             await asyncio.sleep(min(1.0, self.dead_after_s / 2))
             now = time.monotonic()
-            if not self.bus.nc.is_connected or self.bus.reconnects != seen:
+            if not self.bus.connected or self.bus.reconnects != seen:
                 # we were cut off, so silence proves nothing: every worker gets a fresh
                 # dead_after_s from now (one that really died is reclaimed after it)
                 seen = self.bus.reconnects
@@ -257,7 +325,7 @@ class Scheduler:
             # assignments held for workers this scheduler has never heard of (it
             # restarted after they died)
             if now - self.started > self.dead_after_s:
-                for subject, count in (await self._assigned_counts()).items():
+                for subject, count in (await self._read_counts()).items():
                     wid = subjects.worker_of_assign_subject(subject)
                     if count and wid not in self.workers:
                         await self._reclaim(wid, reason="unknown worker")
@@ -270,69 +338,24 @@ class Scheduler:
         running = view.info.running if view is not None else None
         if not subjects.is_token(wid):
             return  # not a worker id we could have assigned to
-        if self.bus.kafka is not None:
-            n_ops = await self._take_back_kafka(wid, running)
-        else:
-            n_ops = await self._take_back_nats(wid, running)
+        n_ops = await self._take_back(wid, running)
         with contextlib.suppress(Exception):  # its heartbeat entry; TTL removes it anyway
             await self.kv_workers.delete(wid)
         self.reclaimed_ops += n_ops
         metrics.ops_reclaimed(n_ops)
         log.warning("worker reclaimed", worker=wid, reason=reason, ops=n_ops)
 
-    async def _take_back_nats(self, wid: str, running: str | None) -> int:
-        """The worker's unacked assignments, re-published as ready; how many operators.
-
-        Read by subject straight from the stream (message get, then delete), not
-        through a consumer of our own: on a work-queue stream a second consumer filtered
-        on fm.assign.<wid> is refused while the worker's exists (err 10100 'filtered
-        consumer not unique'), and the worker may have re-created its own in between
-        (a false death: it rejoins) or be re-creating it now; ours would also block
-        its re-creation. With no consumer of ours neither side can block the other."""
-        js = self.bus.js
-        name = streams.worker_consumer_name(wid)
-        with contextlib.suppress(NotFoundError):
-            await self.bus.retrying(
-                "delete worker consumer",
-                lambda: js.delete_consumer(streams.STREAM_ASSIGN, name),
-                retry_s=10.0,
-            )
+    async def _take_back(self, wid: str, running: str | None) -> int:
+        """The worker's unacked assignments, re-published as ready; how many operators."""
         n_ops = 0
-        seq = 1
-        while True:
-            try:
-                raw = await self.bus.retrying(
-                    "read back assignment",
-                    functools.partial(
-                        js.get_msg,
-                        streams.STREAM_ASSIGN,
-                        seq=seq,
-                        subject=subjects.assign(wid),
-                        next=True,
-                    ),
-                    retry_s=10.0,
-                )
-            except NotFoundError:
-                break  # none left at or after seq
-            at = raw.seq or seq
-            seq = at + 1
-            batch = await self.bus.decode_or_dead_letter(
-                "scheduler", raw.subject or subjects.assign(wid), raw.data or b"", Assignment
-            )
+
+        async def republish(subject: str, data: bytes) -> None:
+            nonlocal n_ops
+            batch = await self.bus.decode_or_dead_letter("scheduler", subject, data, Assignment)
             if batch is not None:
                 n_ops += await self._republish(batch, running)
-            # republished first, deleted after: a crash in between replays it again
-            # (safe: commits are compare-and-set), never loses it; gone already (err
-            # 10057 'no message found') means a rejoined worker acked it meanwhile
-            try:
-                await self.bus.retrying(
-                    "delete taken-back assignment",
-                    functools.partial(js.delete_msg, streams.STREAM_ASSIGN, at),
-                    retry_s=10.0,
-                )
-            except APIError as exc:
-                if not isinstance(exc, NotFoundError) and exc.err_code != NO_MESSAGE_FOUND:
-                    raise
+
+        await self.bus.transport.take_back(wid, republish)
         return n_ops
 
     async def _republish(self, batch: Assignment, running: str | None) -> int:
@@ -351,37 +374,43 @@ class Scheduler:
         )
         return len(ops)
 
-    async def _take_back_kafka(self, wid: str, running: str | None) -> int:
-        """The same on Kafka: the worker's uncommitted assignments (topics/kafka_bus.py)."""
-        assert self.bus.kafka is not None
-        n_ops = 0
-
-        async def republish(subject: str, data: bytes) -> None:
-            nonlocal n_ops
-            batch = await self.bus.decode_or_dead_letter("scheduler", subject, data, Assignment)
-            if batch is not None:
-                n_ops += await self._republish(batch, running)
-
-        await self.bus.kafka.take_back(wid, republish)
-        return n_ops
-
     # --- scheduling -----------------------------------------------------------------
 
     async def _assigned_counts(self) -> dict[str, int]:
-        if self.bus.kafka is not None:
-            return await self.bus.kafka.assigned_counts()
-        info = await self.bus.js.stream_info(
-            streams.STREAM_ASSIGN, subjects_filter=subjects.ASSIGN_ALL
-        )
-        return dict(info.state.subjects or {})
+        return await self.bus.transport.assigned_counts()
+
+    async def _read_counts(self) -> dict[str, int]:
+        """The assignment counts read from the bus (one round trip), kept for the rounds
+        after it. A batch sent while the read was on its way may be missing from it, so
+        it is added (counted twice at worst: the counts stay an upper bound, and a
+        worker is never sent more than its slots)."""
+        sent = self._sent.copy()
+        self._counts_stale = False
+        read = await self._assigned_counts()
+        counts = dict(read)
+        for subject, n in self._sent.items():
+            if n > sent[subject]:
+                counts[subject] = counts.get(subject, 0) + n - sent[subject]
+        self._counts, self._counts_at = counts, time.monotonic()
+        return read
 
     async def _fill_pool(self, timeout: float = 0.05) -> int:
-        if self.held >= self.pool_limit:
+        """Ready chunks in: into the pool while it has room, and past `pool_limit` into
+        per-tenant overflow queues (bounded by `overflow_limit` operators), from which
+        `_promote` admits them tenant by tenant. Read in stream order and left there, one
+        tenant's backlog would hide every other tenant's chunks behind it: a small
+        workflow waited for a 92,651-operator one's chunks to drain (loadgen large)."""
+        if self.full:
             return 0
+        # nothing was left behind the last chunk read: one chunk, returned the moment
+        # it comes (a JetStream fetch of many waits for the server's end-of-batch
+        # answer after the first, and meanwhile this loop's other tasks run first)
+        batch = FETCH_CHUNKS if self._ready_behind else 1
         try:
-            msgs = await self.psub.fetch(FETCH_CHUNKS, timeout=timeout)
+            msgs = await self.psub.fetch(batch, timeout=timeout)
         except TimeoutError:
             return 0
+        self._ready_behind = _left_behind(msgs[-1]) if msgs else False
         now, wall = time.monotonic(), time.time()
         for msg in msgs:
             chunk = await self.bus.decode_or_dead_letter(
@@ -393,42 +422,78 @@ class Scheduler:
                 else:
                     await msg.ack()
                 continue
-            carrier = Carrier(msg, 0, now)
-            ops = [op for op in chunk.ops if op.key not in self.pool]  # a replay: once
-            self.arrivals.setdefault(chunk.batch_key, Arrivals()).add(len(ops), now)
-            # decided as they arrive: a group that waiting cannot grow is shown to the
-            # policy as old enough not to linger (its linger rule is by age); linger_s
-            # older moves the aging term by linger_s / aging_scale_s, a constant
-            lingers = self._lingers(
-                chunk.batch_key, [Held(ops[0], carrier, wall, chunk.more)] if ops else [], now
-            )
-            ready_at = wall if lingers else wall - self.config.linger_s
-            sizes = self._model_sizes()
-            for op in ops:
-                self.pool[op.key] = Held(op, carrier, wall, chunk.more)
-                self.ready.add(self._item(op, ready_at, sizes))
-                carrier.left += 1
-            if carrier.left:
-                self.carriers[id(carrier)] = carrier
-            else:
-                await msg.ack()
+            tenant = chunk.items[0].tenant
+            self.overflow.setdefault(tenant, deque()).append(Waiting(msg, chunk, wall, now))
+            self.overflow_ops += len(chunk.items)
+        await self._promote()
         if msgs:
             self._wake.set()
         return len(msgs)
 
+    async def _promote(self) -> None:
+        """Chunks from the overflow queues into the pool: while the pool has room, the
+        tenant holding the fewest operators first; past `pool_limit`, still any tenant
+        holding fewer than `tenant_floor` (a small workflow is never stuck behind a
+        backlog that filled the pool)."""
+        while self.overflow:
+            tenant = min(self.overflow, key=lambda t: self.held_by.get(t, 0))
+            if self.held >= self.pool_limit and self.held_by.get(tenant, 0) >= self.tenant_floor:
+                return
+            queue = self.overflow[tenant]
+            w = queue.popleft()
+            if not queue:
+                del self.overflow[tenant]
+            self.overflow_ops -= len(w.chunk.items)
+            await self._admit(w)
+
+    async def _admit(self, w: Waiting) -> None:
+        chunk, now, wall = w.chunk, w.seen, w.wall
+        carrier = Carrier(w.msg, 0, w.touched)
+        ops = [op for op in chunk.ops if op.key not in self.pool]  # a replay: once
+        self.arrivals.setdefault(chunk.batch_key, Arrivals()).add(len(ops), now)
+        # decided as they arrive: a group that waiting cannot grow is shown to the
+        # policy as old enough not to linger (its linger rule is by age); linger_s
+        # older moves the aging term by linger_s / aging_scale_s, a constant
+        lingers = self._lingers(
+            chunk.batch_key, [Held(ops[0], carrier, wall, chunk.more)] if ops else [], now
+        )
+        ready_at = wall if lingers else wall - self.config.linger_s
+        for op in ops:
+            self.pool[op.key] = Held(op, carrier, wall, chunk.more)
+            self.ready.add(self._item(op, ready_at))
+            self.held_by[op.tenant] += 1
+            carrier.left += 1
+        if carrier.left:
+            self.carriers[id(carrier)] = carrier
+        else:
+            await w.msg.ack()
+
     async def _intake_loop(self) -> None:
         """Ready chunks in as soon as they arrive (a fetch returns on the first), so an
-        operator on an idle fabric is scheduled at once, not at the next tick."""
+        operator on an idle fabric is scheduled at once, not at the next tick: the
+        round runs here, unless one is running, not after whatever else this process
+        has queued meanwhile (the planner's work, when it shares the process)."""
         while not self._stopping.is_set():
-            if self.held >= self.pool_limit:
+            if self.full:
                 await asyncio.sleep(self.tick_s)
                 continue
-            await self._fill_pool(timeout=1.0)
+            if await self._fill_pool(timeout=1.0) and not self._round_lock.locked():
+                self._wake.clear()
+                await self._round()
+
+    async def _round(self) -> int:
+        """One assignment round (one at a time), and the overflow promoted if it freed
+        room in the pool."""
+        async with self._round_lock:
+            assigned = await self.assign_once() if self.held else 0
+            if assigned and self.overflow:
+                await self._promote()  # the pool has room again
+            return assigned
 
     async def _schedule_loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
-            assigned = await self.assign_once() if self.held else 0
+            assigned = await self._round()
             await self._keep_alive()
             if metrics.due("scheduler", 0.5):
                 metrics.ready_depth(Counter(h.op.spec.kind for h in self.pool.values()))
@@ -439,20 +504,17 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s * 5)
 
-    def _model_sizes(self) -> dict[str, float]:
-        """Model sizes as the workers announce them (self.model_gb for the rest)."""
-        return {d: gb for w in self.workers.values() for d, gb in w.info.model_gb.items()}
-
-    def _item(self, op: ReadyOp, ready_at: float, sizes: dict[str, float]) -> ReadyItem:
-        """What the policy sees of a held operator (built once, when it arrives)."""
+    def _item(self, op: ReadyOp, ready_at: float) -> ReadyItem:
+        """What the policy sees of a held operator (built once, when it arrives); its
+        model's size as a worker announced it (self.model_gb until one has)."""
         return ReadyItem(
             key=op.key,
             batch_key=op.batch_key,
             kind=op.spec.kind,
             executor=f"{op.spec.executor}@{op.spec.version}",
             model=op.spec.model,
-            model_gb=sizes.get(op.spec.model, self.model_gb) if op.spec.model else 0.0,
-            input_bytes=0,
+            model_gb=self._known_gb.get(op.spec.model, self.model_gb) if op.spec.model else 0.0,
+            input_bytes=op.input_bytes,
             tenant=op.tenant,
             workflow_id=op.workflow_id,
             ready_at=ready_at,
@@ -461,7 +523,13 @@ class Scheduler:
     def _take(self, key: str) -> Held:
         """A held operator out of the pool (it is being assigned)."""
         self.ready.remove(key)
-        return self.pool.pop(key)
+        held = self.pool.pop(key)
+        left = self.held_by[held.op.tenant] - 1
+        if left > 0:
+            self.held_by[held.op.tenant] = left
+        else:
+            del self.held_by[held.op.tenant]
+        return held
 
     def _lingers(self, batch_key: str, group: Iterable[Held], now: float) -> bool:
         """Whether a partial group of this batch key may wait for company: only when
@@ -479,10 +547,46 @@ class Scheduler:
         workers = self.live_workers()
         if not workers:
             return 0
-        counts = await self._assigned_counts()
+        if self._counts is None or time.monotonic() - self._counts_at > COUNTS_MAX_AGE_S:
+            await self._read_counts()
+        assert self._counts is not None
         now = time.time()
-        # model sizes as the workers announce them (self.model_gb for the rest)
-        sizes = {d: gb for w in workers for d, gb in w.info.model_gb.items()}
+        groups = self.ready.groups()
+        decisions = self.policy.decide_groups(
+            groups, self._states(workers, self._counts), now=now, fair=self.fair
+        )
+        if not decisions and self._counts_stale:
+            # the kept counts may show busy a worker that has finished since: look
+            await self._read_counts()
+            decisions = self.policy.decide_groups(
+                groups, self._states(workers, self._counts), now=now, fair=self.fair
+            )
+        self._warn_unschedulable([g.items[0] for g in groups])
+        by_id = {w.info.worker: w.info for w in workers}
+        for d in decisions:
+            batch = [self._take(it.key) for it in d.items]
+            await self._send(by_id[d.worker], batch)
+            start = max(now, self._busy_until.get(d.worker, now))
+            self._busy_until[d.worker] = start + d.seconds
+            log.info(
+                "batch assigned",
+                worker=d.worker,
+                device_class=d.device_class,
+                executor=d.items[0].executor,
+                size=len(d.items),
+                workflows=len({it.workflow_id for it in d.items}),
+                score=round(d.score, 4),
+                terms={k: round(v, 4) for k, v in d.terms.items()},
+                est_s=round(d.seconds, 4),
+                load=d.load_model,
+            )
+            wf_ids = [it.workflow_id for it in d.items]
+            metrics.batch_assigned(d.items[0].kind, d.device_class, wf_ids)
+        return len(decisions)
+
+    def _states(self, workers: list[WorkerView], counts: dict[str, int]) -> list[WorkerState]:
+        """What the policy sees of the live workers, their free slots from `counts`."""
+        sizes = self._known_gb  # as the workers announced them (self.model_gb for the rest)
         states = []
         for w in workers:
             info = w.info
@@ -506,30 +610,7 @@ class Scheduler:
                     busy_until=self._busy_until.get(info.worker) if not free else None,
                 )
             )
-        groups = self.ready.groups()
-        decisions = self.policy.decide_groups(groups, states, now=now, fair=self.fair)
-        self._warn_unschedulable([g.items[0] for g in groups])
-        by_id = {w.info.worker: w.info for w in workers}
-        for d in decisions:
-            batch = [self._take(it.key) for it in d.items]
-            await self._send(by_id[d.worker], batch)
-            start = max(now, self._busy_until.get(d.worker, now))
-            self._busy_until[d.worker] = start + d.seconds
-            log.info(
-                "batch assigned",
-                worker=d.worker,
-                device_class=d.device_class,
-                executor=d.items[0].executor,
-                size=len(d.items),
-                workflows=len({it.workflow_id for it in d.items}),
-                score=round(d.score, 4),
-                terms={k: round(v, 4) for k, v in d.terms.items()},
-                est_s=round(d.seconds, 4),
-                load=d.load_model,
-            )
-            wf_ids = [it.workflow_id for it in d.items]
-            metrics.batch_assigned(d.items[0].kind, d.device_class, wf_ids)
-        return len(decisions)
+        return states
 
     def _warn_unschedulable(self, items: list[ReadyItem]) -> None:
         """Say once per kind when ready operators wait for a kind no device class runs,
@@ -557,9 +638,11 @@ class Scheduler:
         assignment = Assignment.of(
             uuid.uuid4().hex, worker.worker, [h.op for h in batch], time.time()
         )
-        await self.bus.publish(
-            subjects.assign(worker.worker), assignment, msg_id=assignment.batch_id
-        )
+        subject = subjects.assign(worker.worker)
+        await self.bus.publish(subject, assignment, msg_id=assignment.batch_id)
+        self._sent[subject] += 1
+        if self._counts is not None:
+            self._counts[subject] = self._counts.get(subject, 0) + 1
         for h in batch:
             h.carrier.left -= 1
             if h.carrier.left == 0:
@@ -575,3 +658,8 @@ class Scheduler:
             if now - carrier.touched > limit:
                 carrier.touched = now
                 await carrier.msg.in_progress()
+        for queue in self.overflow.values():
+            for w in queue:
+                if now - w.touched > limit:
+                    w.touched = now
+                    await w.msg.in_progress()

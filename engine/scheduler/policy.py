@@ -6,9 +6,12 @@ One round: ready operators are grouped by batch key (same executor build, params
 model, from any workflow); every (worker, group) pair is scored at the batch size the
 worker's class takes (limited by its profile and the group's size); the best pair is
 assigned; the scores of that worker and that group are refreshed; repeat until no free
-worker has a feasible group. A worker may hold several models (memory-aware: loading
-one evicts least-recently-used ones until it fits; a model larger than the device never
-goes there), and warm workers win through the locality term.
+worker has a feasible group. (The refresh and the pick are engine/scheduler/rescore.py:
+the group's scores in plain floats, the best pair kept per group; same numbers, same
+pairs as numpy's scores and an argmax over every pair.) A worker may hold several
+models (memory-aware: loading one evicts least-recently-used ones until it fits; a model
+larger than the device never goes there), and warm workers win through the locality
+term.
 
 Cold workers (`startup_s`: a cold start or an allocation before they can run anything)
 are priced with it (time, $ at their rate, idle energy). One-off costs are shared by the
@@ -25,8 +28,8 @@ when a faster one frees soon enough to run the batch sooner and better.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -39,6 +42,7 @@ import yaml
 from flowmesh.engine.scheduler.fairness import FairShare, TenantPolicy
 from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
 from flowmesh.engine.scheduler.groups import ReadyGroup, ReadyItem, group_ready
+from flowmesh.engine.scheduler.rescore import BestPerGroup, Floats, score_column
 from flowmesh.engine.scheduler.utility import (
     TERMS,
     Weights,
@@ -116,6 +120,17 @@ class PolicyConfig:
     # deadline_scale_s / time left (within [0.1, 4]): with hours of slack cost decides
     # (throughput work goes to cheap classes), near the deadline speed does
     deadline_scale_s: float = 600.0
+    # a tenant this far below its fair share (deficit log(due/got) >= this; 1.0: it got
+    # under 37% of its due) has its operators taken out of a batch key's group shared
+    # with others into a batch of their own: in the shared group they sit behind the
+    # backlog's older operators and, once picked, wait for a 256-operator batch to end
+    # (one done message per batch). inf: never split
+    split_deficit: float = 1.0
+    # added to the utility of such a tenant's batch: it is served first, whatever its
+    # size. The fairness term alone (at most +4.6) did not outweigh what a batch of 2
+    # loses to one of 256 on throughput and cost (about 5 points on a CPU worker): a
+    # small workflow waited 6 s for a third operator to arrive (loadgen large)
+    split_boost: float = 10.0
 
     def __post_init__(self) -> None:
         if self.release not in RELEASE_MODES:
@@ -132,7 +147,7 @@ SCALE_UP_MODES = ("backlog", "after-startup")
 
 def parse_policy_config(data: Mapping[str, Any]) -> PolicyConfig:
     """configs/scheduler/*.yaml: weights, linger_s, aging_scale_s, spread_efficiency,
-    hold_s, release, scale_up, tenants: {name: {weight, priority, budget_usd}}."""
+    hold_s, release, scale_up, split_deficit, tenants: {name: {weight, priority, budget_usd}}."""
     weights = Weights(**(data.get("weights") or {}))
     tenants = {name: TenantPolicy(**(t or {})) for name, t in (data.get("tenants") or {}).items()}
     return PolicyConfig(
@@ -145,6 +160,8 @@ def parse_policy_config(data: Mapping[str, Any]) -> PolicyConfig:
         release=str(data.get("release", "fixed")),
         scale_up=str(data.get("scale_up", "backlog")),
         deadline_scale_s=float(data.get("deadline_scale_s", 600.0)),
+        split_deficit=float(data.get("split_deficit", PolicyConfig.split_deficit)),
+        split_boost=float(data.get("split_boost", PolicyConfig.split_boost)),
     )
 
 
@@ -175,6 +192,16 @@ class Policy:
         self.memory = np.array([c.memory_gb for c in cls])
         self.min_sf = np.array([c.min_size_factor for c in cls])
         self._ref_model_gb = {**fleet.ref_model_gb, **self.config.ref_model_gb}
+        # per class, as rescore.Floats has them (the fleet does not change)
+        self._class_floats = {
+            "c_load": np.maximum(self.load_gbps, 1e-9).tolist(),
+            "c_fetch": np.maximum(self.net_gbps * 1.25e8, 1.0).tolist(),
+            "c_net": self.net_gbps.tolist(),
+            "c_price": self.price.tolist(),
+            "c_watts": self.watts.tolist(),
+            "c_watts_idle": self.watts_idle.tolist(),
+            "c_min_sf": self.min_sf.tolist(),
+        }
         self._tables_at: int | None = None  # estimator version the tables were read at
         self._fixed = self._per = self._maxb = np.zeros(0)
         self._refs: _Refs = (np.ones(0), np.ones(0), np.ones(0))
@@ -254,7 +281,11 @@ class Policy:
         eligible = self._eligible(groups, fair)
         if not eligible:
             return []
-        rnd = self._round_tables(eligible, free, soon, now, fair)
+        # read once: splitting a group moves operators, not tenants
+        tenants = set().union(*(g.tenants for g in eligible))
+        deficits = fair.deficits(tenants, now)
+        eligible = self._split_under_share(eligible, fair, tenants, deficits)
+        rnd = self._round_tables(eligible, free, soon, now, fair, tenants, deficits)
         self._score_all(rnd)
         return self._assign(rnd, fair, now)
 
@@ -301,6 +332,50 @@ class Policy:
             out.sort(key=lambda g: g.items[0].ready_at)
         return out
 
+    def _split_under_share(
+        self,
+        groups: list[ReadyGroup],
+        fair: FairShare,
+        tenants: set[str],
+        deficits: Mapping[str, float],
+    ) -> list[ReadyGroup]:
+        """Groups shared by several tenants, with the operators of tenants far below
+        their share (`split_deficit`) moved into a group of their own (one per batch key,
+        all such tenants together: they still batch with each other), whose utility gets
+        `split_boost`. A group of such tenants alone gets it too. Only groups with such a
+        tenant are walked; with fairness off nothing changes."""
+        if (
+            self.config.weights.fairness <= 0
+            or not math.isfinite(self.config.split_deficit)
+            or not fair.usage  # nobody has had the fleet: every deficit is 0
+        ):
+            return groups
+        if len(tenants) < 2:
+            return groups
+        under = {t for t, d in deficits.items() if d >= self.config.split_deficit}
+        if not under or len(under) == len(tenants):
+            return groups
+        out: list[ReadyGroup] = []
+        split = False
+        for g in groups:
+            mine = under.intersection(g.tenants)
+            if not mine:
+                out.append(g)
+                continue
+            boost = self.config.split_boost
+            if len(mine) == len(g.tenants):
+                out.append(dataclasses.replace(g, boost=boost))
+                continue
+            served = ReadyGroup.of([i for i in g.items if i.tenant in mine])
+            rest = g.without(mine)
+            out.append(dataclasses.replace(served, boost=boost))
+            if rest is not None:
+                out.append(rest)
+            split = True
+        if split:
+            out.sort(key=lambda g: g.items[0].ready_at)
+        return out
+
     def _round_tables(
         self,
         groups: list[ReadyGroup],
@@ -308,6 +383,8 @@ class Policy:
         soon: list[WorkerState],
         now: float,
         fair: FairShare,
+        tenants: set[str],
+        deficits: Mapping[str, float],
     ) -> _Round:
         """What does not change within the round: per group, per worker type (workers
         alike in all but their resident models), and which types can run which group."""
@@ -328,13 +405,12 @@ class Policy:
         in_bytes = np.array([g.input_bytes / n for g, n in zip(groups, sizes, strict=True)])
         n_g = np.array(sizes, dtype=float)
         oldest = now - np.array([h.ready_at for h in heads])
-        tenants = {t for g in groups for t in g.tenants}
-        deficits = fair.deficits(tenants, now)
         prio = {t: fair.policy(t).priority for t in tenants}
         if len(set(prio.values())) <= 1:  # all alike (usually 0): no walk over groups
             priority = np.full(G, next(iter(prio.values()), 0.0))
         else:
             priority = np.array([max(prio[t] for t in g.tenants) for g in groups])
+        priority = priority + np.array([g.boost for g in groups])
         if len(set(deficits.values())) <= 1:
             deficit = np.full(G, next(iter(deficits.values()), 0.0))
         else:  # the mean over the group's operators
@@ -450,8 +526,14 @@ class Policy:
             resident=resident,
             warm=resident[:, g_model],
             slots=slots,
-            scores=np.empty((len(rows_w), G)),
-            charges={},
+            scores=np.empty((G, len(rows_w))),
+            charges=[],
+            vbase=np.where(slots > 0, 2 * type_of, 2 * T),
+            live=np.bincount(type_of[slots > 0], minlength=T).tolist(),
+            floats=None,
+            g_types={},
+            column_buf=np.empty(2 * T + 2),
+            best=None,
             v_warm=(np.arange(2 * T) % 2 == 1)[:, None],
             v_startup=t_startup[vt][:, None],
             v_wait=t_wait[vt][:, None],
@@ -558,39 +640,112 @@ class Policy:
 
     def _score_all(self, rnd: _Round) -> None:
         """Every (worker, group) pair: scored once per worker variant, then spread to
-        the workers of that type by whether each holds the group's model."""
+        the workers of that type by whether each holds the group's model. With finite
+        inputs (no NaN can arise) the picks read the best pair per group (BestPerGroup)
+        and a group is rescored in plain floats (score_column)."""
         every = slice(None)
         per_variant, _, _ = self._score(rnd, every, every, rnd.n_g, rnd.oldest, rnd.idle)
-        vidx = 2 * rnd.type_of[:, None] + rnd.warm
-        scores = per_variant[vidx, np.arange(len(rnd.groups))[None, :]]
-        rnd.scores = np.where((rnd.slots > 0)[:, None], scores, NEG)
+        vidx = 2 * rnd.type_of[None, :] + rnd.warm.T
+        scores = per_variant[vidx, np.arange(len(rnd.groups))[:, None]]
+        rnd.scores = np.where((rnd.slots > 0)[None, :], scores, NEG)
+        if not np.isnan(per_variant).any() and _finite_inputs(rnd):
+            rnd.best = BestPerGroup(rnd.scores)
 
     def _rescore_group(self, rnd: _Round, gi: int) -> None:
         if rnd.n_g[gi] <= 0:
-            rnd.scores[:, gi] = NEG
-            return
-        g = slice(gi, gi + 1)
-        col, _, _ = self._score(rnd, slice(None), g, rnd.n_g[g], rnd.oldest[g], rnd.idle[g])
-        vidx = 2 * rnd.type_of + rnd.warm[:, gi]
-        rnd.scores[:, gi] = np.where(rnd.slots > 0, col[vidx, 0], NEG)
+            rnd.scores[gi] = NEG
+        elif rnd.best is not None:
+            cfg, w = self.config, self.config.weights
+            types = rnd.g_types.get(gi)
+            if types is None:
+                types = rnd.g_types[gi] = rnd.compat[:, gi].nonzero()[0].tolist()
+            vs, got = score_column(
+                self._floats(rnd),
+                gi,
+                types,
+                rnd.live,
+                float(rnd.n_g[gi]),
+                float(rnd.oldest[gi]),
+                int(rnd.idle[gi]),
+                w.cost,
+                w.energy,
+                w.locality,
+                w.aging,
+                cfg.aging_scale_s,
+                cfg.linger_s,
+            )
+            col = rnd.column_buf  # per variant; the last two: workers with no slot left
+            col.fill(NEG)
+            col[vs] = got
+            col.take(rnd.vbase + rnd.warm[:, gi], out=rnd.scores[gi])
+        else:
+            g = slice(gi, gi + 1)
+            col2, _, _ = self._score(rnd, slice(None), g, rnd.n_g[g], rnd.oldest[g], rnd.idle[g])
+            vidx = 2 * rnd.type_of + rnd.warm[:, gi]
+            rnd.scores[gi] = np.where(rnd.slots > 0, col2[vidx, 0], NEG)
+        if rnd.best is not None:
+            rnd.best.group_changed(gi)
+
+    def _floats(self, rnd: _Round) -> Floats:
+        """The round's tables as plain floats, for score_column and the picks (built
+        at the first pick: the values _score reads, or the same operations on them)."""
+        if rnd.floats is not None:
+            return rnd.floats
+        w, ci, e = self.config.weights, rnd.t_ci, self.config.spread_efficiency
+        fixed, per = rnd.fixed_t, rnd.per_t
+        efficient = np.ceil(e * fixed / ((1 - e) * np.maximum(per, 1e-12)) - 1e-9)
+        capped = np.isfinite(rnd.cap).any(axis=1).tolist()
+        rnd.floats = Floats(
+            w_type=rnd.type_of.tolist(),
+            t_class=ci.tolist(),
+            t_startup=rnd.t_startup.tolist(),
+            t_wait=rnd.t_wait.tolist(),
+            t_backlog=rnd.backlog.tolist(),
+            t_cap=[rnd.cap[t].tolist() if capped[t] else None for t in range(len(ci))],
+            **self._class_floats,
+            fixed=fixed.tolist(),
+            per=per.tolist(),
+            maxb=rnd.maxb_t.tolist(),
+            efficient=efficient.tolist(),
+            g_kind=rnd.kind.tolist(),
+            g_sf=rnd.size_factor.tolist(),
+            g_gb=rnd.model_gb.tolist(),
+            g_warm_only=(rnd.g_model < 0).tolist(),
+            g_in_bytes=rnd.in_bytes.tolist(),
+            g_ref_ops=rnd.g_ref_ops[0].tolist(),
+            g_ref_cost=rnd.g_ref_cost[0].tolist(),
+            g_ref_energy=rnd.g_ref_energy[0].tolist(),
+            g_tp=(w.throughput * rnd.g_urgency[0]).tolist(),
+            g_fair=(w.fairness * rnd.g_deficit[0]).tolist(),
+            g_prio=rnd.g_priority[0].tolist(),
+        )
+        return rnd.floats
 
     def _rescore_worker(self, rnd: _Round, wi: int) -> None:
         if rnd.slots[wi] <= 0:
-            rnd.scores[wi, :] = NEG
+            rnd.scores[:, wi] = NEG
+            rnd.vbase[wi] = len(rnd.v_warm)
+            rnd.live[int(rnd.type_of[wi])] -= 1
+            if rnd.best is not None:
+                rnd.best.worker_dropped(wi)
             return
         t = int(rnd.type_of[wi])
         rows, _, _ = self._score(
             rnd, slice(2 * t, 2 * t + 2), slice(None), rnd.n_g, rnd.oldest, rnd.idle
         )
-        rnd.scores[wi, :] = np.where(rnd.warm[wi], rows[1], rows[0])
+        rnd.scores[:, wi] = np.where(rnd.warm[wi], rows[1], rows[0])
+        if rnd.best is not None:
+            rnd.best.worker_changed(wi)
 
     def _batch_size(self, rnd: _Round, wi: int, gi: int) -> int:
         """The batch the pair runs now (the same rule `_score` applies, on scalars)."""
-        t = int(rnd.type_of[wi])
-        c, k = int(rnd.t_ci[t]), int(rnd.kind[gi])
-        fixed, per = float(rnd.fixed_t[c, k]), float(rnd.per_t[c, k])
+        f = self._floats(rnd)
+        t = f.w_type[wi]
+        c, k = f.t_class[t], f.g_kind[gi]
+        fixed, per = f.fixed[c][k], f.per[c][k]
         n_g = float(rnd.n_g[gi])
-        maxb = min(float(rnd.maxb_t[c, k]), float(rnd.cap[t, gi]))
+        cap = f.t_cap[t]
+        maxb = min(f.maxb[c][k], math.inf if cap is None else cap[gi])
         spread = math.ceil(n_g / max(int(rnd.idle[gi]), 1))
         e = self.config.spread_efficiency
         efficient = math.ceil(e * fixed / ((1 - e) * max(per, 1e-12)) - 1e-9)
@@ -603,10 +758,16 @@ class Policy:
         decisions: list[Decision] = []
         G = len(rnd.groups)
         while True:
-            wi, gi = divmod(int(np.argmax(rnd.scores)), G)
-            best = float(rnd.scores[wi, gi])
-            if best == NEG:
-                break
+            if rnd.best is not None:
+                pick = rnd.best.pick()
+                if pick is None:
+                    break
+                wi, gi, best = pick
+            else:  # the first best pair in (worker, group) order
+                wi, gi = divmod(int(np.argmax(rnd.scores.T)), G)
+                best = float(rnd.scores[gi, wi])
+                if best == NEG:
+                    break
             n = self._batch_size(rnd, wi, gi)
             terms_at = _TermsAt(
                 self,
@@ -624,8 +785,7 @@ class Policy:
             if wi < rnd.n_free:  # else: held for a busy worker that frees soon
                 decisions.append(self._commit(rnd, wi, gi, chosen, best, terms_at, fair, now))
             self._after_pick(rnd, wi, gi, now)
-        for tenant, (device_s, cost_usd) in rnd.charges.items():
-            fair.charge(tenant, device_s, cost_usd, now)
+        _charge(rnd, fair, now)
         return decisions
 
     def _commit(
@@ -643,9 +803,10 @@ class Policy:
         estimate, the tenants charged."""
         worker = rnd.rows_w[wi]
         n = len(chosen)
-        c = int(rnd.t_ci[rnd.type_of[wi]])
-        k = int(rnd.kind[gi])
-        gb = float(rnd.model_gb[gi])
+        f = self._floats(rnd)
+        t = f.w_type[wi]
+        c, k = f.t_class[t], f.g_kind[gi]
+        gb = f.g_gb[gi]
         model = chosen[0].model
         load = model if model and model not in worker.resident else None
         evict: list[str] = []
@@ -663,27 +824,22 @@ class Policy:
             worker.resident[model] = worker.resident.pop(model)  # most recently used
         est = estimate_one(
             n,
-            float(rnd.fixed_t[c, k]),
-            float(rnd.per_t[c, k]),
-            max(float(rnd.size_factor[gi]), float(self.min_sf[c])),
+            f.fixed[c][k],
+            f.per[c][k],
+            max(f.g_sf[gi], f.c_min_sf[c]),
             load is None,
             gb,
-            float(self.load_gbps[c]),
-            float(rnd.in_bytes[gi]) * n,
-            float(self.net_gbps[c]),
-            float(self.price[c]),
-            float(self.watts[c]),
-            startup_s=float(rnd.t_startup[rnd.type_of[wi]]),
-            watts_idle=float(self.watts_idle[c]),
+            f.c_load[c],
+            f.g_in_bytes[gi] * n,
+            f.c_net[c],
+            f.c_price[c],
+            f.c_watts[c],
+            startup_s=f.t_startup[t],
+            watts_idle=f.c_watts_idle[c],
         )
-        group = rnd.groups[gi]
-        tenants = Counter(map(_tenant, chosen)) if len(group.tenants) > 1 else {chosen[0].tenant: n}
-        for tenant, count in tenants.items():
-            # charged to the fair share once, at the end of the round: its deficits
-            # were read at the start
-            used = rnd.charges.setdefault(tenant, [0.0, 0.0])
-            used[0] += est.total_s / n * count
-            used[1] += est.cost_usd / n * count
+        # charged to the fair share at the end of the round: its deficits were read at
+        # the start
+        rnd.charges.append((gi, rnd.taken[gi] - n, n, est.total_s / n, est.cost_usd / n))
         worker.free_slots -= 1
         return Decision(
             worker=worker.id,
@@ -759,8 +915,15 @@ class _Round:
     resident: np.ndarray  # (worker, model + none)
     warm: np.ndarray  # (worker, group): the group's model is resident
     slots: np.ndarray
-    scores: np.ndarray  # (worker, group)
-    charges: dict[str, list[float]]  # per tenant: device-seconds and $ assigned
+    scores: np.ndarray  # (group, worker)
+    # per decision: its group, first operator, operators, device-seconds and $ each
+    charges: list[tuple[int, int, int, float, float]]
+    vbase: np.ndarray  # per worker: 2 x its type, or 2 x types when it has no slot left
+    live: list[int]  # per type: workers with a slot left
+    floats: Floats | None  # the tables as floats, from the first rescore
+    g_types: dict[int, list[int]]  # per group rescored: the worker types that can run it
+    column_buf: np.ndarray  # a rescored group's scores per variant
+    best: BestPerGroup | None  # None: inputs that are not all finite (numpy's path)
     # per worker variant (V, 1), per group (1, G), per pair (V, G): see _round_tables
     v_warm: np.ndarray
     v_startup: np.ndarray
@@ -785,6 +948,63 @@ class _Round:
     vg_efficient: np.ndarray
     vg_sfm: np.ndarray
     vg_compat: np.ndarray
+
+
+def _charge(rnd: _Round, fair: FairShare, now: float) -> None:
+    """Charge each tenant for its operators in the round's decisions: per tenant, in
+    decision order, the sum of (device-seconds, $) per operator x its operators in
+    each decision (float sums in that order, as a loop over each decision's tenants
+    adds them), tenants in the order they first appear. From the groups' tenant names
+    and arrays: a loop over every decision's tenants cost as much as the rest of a
+    pick, and reading every assigned operator again about as much."""
+    if not rnd.charges:
+        return
+    names: list[str] = []
+    for gi, off, n, _, _ in rnd.charges:
+        group = rnd.groups[gi]
+        if len(group.tenant_of) == len(group.items):
+            names += group.tenant_of[off : off + n]
+        else:
+            names += map(_tenant, group.items[off : off + n])
+    tix = {t: i for i, t in enumerate(dict.fromkeys(names))}
+    D, T = len(rnd.charges), len(tix)
+    first = np.repeat(np.arange(D) * T, [n for _, _, n, _, _ in rnd.charges])
+    counts = np.bincount(first + np.fromiter(map(tix.__getitem__, names), np.int64, len(names)),
+                         minlength=D * T).reshape(D, T)  # fmt: skip
+    per_op = np.array([(device_s, cost_usd) for _, _, _, device_s, cost_usd in rnd.charges])
+    taken = counts > 0
+    # a tenant with no operator in a decision adds nothing (0.0 would not change a sum)
+    device_s = np.add.accumulate(np.where(taken, per_op[:, :1] * counts, 0.0), axis=0)[-1]
+    cost_usd = np.add.accumulate(np.where(taken, per_op[:, 1:] * counts, 0.0), axis=0)[-1]
+    for tenant, t in tix.items():
+        fair.charge(tenant, float(device_s[t]), float(cost_usd[t]), now)
+
+
+def _finite_inputs(rnd: _Round) -> bool:
+    """Whether score_column can stand for _score this round: finite tables and
+    positive references (its divisions do not meet a zero, nothing is NaN)."""
+    refs = np.concatenate([rnd.g_ref_ops[0], rnd.g_ref_cost[0], rnd.g_ref_energy[0]])
+    if not (refs > 0).all():
+        return False
+    tables = (
+        rnd.vg_fixed,
+        rnd.vg_per,
+        rnd.vg_sfm,
+        rnd.vg_efficient,
+        rnd.vg_maxb,
+        rnd.v_backlog,
+        rnd.v_startup,
+        rnd.v_wait,
+        rnd.g_model_gb,
+        rnd.g_in_bytes,
+        rnd.g_deficit,
+        rnd.g_urgency,
+        rnd.g_priority,
+        rnd.oldest,
+        refs,
+    )
+    # one check over all of them (a call per table cost more than the check)
+    return bool(np.isfinite(np.concatenate([a.ravel() for a in tables])).all())
 
 
 class _TermsAt(Mapping[str, float]):

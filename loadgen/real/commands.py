@@ -28,10 +28,10 @@ from rich.progress import (
 )
 
 from flowmesh.engine.spec import SpecError
-from flowmesh.loadgen.real.results import ModeResult
+from flowmesh.loadgen.real.results import ModeResult, output_mismatches
 from flowmesh.loadgen.real.workload import RealWorkload, load_real_workload
 
-MODES = ("fabric", "isolated", "ray")
+MODES = ("fabric", "isolated-lean", "isolated", "ray")
 console = Console()
 
 
@@ -55,7 +55,12 @@ def _env() -> None:
 
 
 async def run_modes(
-    wl: RealWorkload, modes: list[str], out_dir: Path, bar: Progress | None, timeout_s: float
+    wl: RealWorkload,
+    modes: list[str],
+    out_dir: Path,
+    bar: Progress | None,
+    timeout_s: float,
+    bus: str = "nats",
 ) -> list[ModeResult]:
     from flowmesh.loadgen.real.fabric_modes import run_fabric_mode
 
@@ -76,7 +81,7 @@ async def run_modes(
 
             results.append(await run_ray_mode(wl, tick, timeout_s))
         else:
-            results.append(await run_fabric_mode(wl, mode, out_dir, tick, timeout_s))
+            results.append(await run_fabric_mode(wl, mode, out_dir, tick, timeout_s, bus=bus))
     return results
 
 
@@ -109,6 +114,14 @@ def write_run(
 @click.option("--workers", type=int, default=None, help="override the worker count")
 @click.option("--timeout-s", type=float, default=1800.0, show_default=True, help="per workflow")
 @click.option("--no-plots", is_flag=True)
+@click.option(
+    "--bus",
+    type=click.Choice(["nats", "kafka"]),
+    default="nats",
+    show_default=True,
+    help="where the fabric modes' streams run; kafka starts a local tansu broker per fabric "
+    "(the kafka extra)",
+)
 def run_cmd(
     workload_path: str,
     modes: str,
@@ -119,8 +132,10 @@ def run_cmd(
     workers: int | None,
     timeout_s: float,
     no_plots: bool,
+    bus: str,
 ) -> None:
-    """Run a workload for real on fabric / isolated / ray; JSON, Markdown and plots."""
+    """Run a workload for real on fabric / isolated-lean / isolated / ray; JSON, Markdown
+    and plots. Fails when a workflow's results differ between modes."""
     names = [m.strip() for m in modes.split(",") if m.strip()]
     bad = [m for m in names if m not in MODES]
     if bad or not names:
@@ -135,7 +150,7 @@ def run_cmd(
     out = Path(out_dir) if out_dir else Path(".flowmesh") / "real" / wl.name
     started = time.time()
     with _bar("workflows") as bar:
-        results = asyncio.run(run_modes(wl, names, out, bar, timeout_s))
+        results = asyncio.run(run_modes(wl, names, out, bar, timeout_s, bus))
     meta = {
         "workload_file": workload_path,
         "started_at": started,
@@ -144,12 +159,18 @@ def run_cmd(
         "model": wl.model,
         "records_per_workflow": wl.pool.records,
         "overlap": wl.pool.overlap,
+        "bus": bus,
         "cpu_count": os.cpu_count(),
     }
     written = write_run(out, wl, results, meta, not no_plots)
     console.print((out / "results.md").read_text())
     console.print("wrote " + ", ".join(str(p) for p in written))
     failed = sum(len(r.workflows) - r.completed for r in results)
+    differ = output_mismatches(results)
+    if differ:
+        raise click.ClickException(
+            "results differ between modes (greedy decoding must not): " + "; ".join(differ)
+        )
     if failed:
         raise click.ClickException(f"{failed} workflow(s) did not complete; see results.json")
 
@@ -162,6 +183,21 @@ def run_cmd(
 @click.option("--profile", "profile_dir", type=click.Path(), default=None, help="pyinstrument")
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="[.flowmesh/overhead]")
 @click.option("--no-plots", is_flag=True)
+@click.option(
+    "--bus",
+    type=click.Choice(["nats", "kafka"]),
+    default="nats",
+    show_default=True,
+    help="where the streams run; kafka starts a local tansu broker (the kafka extra) and "
+    "compares against raw Kafka produce + consume on it",
+)
+@click.option(
+    "--kv",
+    type=click.Choice(["nats", "kafka"]),
+    default="nats",
+    show_default=True,
+    help="where the KV buckets live; kafka (with --bus kafka): a Kafka-only fabric",
+)
 def overhead_cmd(
     ops: int,
     workers: int,
@@ -170,13 +206,17 @@ def overhead_cmd(
     profile_dir: str | None,
     out_dir: str | None,
     no_plots: bool,
+    bus: str,
+    kv: str,
 ) -> None:
-    """No-op operators through the fabric vs raw JetStream vs Ray tasks (ops/s)."""
+    """No-op operators through the fabric vs the raw bus vs Ray tasks (ops/s)."""
     from flowmesh.loadgen.real.overhead import overhead_markdown, run_overhead
     from flowmesh.loadgen.real.report import bar_plot, write_json
 
     if ops < 1 or workers < 1:
         raise click.BadParameter("--ops and --workers must be at least 1")
+    if kv == "kafka" and bus != "kafka":
+        raise click.BadParameter("--kv kafka needs --bus kafka (a Kafka-only fabric)")
     _env()
     out = Path(out_dir) if out_dir else Path(".flowmesh") / "overhead"
     shutil.rmtree(out / "fabric", ignore_errors=True)
@@ -191,6 +231,8 @@ def overhead_cmd(
                 with_ray=not no_ray,
                 profile_dir=Path(profile_dir) if profile_dir else None,
                 progress=lambda _, d, t: bar.update(task, completed=d, total=t),
+                bus=bus,
+                kv=kv,
             )
         )
     s = r.summary()
@@ -198,7 +240,8 @@ def overhead_cmd(
     (out / "overhead.md").write_text(overhead_markdown(r))
     written.append(out / "overhead.md")
     if not no_plots:
-        rates = {"raw JetStream": s["raw_ops_per_s"], "fabric": s["fabric_ops_per_s"]}
+        raw = "raw Kafka" if bus == "kafka" else "raw JetStream"
+        rates = {raw: s["raw_ops_per_s"], "fabric": s["fabric_ops_per_s"]}
         if r.ray_s is not None:
             rates["ray"] = s["ray_ops_per_s"]
         png = bar_plot(out / "overhead.png", f"{ops} no-op operators", rates, "ops/s")

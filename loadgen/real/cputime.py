@@ -25,3 +25,36 @@ def cpu_seconds(pid: int) -> float:
 
 def total_cpu_seconds(pids: Iterable[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
+
+
+class CpuMeter:
+    """CPU seconds of a changing set of processes over a span: each is sampled (by
+    `sample`, called often) and counted from its first sample in the span, or from 0
+    when it started inside the span (its start-up and model load are counted: a worker
+    started on demand pays its cold start). A process that exits is counted up to its
+    last sample (less than one sampling interval of CPU can go uncounted, never more)."""
+
+    def __init__(self) -> None:
+        self.base: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+
+    def start(self, pids: Iterable[int]) -> None:
+        for p in pids:
+            v = cpu_seconds(p)
+            if not math.isnan(v):
+                self.base[p] = self.last[p] = v
+
+    def sample(self, pids: Iterable[int]) -> int:
+        """Sample every pid; returns how many are alive."""
+        alive = 0
+        for p in pids:
+            v = cpu_seconds(p)
+            if math.isnan(v):
+                continue
+            alive += 1
+            self.base.setdefault(p, 0.0)
+            self.last[p] = v
+        return alive
+
+    def total(self) -> float:
+        return sum(self.last[p] - self.base.get(p, 0.0) for p in self.last)

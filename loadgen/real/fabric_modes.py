@@ -13,6 +13,17 @@ fewer workers than tenants is refused), and every worker is limited to one compu
 thread in both modes (OMP_NUM_THREADS=1, as Ray does for its one-CPU tasks) so the CPU
 is shared the same way.
 
+isolated-lean (what a tenant running its own lean pipeline would do): each tenant gets its
+own fabric as in isolated, with no worker up front; the fabric's autoscaler (the live one,
+engine/autoscaler.py) starts workers while its operators wait, up to the tenant's share
+of the workload's workers, and retires them once idle (scale to zero). A worker started
+on demand pays its start and model load in CPU-seconds and in the latency of the
+workflow that waited for it.
+
+With `bus="kafka"` every fabric's streams run on a Kafka-protocol broker of its own (a
+local tansu, as `loadgen overhead --bus kafka` starts), so modes compare the same way on
+either bus.
+
 Worker-seconds, $ and J come from each operator's committed KV entry (the batch time its
 worker measured around the executor, split across the batch) via engine/cost.py, so
 both modes are billed by the same code. Worker CPU-seconds come from the kernel: the
@@ -25,10 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -38,7 +52,8 @@ from flowmesh import configs
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.cost import cost_report
 from flowmesh.engine.local import LocalFabric, free_port
-from flowmesh.loadgen.real.cputime import total_cpu_seconds
+from flowmesh.engine.providers.local import LocalAutoscaler
+from flowmesh.loadgen.real.cputime import CpuMeter
 from flowmesh.loadgen.real.results import ModeResult, Progress, WorkflowResult, no_progress
 from flowmesh.loadgen.real.workload import RealWorkload, Submission
 from flowmesh.topics.messages import DedupScope
@@ -47,6 +62,8 @@ log = structlog.get_logger("flowmesh.loadgen")
 
 DEFAULT_SCHEDULER = configs.path("scheduler", "default.yaml")
 REGISTER_TIMEOUT_S = 600.0  # workers build/load their model before they register
+LEAN_IDLE_S = 5.0  # isolated-lean: an idle worker retires after this long at the latest
+CPU_SAMPLE_S = 0.1  # worker CPU is sampled this often (workers come and go in lean)
 
 
 @dataclass
@@ -58,6 +75,27 @@ class Group:
     submissions: list[Submission]
     scope: DedupScope
     client: FlowMesh | None = None
+    max_workers: int = 0  # isolated-lean: the most its autoscaler starts
+    scaler: LocalAutoscaler | None = None
+    broker: subprocess.Popen[bytes] | None = None  # its Kafka broker (bus kafka)
+
+    def start(self, bus: str) -> None:
+        """Its fabric's processes, and first a broker of its own when its streams run
+        on Kafka (the processes are told where by flags, the client by `kafka_servers`)."""
+        if bus == "kafka":
+            from flowmesh.loadgen.real.kafka_broker import start_tansu
+
+            port = free_port()
+            logs = self.fabric.log_dir or self.fabric.data_dir / "logs"
+            self.broker = start_tansu(port, logs / "tansu.log")
+            self.fabric.bus, self.fabric.kafka = "kafka", f"127.0.0.1:{port}"
+        self.fabric.start()
+
+    def stop(self) -> None:
+        self.fabric.stop()
+        if self.broker is not None:
+            self.broker.kill()
+            self.broker.wait()
 
 
 @contextlib.contextmanager
@@ -124,12 +162,38 @@ def plan_groups(
             )
             for i, t in enumerate(wl.tenants)
         ]
+    if mode == "isolated-lean":
+        n = len(wl.tenants)
+        if wl.workers < n:
+            raise ValueError(
+                f"isolated-lean mode needs a worker per tenant: {wl.workers} workers for {n} "
+                "tenants (raise the workload's workers)"
+            )
+        per, extra_one = divmod(wl.workers, n)
+        return [
+            Group(
+                t,
+                _fabric(out_dir / "isolated-lean" / t, 0, wl.model, extra, engine),
+                [s for s in wl.submissions if s.tenant == t],
+                "workflow",
+                max_workers=per + (i < extra_one),
+            )
+            for i, t in enumerate(wl.tenants)
+        ]
     raise ValueError(f"not a fabric mode: {mode!r}")
+
+
+def _lean_scaler(group: Group) -> LocalAutoscaler:
+    """Scale to zero: a worker per backlog (the live autoscaler's sizing), retired as
+    soon as the backlog no longer needs it and after LEAN_IDLE_S at the latest."""
+    scaler = LocalAutoscaler(group.fabric, 0, group.max_workers, LEAN_IDLE_S)
+    scaler.config = replace(scaler.config, tick_s=0.5, release="forecast", startup_s=LEAN_IDLE_S)
+    return scaler
 
 
 async def _registered(group: Group, deadline: float) -> FlowMesh:
     fab = group.fabric
-    fm = await FlowMesh.connect(fab.nats_url, fab.cas_url)
+    fm = await FlowMesh.connect(fab.nats_url, fab.cas_url, kafka=fab.kafka_servers)
     while len(await fm.workers()) < fab.workers:
         dead = [n for n, ok in fab.alive().items() if not ok]
         if dead or time.monotonic() > deadline:
@@ -147,25 +211,42 @@ async def run_fabric_mode(
     progress: Progress = no_progress,
     timeout_s: float = 1800.0,
     worker_args: list[str] | None = None,
+    bus: str = "nats",
 ) -> ModeResult:
     groups = plan_groups(wl, mode, out_dir, worker_args)
     t_setup = time.monotonic()
     try:
+        # workers started later (isolated-lean's autoscaler) get one thread too
         with _one_thread_each():
             for g in groups:
-                g.fabric.start()
-        deadline = time.monotonic() + REGISTER_TIMEOUT_S
-        clients = await asyncio.gather(*(_registered(g, deadline) for g in groups))
-        for g, c in zip(groups, clients, strict=True):
-            g.client = c
-        setup_s = time.monotonic() - t_setup
-        return await _drive(wl, mode, groups, setup_s, progress, timeout_s)
+                g.start(bus)
+            deadline = time.monotonic() + REGISTER_TIMEOUT_S
+            clients = await asyncio.gather(*(_registered(g, deadline) for g in groups))
+            for g, c in zip(groups, clients, strict=True):
+                g.client = c
+            for g in groups:
+                if g.max_workers:
+                    g.scaler = _lean_scaler(g).start()
+            setup_s = time.monotonic() - t_setup
+            return await _drive(wl, mode, groups, setup_s, progress, timeout_s)
     finally:
         for g in groups:
+            if g.scaler is not None:
+                g.scaler.stop()
             if g.client is not None:
                 with contextlib.suppress(Exception):
                     await g.client.close()
-            g.fabric.stop()
+            g.stop()
+
+
+async def output_digest(fm: FlowMesh, sub: Submission) -> str:
+    """sha256 over every node's result records, canonical JSON in spec order."""
+    h = hashlib.sha256()
+    for node in sub.spec.nodes:
+        records = await fm.result(sub.workflow_id, node.name)
+        h.update(node.name.encode() + b"\0")
+        h.update(json.dumps(records, sort_keys=True, separators=(",", ":")).encode() + b"\0")
+    return h.hexdigest()
 
 
 async def _drive(
@@ -187,8 +268,15 @@ async def _drive(
             await fm.submit(sub.scoped(group.scope), sub.workflow_id)
             st = await fm.wait(sub.workflow_id, timeout=timeout_s, raise_on_failure=False)
             latency = (st.ended_at or time.time()) - st.submitted_at
+            digest = await output_digest(fm, sub) if st.state == "completed" else ""
             finished[sub.workflow_id] = WorkflowResult(
-                sub.workflow_id, sub.tenant, sub.at_s, st.state, latency, error=st.error
+                sub.workflow_id,
+                sub.tenant,
+                sub.at_s,
+                st.state,
+                latency,
+                error=st.error,
+                output_digest=digest,
             )
         except TimeoutError as exc:
             finished[sub.workflow_id] = WorkflowResult(
@@ -197,22 +285,41 @@ async def _drive(
         progress(mode, len(finished), total)
 
     progress(mode, 0, total)
-    worker_pids = [p.pid for g in groups for p in g.fabric.worker_procs]
-    cpu0 = total_cpu_seconds(worker_pids)
+
+    def pids() -> list[int]:
+        return [p.pid for g in groups for p in list(g.fabric.worker_procs)]
+
+    meter = CpuMeter()
+    meter.start(pids())
+    peak = [0]
+
+    async def sampling() -> None:
+        while True:
+            peak[0] = max(peak[0], meter.sample(pids()))
+            await asyncio.sleep(CPU_SAMPLE_S)
+
+    sampler = asyncio.create_task(sampling())
     t0 = time.monotonic()
     wall0 = time.time()
     tasks = []
-    for sub in wl.submissions:  # sorted by arrival
-        await asyncio.sleep(max(0.0, t0 + sub.at_s - time.monotonic()))
-        group, _ = by_wf[sub.workflow_id]
-        tasks.append(asyncio.create_task(one(group, sub)))
-    await asyncio.gather(*tasks)
+    try:
+        for sub in wl.submissions:  # sorted by arrival
+            await asyncio.sleep(max(0.0, t0 + sub.at_s - time.monotonic()))
+            group, _ = by_wf[sub.workflow_id]
+            tasks.append(asyncio.create_task(one(group, sub)))
+        await asyncio.gather(*tasks)
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
     makespan = time.monotonic() - t0
-    worker_cpu = total_cpu_seconds(worker_pids) - cpu0
+    peak[0] = max(peak[0], meter.sample(pids()))
+    worker_cpu = meter.total()
+    lean = any(g.max_workers for g in groups)
 
     result = ModeResult(
         mode=mode,
-        workers=sum(g.fabric.workers for g in groups),
+        workers=peak[0] if lean else sum(g.fabric.workers for g in groups),
         workflows=[],
         ops_requested=0,
         ops_executed=0,
@@ -222,8 +329,13 @@ async def _drive(
         makespan_s=makespan,
         setup_s=setup_s,
         notes=(
-            f"{len(groups)} fabric(s), dedup_scope "
-            f"{groups[0].scope}, {groups[0].fabric.workers} worker(s) each"
+            f"{len(groups)} fabric(s), dedup_scope {groups[0].scope}, "
+            + (
+                f"0..{max(g.max_workers for g in groups)} worker(s) each on demand, "
+                f"{peak[0]} at most at once"
+                if lean
+                else f"{groups[0].fabric.workers} worker(s) each"
+            )
         ),
         extra={"started_at": wall0},
         worker_cpu_s=worker_cpu,
@@ -232,9 +344,11 @@ async def _drive(
         assert g.client is not None
         report = await cost_report(g.client.bus)
         result.ops_executed += report.operators
-        result.worker_seconds += report.total_device_seconds
-        result.usd += report.total_usd
-        result.energy_j += report.total_energy_j
+        # the fleet's spend: what the workflows were billed and its overhead
+        result.worker_seconds += report.total_device_seconds + report.overhead_device_seconds
+        result.overhead_s += report.overhead_device_seconds
+        result.usd += report.total_usd + report.overhead_usd
+        result.energy_j += report.total_energy_j + report.overhead_energy_j
         for s in g.submissions:
             wr = finished[s.workflow_id]
             bill = report.workflows.get(s.workflow_id)

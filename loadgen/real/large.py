@@ -155,10 +155,12 @@ class LargeResult:
     def max_stall_s(self) -> float:
         """The longest time the big workflow's done count did not move while running."""
         longest, since, last = 0.0, 0.0, -1
-        for t, done, _ in self.progress:
+        for t, done, total in self.progress:
             if done != last:
                 since, last = t, done
             longest = max(longest, t - since)
+            if total and done >= total:
+                break  # done: the samples taken while the small workflows go on are not a stall
         return longest
 
     def summary(self) -> dict[str, Any]:

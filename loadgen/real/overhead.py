@@ -1,8 +1,12 @@
 """`loadgen overhead`: what the fabric costs per operator, against the physical limit.
 
-Three measurements in one run, on one nats-server:
+Three measurements in one run, on one nats-server (and, with `--bus kafka`, one Kafka
+broker that carries the streams):
 - raw: N messages published to a JetStream stream (async publish, file storage, like
-  FlowMesh's streams) while a pull consumer fetches and acks them: the bus alone.
+  FlowMesh's streams) while a pull consumer fetches and acks them: the bus alone. On
+  Kafka: N records produced to a one-partition topic (acks=all, linger 1 ms, as
+  FlowMesh's producer) while a consumer of a group fetches them and commits its offset
+  after each fetch.
 - fabric: one workflow of N no-op map operators (`bench.noop`, a transform that returns
   its record) through the whole fabric: client upload, planner (keys, dedup KV entry,
   request record, ready publish), scheduler (pool, policy, assignment), worker (KV
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +43,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.local import LocalFabric, free_port
 from flowmesh.loadgen.real.results import Progress, no_progress
+from flowmesh.topics.bus import transport
 from flowmesh.topics.messages import DatasetSpec, NodeSpec, WorkflowSpec
 
 RAW_STREAM = "BENCH_RAW"
@@ -51,7 +58,9 @@ class OverheadResult:
     payload_bytes: int
     raw_s: float
     fabric_s: float
+    bus: str = "nats"
     ray_s: float | None = None
+    kv: str = "nats"  # kafka: a Kafka-only fabric (no nats-server at all)
     fabric_accept_s: float = 0.0  # submit -> the planner's first status
     notes: list[str] = field(default_factory=list)
     # the server's counters over the fabric's run, per operator (ServerStats.per_op)
@@ -189,6 +198,59 @@ async def raw_jetstream(nats_url: str, n: int, payload_bytes: int) -> float:
         await nc.close()
 
 
+async def raw_kafka(bootstrap: str, n: int, payload_bytes: int) -> float:
+    """Seconds to produce n records to a topic and consume + commit them all
+    (concurrently), with the producer settings FlowMesh's own streams use."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    tp = TopicPartition(RAW_SUBJECT, 0)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="loadgen-overhead")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, client_id="loadgen-overhead", acks="all", linger_ms=1
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="loadgen-overhead",
+        group_id="bench-raw",
+        enable_auto_commit=False,
+    )
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(RAW_SUBJECT, 1, 1)])
+        await producer.start()
+        await consumer.start()
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        data = b"x" * payload_bytes
+        t0 = time.perf_counter()
+
+        async def produce() -> None:
+            pending = []
+            for _ in range(n):
+                pending.append(await producer.send(RAW_SUBJECT, data, partition=0))
+                if len(pending) >= PUBLISH_WINDOW:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+
+        async def consume() -> None:
+            got = 0
+            while got < n:
+                batches = await consumer.getmany(tp, timeout_ms=5000, max_records=256)
+                recs = batches.get(tp, [])
+                if recs:
+                    await consumer.commit({tp: recs[-1].offset + 1})
+                got += len(recs)
+
+        await asyncio.wait_for(asyncio.gather(produce(), consume()), timeout=600)
+        return time.perf_counter() - t0
+    finally:
+        for client in (consumer, producer):
+            await client.stop()
+        await admin.close()
+
+
 def noop_spec(n: int) -> WorkflowSpec:
     return WorkflowSpec(
         name="overhead-noop",
@@ -203,13 +265,17 @@ async def fabric_noop(
 ) -> tuple[float, float, dict[str, float]]:
     """(seconds from submit to completed, seconds from submit to the first status,
     the server's counters per operator over that time)."""
-    async with await FlowMesh.connect(fab.nats_url, fab.cas_url) as fm:
+    async with await FlowMesh.connect(
+        fab.nats_url, fab.cas_url, kafka=fab.kafka_servers, kv=fab.kv
+    ) as fm:
         deadline = time.monotonic() + 300
         while len(await fm.workers()) < fab.workers:
             if time.monotonic() > deadline or not all(fab.alive().values()):
                 raise RuntimeError(f"fabric did not come up; logs in {fab.log_dir}")
             await asyncio.sleep(0.2)
-        before = await server_stats(fab.nats_url, fab.monitor_url)
+        # a Kafka-only fabric has no nats-server to count its requests
+        counted = not fab.kafka_only
+        before = await server_stats(fab.nats_url, fab.monitor_url) if counted else None
         accepted: list[float] = []
         t0 = time.perf_counter()
         wf = await fm.submit(noop_spec(n), "overhead-noop")
@@ -222,6 +288,8 @@ async def fabric_noop(
         seconds = time.perf_counter() - t0
         if st.state != "completed" or st.nodes["noop"].done != n:
             raise RuntimeError(f"overhead workflow did not complete: {st.state} {st.error}")
+        if before is None:
+            return seconds, accepted[0] if accepted else seconds, {}
         after = await server_stats(fab.nats_url, fab.monitor_url)
         return seconds, accepted[0] if accepted else seconds, after.per_op(before, n)
 
@@ -254,7 +322,16 @@ async def run_overhead(
     profile_dir: Path | None = None,
     timeout_s: float = 1800.0,
     progress: Progress = no_progress,
+    bus: str = "nats",
+    kv: str = "nats",
 ) -> OverheadResult:
+    """`kv` "kafka" (with `bus` "kafka"): a Kafka-only fabric, no nats-server started."""
+    if bus not in transport.BUSES or kv not in transport.BUSES:
+        raise ValueError(
+            f"bus {bus!r}, kv {kv!r}: each must be one of {', '.join(transport.BUSES)}"
+        )
+    if kv == "kafka" and bus != "kafka":
+        raise ValueError("kv 'kafka' needs bus 'kafka' (a Kafka-only fabric)")
     fab = ProfiledFabric(
         data_dir=out_dir / "fabric",
         nats_url=f"nats://127.0.0.1:{free_port()}",
@@ -267,10 +344,26 @@ async def run_overhead(
     )
     fab.profile_dir = profile_dir
     steps = 3 if with_ray else 2
+    broker: subprocess.Popen[bytes] | None = None
     try:
-        fab.ensure_nats()  # one server for both the raw and the fabric measurement
+        if kv == "kafka":
+            fab.kv = "kafka"  # Kafka-only: no nats-server at all
+        else:
+            fab.ensure_nats()  # one server for both the raw and the fabric measurement
+        if bus == "kafka":
+            from flowmesh.loadgen.real.kafka_broker import start_tansu
+
+            port = free_port()
+            broker = start_tansu(port, out_dir / "fabric" / "logs" / "tansu.log")
+            bootstrap = f"127.0.0.1:{port}"
+            # the engine and workers are told by flags, this process's client by
+            # fab.kafka_servers
+            fab.bus, fab.kafka = "kafka", bootstrap
         progress("overhead", 0, steps)
-        raw_s = await raw_jetstream(fab.nats_url, n, payload_bytes)
+        if bus == "kafka":
+            raw_s = await raw_kafka(bootstrap, n, payload_bytes)
+        else:
+            raw_s = await raw_jetstream(fab.nats_url, n, payload_bytes)
         progress("overhead", 1, steps)
         fab.start_engine()
         for _ in range(workers):
@@ -279,7 +372,12 @@ async def run_overhead(
         progress("overhead", 2, steps)
     finally:
         fab.stop()
-    result = OverheadResult(n, workers, payload_bytes, raw_s, fabric_s, fabric_accept_s=accept_s)
+        if broker is not None:
+            os.kill(broker.pid, signal.SIGKILL)
+            broker.wait()
+    result = OverheadResult(
+        n, workers, payload_bytes, raw_s, fabric_s, bus=bus, fabric_accept_s=accept_s, kv=kv
+    )
     result.server_per_op = per_op
     if with_ray:
         result.ray_s = await asyncio.to_thread(ray_noop, n, workers)
@@ -287,22 +385,31 @@ async def run_overhead(
     return result
 
 
+def raw_label(bus: str) -> str:
+    if bus == "kafka":
+        return "raw Kafka produce + consume/commit"
+    return "raw JetStream publish + pull/ack"
+
+
 def overhead_markdown(r: OverheadResult) -> str:
     s = r.summary()
+    raw_name = raw_label(r.bus)
     rows = [
-        ("raw JetStream publish + pull/ack", r.raw_s, s["raw_ops_per_s"]),
+        (raw_name, r.raw_s, s["raw_ops_per_s"]),
         ("FlowMesh fabric, no-op operators", r.fabric_s, s["fabric_ops_per_s"]),
     ]
     if r.ray_s is not None:
         rows.append(("Ray tasks, same executor", r.ray_s, s["ray_ops_per_s"]))
     lines = [
-        f"**{r.ops} operators, {r.workers} workers**",
+        f"**{r.ops} operators, {r.workers} workers, streams on {r.bus}"
+        + (", KV on kafka (no nats-server)" if r.kv == "kafka" else "")
+        + "**",
         "",
         "| path | seconds | ops/s |",
         "| --- | ---: | ---: |",
         *(f"| {name} | {sec:.2f} | {rate:,.0f} |" for name, sec, rate in rows),
         "",
-        f"fabric / raw JetStream: {s['fabric_over_raw']:.3f}",
+        f"fabric / raw {'Kafka' if r.bus == 'kafka' else 'JetStream'}: {s['fabric_over_raw']:.3f}",
     ]
     if r.ray_s is not None:
         lines.append(f"fabric / Ray: {s['fabric_over_ray']:.2f}")

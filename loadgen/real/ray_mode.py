@@ -25,8 +25,8 @@ from flowmesh.engine.spec import topo_order
 from flowmesh.loadgen.real.results import ModeResult, Progress, WorkflowResult, no_progress
 from flowmesh.loadgen.real.workload import RealWorkload, Submission
 from flowmesh.topics import codec
-from flowmesh.topics.cas import open_cas
 from flowmesh.topics.operators import KINDS, executor_id, parse_params
+from flowmesh.topics.store.cas import open_cas
 from flowmesh.workers.executors import Executor, OpError, OpInput, Record, builtin_executors
 from flowmesh.workers.runtime import WorkerConfig
 

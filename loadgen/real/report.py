@@ -16,8 +16,11 @@ def _f(v: float, fmt: str = ".2f") -> str:
     return "-" if not math.isfinite(v) else format(v, fmt)
 
 
-def markdown(title: str, results: Sequence[ModeResult], base: str = "isolated") -> str:
-    """Modes as columns; the ratios against `base` below."""
+BASES = ("isolated-lean", "isolated")  # the ratios are against each of these run
+
+
+def markdown(title: str, results: Sequence[ModeResult]) -> str:
+    """Modes as columns; the ratios against each baseline of BASES that ran below."""
     head = ["metric", *(r.mode for r in results)]
     rows: list[list[str]] = [
         ["workers", *(str(r.workers) for r in results)],
@@ -25,6 +28,7 @@ def markdown(title: str, results: Sequence[ModeResult], base: str = "isolated") 
         ["operators requested", *(str(r.ops_requested) for r in results)],
         ["operators executed", *(str(r.ops_executed) for r in results)],
         ["worker-seconds", *(_f(r.worker_seconds) for r in results)],
+        ["of which fleet overhead", *(_f(r.overhead_s) for r in results)],
         ["worker CPU-seconds", *(_f(r.worker_cpu_s) for r in results)],
         ["$ (worker time)", *(_f(r.usd, ".6f") for r in results)],
         ["energy (J)", *(_f(r.energy_j, ".0f") for r in results)],
@@ -33,8 +37,27 @@ def markdown(title: str, results: Sequence[ModeResult], base: str = "isolated") 
         ["makespan (s)", *(_f(r.makespan_s) for r in results)],
         ["setup, not timed (s)", *(_f(r.setup_s, ".1f") for r in results)],
     ]
-    rat = ratios(list(results), base)
-    if rat:
+    digests = {w.workflow_id: w.output_digest for w in results[0].workflows} if results else {}
+    rows.append(
+        [
+            f"results identical to {results[0].mode}" if results else "results",
+            *(
+                "-"
+                if not any(w.output_digest for w in r.workflows)
+                else "yes"
+                if all(
+                    not w.output_digest or w.output_digest == digests.get(w.workflow_id)
+                    for w in r.workflows
+                )
+                else "NO"
+                for r in results
+            ),
+        ]
+    )
+    for base in BASES:
+        rat = ratios(list(results), base)
+        if not rat:
+            continue
         rows += [
             [
                 f"worker-seconds {base} / mode",
@@ -80,6 +103,7 @@ def run_doc(title: str, results: Sequence[ModeResult], meta: dict[str, Any]) -> 
         **meta,
         "modes": {r.mode: r.as_dict() for r in results},
         "ratios_vs_isolated": ratios(list(results)),
+        "ratios_vs_isolated_lean": ratios(list(results), "isolated-lean"),
     }
 
 

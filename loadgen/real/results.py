@@ -27,6 +27,9 @@ class WorkflowResult:
     usd: float = 0.0
     energy_j: float = 0.0
     error: str | None = None
+    # sha256 of every node's result records (canonical JSON, in spec order): greedy
+    # decoding gives the same bytes in every mode
+    output_digest: str = ""
 
 
 @dataclass
@@ -36,7 +39,7 @@ class ModeResult:
     workflows: list[WorkflowResult]
     ops_requested: int  # operators the workflows asked for
     ops_executed: int  # operators that actually ran (committed results)
-    worker_seconds: float  # busy time of the workers, summed (executor batches)
+    worker_seconds: float  # busy time of the workers, summed (executor batches, warm-ups)
     usd: float
     energy_j: float
     makespan_s: float  # first submission -> last completion
@@ -46,6 +49,8 @@ class ModeResult:
     # CPU seconds the worker processes used from the first submission to the last
     # completion (kernel accounting; nan where it is not measured)
     worker_cpu_s: float = float("nan")
+    # of worker_seconds, what no workflow was billed: warm-up, waiting for a core
+    overhead_s: float = 0.0
 
     @property
     def completed(self) -> int:
@@ -68,6 +73,7 @@ class ModeResult:
             "ops_executed": self.ops_executed,
             "worker_seconds": self.worker_seconds,
             "worker_cpu_s": self.worker_cpu_s,
+            "overhead_s": self.overhead_s,
             "usd": self.usd,
             "energy_j": self.energy_j,
             "p50_s": self.latency(50),
@@ -108,3 +114,20 @@ def ratios(results: list[ModeResult], base: str = "isolated") -> dict[str, dict[
 
 def _div(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def output_mismatches(results: list[ModeResult]) -> list[str]:
+    """Workflows whose results differ between the modes that read them back (greedy
+    decoding is deterministic: every mode must give the same bytes); one line each."""
+    out = []
+    first: dict[str, tuple[str, str]] = {}
+    for r in results:
+        for w in r.workflows:
+            if not w.output_digest:
+                continue
+            seen = first.setdefault(w.workflow_id, (r.mode, w.output_digest))
+            if seen[1] != w.output_digest:
+                out.append(
+                    f"{w.workflow_id}: {r.mode} {w.output_digest[:12]} != {seen[0]} {seen[1][:12]}"
+                )
+    return out

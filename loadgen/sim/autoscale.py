@@ -16,17 +16,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from flowmesh.engine.scheduler import rightsize
-from flowmesh.loadgen.sim.pool import can_run
+from flowmesh.engine.scheduler import elastic
 
 if TYPE_CHECKING:
     from flowmesh.loadgen.sim.simulator import Simulation
 
 
 def allowance(sim: Simulation, scale_up: str = "backlog") -> dict[str, int]:
-    """New workers each pool may allocate this round. `scale_up="after-startup"`
-    (flowmesh's option, engine.scheduler.rightsize.scale_up) counts only the backlog the
-    allocated workers will not have done by the time a new one is up."""
+    """New workers each pool may allocate this round (engine.scheduler.elastic.grow, as
+    the live autoscaler). `scale_up="after-startup"` (flowmesh's option) counts only the
+    backlog the allocated workers will not have done by the time a new one is up."""
     q = sim.queue
     backlog = {"gpu": 0.0, "cpu": 0.0}
     starving = {"gpu": False, "cpu": False}
@@ -38,32 +37,27 @@ def allowance(sim: Simulation, scale_up: str = "backlog") -> dict[str, int]:
     for bk, size in q.sizes.items():
         it = q.head(bk).item
         pool = sim.kind_pool[it.kind]
-        m = sim.fastest[it.kind]
         sf = sim.emu.size_factor(it.kind, it.model_gb)
-        batches = math.ceil(size / max(m.max_batch, 1))
-        backlog[pool] += (batches * m.fixed_s + size * m.per_item_s) * sf
+        backlog[pool] += elastic.backlog_seconds(sim.fastest[it.kind], size, sf)
         if max_wait is not None and now - it.ready_at > max_wait:
             aged[pool] = now - sim.aged_scale_at.get(pool, -math.inf) >= max_wait
         if not starving[pool] and not any(
-            d.kind == pool and can_run(d, it.kind, it.model_gb) for d in allocated
+            d.kind == pool and elastic.can_run(d, it.kind, it.model_gb) for d in allocated
         ):
             starving[pool] = True
     out: dict[str, int] = {}
-    target = max(sim.settings.target_backlog_s, 1e-9)
     for pool, secs in backlog.items():
-        if secs <= 0:
-            out[pool] = 0
-            continue
-        if scale_up == "after-startup":
-            k = rightsize.scale_up(
-                secs, sim.pool.allocated[pool], sim.settings.cold_start_s, target
-            )
-        else:
-            k = math.ceil(secs / target) - sim.pool.allocated[pool]
-        if starving[pool]:
-            k = max(k, 1)
-        elif aged[pool] and k <= 0:
-            k = 1
+        k, by_age = elastic.grow(
+            secs,
+            sim.pool.allocated[pool],
+            sim.pool.unallocated(pool),
+            sim.settings.cold_start_s,
+            sim.settings.target_backlog_s,
+            scale_up,
+            starving[pool],
+            aged[pool],
+        )
+        if by_age:
             sim.aged_scale_at[pool] = now
-        out[pool] = max(0, min(k, sim.pool.unallocated(pool)))
+        out[pool] = k
     return out

@@ -18,20 +18,27 @@
 
 from __future__ import annotations
 
-import copy
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
+from flowmesh.engine.scheduler import elastic
 from flowmesh.engine.scheduler.fairness import FairShare
 from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator
 from flowmesh.engine.scheduler.groups import ReadyGroup
-from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
-from flowmesh.engine.scheduler.rightsize import idle_to_keep
+from flowmesh.engine.scheduler.policy import (
+    Decision,
+    Policy,
+    PolicyConfig,
+    ReadyItem,
+    WorkerState,
+)
 from flowmesh.loadgen.sim.autoscale import allowance
 from flowmesh.loadgen.sim.pool import SimWorker, can_run, ensure_resident
 from flowmesh.loadgen.sim.readyq import Exec
-from flowmesh.loadgen.sim.workload import SimSettings
+from flowmesh.loadgen.sim.workload import Levers, SimSettings
 
 if TYPE_CHECKING:
     from flowmesh.loadgen.sim.simulator import Simulation
@@ -41,6 +48,7 @@ POLICIES = ("flowmesh", "reference", "shared-fifo", "isolated-lean", "isolated-d
 BASELINES = POLICIES[1:]
 ALIASES = {"isolated": "isolated-dedicated"}
 RIGHT_AFTER = 1e-3  # s: after the current instant's scheduling round
+PENDING_EPS_S = 1e-6  # pending work below this is float residue: none
 RECHECKS = 6  # forecast release: re-checks of a kept idle worker per break-even horizon
 _ready_at = attrgetter("ready_at")
 
@@ -49,6 +57,12 @@ class SimPolicy:
     name = "base"
     dedup = False
     shared = True  # runs on the shared elastic pool
+    batch_per_workflow = False  # the shared queue's batch keys carry the workflow
+    warm_lowers = False  # warm_minimum may fall below the workload's min_workers
+
+    def pool_fleet(self, settings: SimSettings) -> Mapping[str, int]:
+        """The shared pool's classes and how many workers of each (the workload's)."""
+        return settings.fleet
 
     def scope(self, run: WorkflowRun) -> str:
         """Which ready queue a workflow's operators go to ("": the shared one)."""
@@ -65,6 +79,11 @@ class SimPolicy:
 
     def on_return(self, sim: Simulation, w: SimWorker, now: float) -> None:
         pass
+
+    def warm_minimum(self, sim: Simulation, cls: str) -> int:
+        """Workers of `cls` the shared pool keeps allocated, idle or not, while the run
+        lasts (the workload's autoscale.min_workers)."""
+        return sim.settings.min_workers.get(cls, 0)
 
     def release_check_s(self, sim: Simulation) -> float:
         """How long after its batch an idle shared-pool worker is first considered for
@@ -84,7 +103,20 @@ class FlowMeshPolicy(SimPolicy):
     name = "flowmesh"
     dedup = True
 
-    def __init__(self, fleet: Fleet, config: PolicyConfig, max_groups: int | None = None):
+    def __init__(
+        self,
+        fleet: Fleet,
+        config: PolicyConfig,
+        max_groups: int | None = None,
+        levers: Levers | None = None,
+    ):
+        self.levers = levers = levers or Levers()
+        self.dedup = levers.dedup
+        self.batch_per_workflow = not levers.batching
+        if not levers.release:
+            config = replace(config, release="fixed")
+        self.warm_lowers = config.release == "forecast"
+        self.fleet = fleet
         self.config = config
         self.estimator = LatencyEstimator(fleet)
         self.policy = Policy(fleet, config, self.estimator)
@@ -98,27 +130,92 @@ class FlowMeshPolicy(SimPolicy):
         self.decide_calls = 0
         self.decide_s = 0.0  # wall time inside Policy.decide (not part of the results)
         self.decide_items = 0
+        self._by_key: dict[str, Exec] = {}  # the last groups' executions, by operator key
+
+    def pool_fleet(self, settings: SimSettings) -> Mapping[str, int]:
+        if self.levers.heterogeneity:
+            return settings.fleet
+        return one_gpu_class(self.fleet, settings)
 
     def round(self, sim: Simulation, now: float, scopes: list[str]) -> None:
         q = sim.queue
         busy = self._busy(sim, now) if q.total and self.config.hold_s > 0 else []
         if q.total and sim.pool.free:
-            self._decide(sim, now, list(sim.pool.free.values()), busy, None)
+            self._decide(sim, now, list(sim.pool.free.values()), busy)
         if q.total:
-            allow = allowance(sim, self.config.scale_up)
-            # one cold candidate per class at a time: the policy picks the class (and the
-            # batch) of each new worker; offering k per class at once would make it
-            # spread small batches over workers the autoscaler will not allocate
-            while q.total and any(allow.values()):
-                candidates = [
-                    next(iter(ws.values()))
-                    for cls, ws in sim.pool.unalloc.items()
-                    if ws and allow.get(sim.fleet.classes[cls].kind, 0) > 0
-                ]
-                if not candidates or not self._decide(sim, now, candidates, busy, allow, True):
-                    break
-        if self.config.linger_s > 0 and q.total and sim.pool.free:
-            sim.wake_at(now + self.config.linger_s)
+            self.grow(sim, now, busy)
+        if self.config.linger_s > 0 and q.total:
+            if sim.pool.free:
+                sim.wake_at(now + self.config.linger_s)
+            else:
+                # the policy held a young group back from a new worker too (linger is
+                # by age): come back when it is old enough, not at the next event,
+                # which on an empty pool may be the next arrival (20 s on smoke)
+                until = self._linger_ends(sim, now)
+                if until is not None:
+                    sim.wake_at(until)
+
+    def _linger_ends(self, sim: Simulation, now: float) -> float | None:
+        """When the first group still lingering (oldest operator younger than linger_s)
+        stops lingering; None when none does."""
+        q = sim.queue
+        linger = self.config.linger_s
+        ends = [end for bk in q.sizes if (end := q.head(bk).item.ready_at + linger) > now]
+        return min(ends, default=None)
+
+    def grow(self, sim: Simulation, now: float, busy: list[WorkerState]) -> int:
+        """The elastic pool's round, by the live autoscaler's code
+        (engine.scheduler.elastic): how many workers each pool may add, then the class
+        and first batch of each; a chosen worker is allocated and starts its batch."""
+        allow = allowance(sim, self.config.scale_up)
+        if not any(allow.values()):
+            return 0
+        pools = {c: frozenset({d.kind}) for c, d in sim.fleet.classes.items()}
+        by_id: dict[str, SimWorker] = {}
+
+        def candidates() -> list[WorkerState]:
+            out = []
+            for ws in sim.pool.unalloc.values():
+                if ws:
+                    w = next(iter(ws.values()))
+                    by_id[w.id] = w
+                    out.append(self._state(sim, w))
+            return out
+
+        def take(d: Decision, state: WorkerState) -> None:
+            w = by_id[state.id]
+            sim.allocate(w, now)
+            self._start(sim, w, d, now)
+
+        return elastic.new_workers(
+            self.policy,
+            lambda n: self._groups(sim, n)[0],
+            candidates,
+            pools,
+            lambda d, w: sim.fleet.classes[w.device_class].kind,
+            allow,
+            busy,
+            now,
+            self.fair,
+            take,
+        )
+
+    def warm_minimum(self, sim: Simulation, cls: str) -> int:
+        """Forecast release: the warm minimum only while it can be needed within a cold
+        start: while the accepted workflows still have work for the class's pool
+        (allocated when one arrives, its cold start overlapping the upstream stages), or
+        while workflows arrive at least once per cold start (the recent rate). Between
+        sparse workflows the pool's last worker goes like any other."""
+        n = sim.settings.min_workers.get(cls, 0)
+        if not n or self.config.release != "forecast":
+            return n
+        cold = sim.settings.cold_start_s
+        return elastic.warm_minimum(
+            n,
+            sim.pending_s[sim.fleet.classes[cls].kind] > PENDING_EPS_S,
+            sim.arrival_rate(elastic.ARRIVAL_WINDOW_S),
+            cold,
+        )
 
     def release_check_s(self, sim: Simulation) -> float:
         if self.config.release == "forecast":
@@ -137,30 +234,20 @@ class FlowMeshPolicy(SimPolicy):
             return None
         idle = [x for x in sim.pool.free.values() if x.pool == w.pool and not x.owner]
         horizon = max(sim.settings.cold_start_s, RIGHT_AFTER)
-        keep = idle_to_keep(
-            sim.pending_s[w.pool], sim.pool.allocated[w.pool] - len(idle), len(idle), horizon
+        go = elastic.to_release(
+            [(x.id, x.idle_since) for x in idle],
+            sim.pending_s[w.pool],
+            sim.pool.allocated[w.pool] - len(idle),
+            horizon,
         )
-        newer = sum(1 for x in idle if (x.idle_since, x.id) > (w.idle_since, w.id))
-        if newer >= keep:
+        if w.id in go:
             return None
         return min(cap, now + horizon / RECHECKS)
 
-    def _decide(
-        self,
-        sim: Simulation,
-        now: float,
-        workers: list[SimWorker],
-        busy: list[WorkerState],
-        allow: dict[str, int] | None,
-        first: bool = False,
-    ) -> int:
-        """One Policy.decide round over the ready groups and `workers` (and the `busy`
-        workers that free soon, for the policy's hold); returns how many batches
-        started. With `allow`, the workers are unallocated candidates and only the
-        policy's best choices within `allow[pool]` are taken (allocated), with `first`
-        only its best one; the rest are dropped."""
+    def _groups(self, sim: Simulation, n_workers: int) -> tuple[list[ReadyGroup], dict[str, Exec]]:
+        """The shared queue's groups as the policy sees them (oldest first), and the
+        executions behind their operators."""
         q = sim.queue
-        n_workers = len(workers) + len(busy)
         groups: list[ReadyGroup] = []
         by_key: dict[str, Exec] = {}
         for bk in q.oldest(self.max_groups):
@@ -171,40 +258,43 @@ class FlowMeshPolicy(SimPolicy):
             # oldest first (a replayed operator is queued at the front)
             groups.append(ReadyGroup.of(sorted((e.item for e in execs), key=_ready_at)))
         groups.sort(key=lambda g: g.items[0].ready_at)
-        n_items = len(by_key)
+        self._by_key = by_key
+        return groups, by_key
+
+    def _state(self, sim: Simulation, w: SimWorker) -> WorkerState:
         # candidates are offered without their cold start (startup_s): priced at each
         # class's $/h it makes the default weights pick the cheapest slow class for a
         # small backlog, which cost energy and p95 on rlhf-mix (loadgen/README.md)
-        states = [
-            WorkerState(w.id, w.device.name, 1, w.resident, self._advertised(sim, w.device.name))
-            for w in workers
-        ]
-        states += busy
-        fair = self.fair if allow is None else copy.deepcopy(self.fair)
+        return WorkerState(w.id, w.device.name, 1, w.resident, self._advertised(sim, w.device.name))
+
+    def _start(self, sim: Simulation, w: SimWorker, d: Decision, now: float) -> None:
+        execs = [self._by_key[it.key] for it in d.items]
+        model = d.items[0].model
+        if not self.levers.packing and model and len(w.resident) > 1:
+            # one model per GPU: the batch's model stays, the others go
+            for m in [m for m in w.resident if m != model]:
+                del w.resident[m]
+        sim.start_batch(w, execs, sim.queue, now, load=d.load_model is not None)
+        # what a live scheduler would know: its own estimate, not the emulated end
+        w.expected_end = max(now, w.ready_at) + d.seconds
+
+    def _decide(
+        self, sim: Simulation, now: float, workers: list[SimWorker], busy: list[WorkerState]
+    ) -> int:
+        """One Policy.decide round over the ready groups, the free allocated `workers`
+        and the `busy` workers that free soon (for the policy's hold); returns how many
+        batches started."""
+        groups, by_key = self._groups(sim, len(workers) + len(busy))
+        states = [self._state(sim, w) for w in workers]
         t0 = time.perf_counter()
-        decisions = self.policy.decide_groups(groups, states, now, fair)
+        decisions = self.policy.decide_groups(groups, [*states, *busy], now, self.fair)
         self.decide_s += time.perf_counter() - t0
         self.decide_calls += 1
-        self.decide_items += n_items
+        self.decide_items += len(by_key)
         by_id = {w.id: w for w in workers}
-        started = 0
         for d in decisions:
-            w = by_id[d.worker]
-            if allow is not None:
-                if allow.get(w.pool, 0) <= 0 or (first and started):
-                    w.resident.clear()  # a candidate not taken: nothing was loaded
-                    continue
-                allow[w.pool] -= 1
-                n = len(d.items)
-                for it in d.items:  # what decide charged to its scratch copy
-                    self.fair.charge(it.tenant, d.seconds / n, d.cost_usd / n, now)
-                sim.allocate(w, now)
-            execs = [by_key[it.key] for it in d.items]
-            sim.start_batch(w, execs, q, now, load=d.load_model is not None)
-            # what a live scheduler would know: its own estimate, not the emulated end
-            w.expected_end = max(now, w.ready_at) + d.seconds
-            started += 1
-        return started
+            self._start(sim, by_id[d.worker], d, now)
+        return len(decisions)
 
     def _busy(self, sim: Simulation, now: float) -> list[WorkerState]:
         """The shared pool's busy workers expected to free within hold_s, as the policy
@@ -373,11 +463,24 @@ class IsolatedPolicy(SimPolicy):
                     break
 
 
+def one_gpu_class(fleet: Fleet, settings: SimSettings) -> dict[str, int]:
+    """The shared pool with every GPU slot of one class: `isolated.gpu` (the class a
+    user would rent) when the pool has it, else the pool's first GPU class; CPU classes
+    as they are."""
+    gpus = [c for c in settings.fleet if fleet.classes[c].kind == "gpu"]
+    if not gpus:
+        return dict(settings.fleet)
+    keep = settings.isolated.gpu if settings.isolated.gpu in gpus else gpus[0]
+    out = {keep: sum(settings.fleet[c] for c in gpus)}
+    out.update((c, n) for c, n in settings.fleet.items() if c not in gpus)
+    return out
+
+
 def make_policy(
     name: str, fleet: Fleet, config: PolicyConfig, sim_settings: SimSettings
 ) -> SimPolicy:
     if name == "flowmesh":
-        return FlowMeshPolicy(fleet, config, sim_settings.max_groups)
+        return FlowMeshPolicy(fleet, config, sim_settings.max_groups, sim_settings.levers)
     if name == "shared-fifo":
         return SharedFifoPolicy()
     name = ALIASES.get(name, name)

@@ -15,15 +15,17 @@ dedicated workers on arrival and release them on completion.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from flowmesh.engine.scheduler.elastic import can_run, kind_pools, size_factor
 from flowmesh.engine.scheduler.fleet import DeviceClass, Fleet
 
 if TYPE_CHECKING:
     from flowmesh.loadgen.sim.readyq import Exec
+
+__all__ = ["Emulator", "SimWorker", "WorkerPool", "can_run", "ensure_resident", "kind_pools"]
 
 
 class SimWorker:
@@ -183,8 +185,7 @@ class Emulator:
     def size_factor(self, kind: str, model_gb: float, device: DeviceClass | None = None) -> float:
         """model_gb / ref_model_gb[kind], and on a device no lower than its
         min_size_factor (as the policy's estimate does)."""
-        ref = self.ref.get(kind, 0.0)
-        sf = model_gb / ref if model_gb > 0 and ref > 0 else 1.0
+        sf = size_factor(self.ref, kind, model_gb)
         return sf if device is None else max(sf, device.min_size_factor)
 
     def exec_seconds(self, device: DeviceClass, kind: str, n: int, model_gb: float) -> float:
@@ -208,16 +209,3 @@ class Emulator:
     @staticmethod
     def fetch_seconds(device: DeviceClass, input_bytes: int) -> float:
         return input_bytes / max(device.net_gbps * 1.25e8, 1.0)
-
-
-def kind_pools(fleet: Fleet) -> dict[str, str]:
-    """The pool an operator kind belongs to: gpu when any GPU class runs it."""
-    out: dict[str, str] = {}
-    for kind in fleet.kinds:
-        gpu = any(c.kind == "gpu" and c.runs(kind) for c in fleet.classes.values())
-        out[kind] = "gpu" if gpu else "cpu"
-    return out
-
-
-def can_run(device: DeviceClass, kind: str, model_gb: float) -> bool:
-    return device.runs(kind) and model_gb <= device.memory_gb and not math.isnan(model_gb)

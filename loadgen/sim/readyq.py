@@ -9,7 +9,6 @@ is skipped when the group is read), so a round may pick any of a group's members
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from flowmesh.engine.scheduler.policy import ReadyItem
@@ -63,11 +62,6 @@ class ReadyQueue:
             del self.sizes[bk]
             del self.groups[bk]
 
-    def _valid(self, bk: str) -> Iterator[Exec]:
-        for tok, e in self.groups[bk]:
-            if e.state == READY and e.qtoken == tok:
-                yield e
-
     def head(self, bk: str) -> Exec:
         dq = self.groups[bk]
         while True:
@@ -85,8 +79,9 @@ class ReadyQueue:
         out: list[Exec] = []
         if n <= 0:
             return out
-        for e in self._valid(bk):
-            out.append(e)
-            if len(out) >= n:
-                break
+        for tok, e in self.groups[bk]:  # skips stale entries, as head() does
+            if e.state == READY and e.qtoken == tok:
+                out.append(e)
+                if len(out) >= n:
+                    break
         return out

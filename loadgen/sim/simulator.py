@@ -21,6 +21,8 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from flowmesh.engine.scheduler import elastic
+from flowmesh.engine.scheduler.elastic import fastest
 from flowmesh.engine.scheduler.fleet import Fleet, LatencyModel
 from flowmesh.engine.scheduler.policy import PolicyConfig, ReadyItem
 from flowmesh.loadgen.sim.clock import Clock, Ev
@@ -59,7 +61,9 @@ class Simulation:
         self.progress = progress
         seed = workload.seed
         self.clock = Clock()
-        self.pool = WorkerPool(fleet, s.fleet if policy.shared else {})
+        # the shared pool's classes and caps (a policy may narrow them: an ablation)
+        self.pool_classes = policy.pool_fleet(s) if policy.shared else {}
+        self.pool = WorkerPool(fleet, self.pool_classes)
         self.ref_model_gb = {**fleet.ref_model_gb, **config.ref_model_gb}
         self.emu = Emulator(
             fleet,
@@ -79,6 +83,7 @@ class Simulation:
         self.runs: dict[str, WorkflowRun] = {}
         self.arrivals: dict[str, float] = {}
         self.completions: dict[str, float] = {}
+        self.arrival_log: list[float] = []  # arrival times, in order
         self._uid = 0
         self.aged_scale_at: dict[str, float] = {}  # autoscaler: last scale-up for age
         self.finished = False  # every workflow done: the pool may shrink to nothing
@@ -111,27 +116,14 @@ class Simulation:
     def _fastest(self) -> dict[str, LatencyModel]:
         """Per kind, the shared pool's fastest class (full batch, seconds per op) in the
         kind's pool: what the autoscaler measures a backlog in."""
-        out: dict[str, LatencyModel] = {}
-        classes = self.settings.fleet if self.policy.shared else self.fleet.classes
-        for kind in self.fleet.kinds:
-            best: LatencyModel | None = None
-            for c in classes:
-                dev = self.fleet.classes[c]
-                if dev.kind != self.kind_pool[kind] or not dev.runs(kind):
-                    continue
-                m = dev.latency[kind]
-                if best is None or m.seconds(m.max_batch) / m.max_batch < best.seconds(
-                    best.max_batch
-                ) / max(best.max_batch, 1):
-                    best = m
-            if best is not None:
-                out[kind] = best
-        return out
+        classes = self.pool_classes if self.policy.shared else self.fleet.classes
+        pool = self.kind_pool
+        return fastest(self.fleet, classes, lambda c, k: self.fleet.classes[c].kind == pool.get(k))
 
     def _check(self) -> None:
         """Every stage must be runnable somewhere in its pool, or the run would hang."""
         classes = (
-            [self.fleet.classes[c] for c in self.settings.fleet]
+            [self.fleet.classes[c] for c in self.pool_classes]
             if self.policy.shared
             else list(self.fleet.classes.values())
         )
@@ -164,18 +156,19 @@ class Simulation:
                 self._on_arrive(obj, now)
             elif ev == Ev.RELEASE:
                 w: SimWorker = obj
-                keep = self.settings.min_workers.get(w.device.name, 0)
-                if (
-                    w.allocated
-                    and w.batch is None
-                    and w.idle_token == token
-                    and (self.finished or self.pool.by_class.get(w.device.name, 0) > keep)
-                ):
-                    until = None if self.finished else self.policy.keep_idle(self, w, now)
-                    if until is None:
-                        self.pool.release(w, now)
+                if w.allocated and w.batch is None and w.idle_token == token:
+                    keep = self.policy.warm_minimum(self, w.device.name)
+                    if not self.finished and self.pool.by_class.get(w.device.name, 0) <= keep:
+                        if self.policy.warm_lowers:
+                            # kept as the warm minimum, which the policy lowers when no
+                            # work is pending: look again after an idle tail
+                            self.clock.at(now + self.settings.idle_release_s, Ev.RELEASE, w, token)
                     else:
-                        self.clock.at(until, Ev.RELEASE, w, token)
+                        until = None if self.finished else self.policy.keep_idle(self, w, now)
+                        if until is None:
+                            self.pool.release(w, now)
+                        else:
+                            self.clock.at(until, Ev.RELEASE, w, token)
             elif ev == Ev.KILL:
                 self._on_kill(obj, token, now)
             elif ev == Ev.RETURN:
@@ -207,6 +200,7 @@ class Simulation:
         for st in run.stages:
             self.pending_s[self.kind_pool[st.kind]] += len(st.ops) * self.op_work(st)
         self.arrivals[run.wid] = now
+        self.arrival_log.append(now)
         self._keep_min(now)
         self.policy.on_arrival(self, run, now)
         for st in run.stages:
@@ -244,7 +238,10 @@ class Simulation:
             key = f"{op.key}#{self._uid}"
         item = ReadyItem(
             key=key,
-            batch_key=st.batch_key,
+            # a policy that batches each workflow alone (an ablation) keys by workflow
+            batch_key=f"{st.batch_key}@{run.wid}"
+            if self.policy.batch_per_workflow
+            else st.batch_key,
             kind=st.kind,
             executor=st.executor,
             model=st.model,
@@ -311,7 +308,8 @@ class Simulation:
         """The shared pool's warm minimum (autoscale.min_workers), while work remains."""
         if self.finished or not self.policy.shared:
             return
-        for cls, n in self.settings.min_workers.items():
+        for cls in self.settings.min_workers:
+            n = self.policy.warm_minimum(self, cls)
             spare = list(self.pool.unalloc.get(cls, {}).values())
             for w in spare[: max(0, n - self.pool.by_class.get(cls, 0))]:
                 self.allocate(w, now)
@@ -420,8 +418,17 @@ class Simulation:
         self.pool.refresh(w)
         self.clock.at(start + exec_s + load_s + fetch_s, Ev.DONE, w, w.batch_token)
 
+    def arrival_rate(self, window_s: float) -> float:
+        """Workflows per second over the last `window_s` (or since the first arrival,
+        at least a cold start)."""
+        return elastic.arrival_rate(
+            self.arrival_log, self.clock.now, self.settings.cold_start_s, window_s
+        )
+
     def wake_at(self, when: float) -> None:
-        if self._wake_at < self.clock.now or when < self._wake_at:
+        # a wake at this instant has been handled already (rounds run after every
+        # event of the instant): a later one must be scheduled, not assumed pending
+        if self._wake_at <= self.clock.now or when < self._wake_at:
             self._wake_at = when
             self.clock.at(when, Ev.WAKE)
 

@@ -10,6 +10,8 @@ A workload names tenants, workflow templates (DAGs of stages), datasets and arri
     autoscale: {target_backlog_s: 120, min_workers: {cpu-amx: 1}}
     noise_sigma: 0.15                # lognormal noise on every batch's run time
     preemption: {rate_per_hour: 0.02, restart_s: 120}   # kills per allocated worker-hour
+    levers: {dedup: true, batching: true, packing: true, heterogeneity: true, release: true}
+                                     # flowmesh's levers (Levers), an ablation turns one off
     datasets:
       prompts: {records: 512, overlap: 0.5, shared_pool: 4096, draw: random}
     templates:
@@ -137,6 +139,41 @@ class IsolatedSpec:
     per: Literal["model", "model-kind"] = "model"
 
 
+LEVERS = ("dedup", "batching", "packing", "heterogeneity", "release")
+
+
+@dataclass(frozen=True)
+class Levers:
+    """What `flowmesh` does beyond a shared pool, each on by default; an ablation turns
+    one off to measure what it gives (`loadgen sweep --ablate`, `--levers-off`):
+
+    - dedup: content-keyed dedup of completed and in-flight operators (off: every
+      operator runs, as the baselines do);
+    - batching: one batch across workflows (off: a batch holds one workflow's operators);
+    - packing: several models resident per GPU, by memory (off: a GPU holds one model;
+      switching models is a load);
+    - heterogeneity: the pool's GPU classes to choose from (off: the shared pool's GPUs
+      are all the one class a user would rent, `isolated.gpu`, as many as the pool's GPUs);
+    - release: the forecast release of idle workers (off: `release: fixed`, every idle
+      worker waits idle_release_s).
+    """
+
+    dedup: bool = True
+    batching: bool = True
+    packing: bool = True
+    heterogeneity: bool = True
+    release: bool = True
+
+    def without(self, names: Sequence[str]) -> Levers:
+        unknown = set(names) - set(LEVERS)
+        if unknown:
+            raise ValueError(f"unknown levers {sorted(unknown)}; known: {', '.join(LEVERS)}")
+        return replace(self, **dict.fromkeys(names, False))
+
+    def off(self) -> tuple[str, ...]:
+        return tuple(n for n in LEVERS if not getattr(self, n))
+
+
 @dataclass(frozen=True)
 class SimSettings:
     fleet: Mapping[str, int]  # class -> workers in the shared pool (cap)
@@ -154,6 +191,7 @@ class SimSettings:
     # may CPU classes take GPU-pool kinds (generate/score/...) their profile lists? The
     # baselines never do; false holds flowmesh to the same deployment
     cpu_runs_gpu_kinds: bool = False
+    levers: Levers = field(default_factory=Levers)  # flowmesh's, for ablations
 
 
 @dataclass(frozen=True)
@@ -178,6 +216,7 @@ class Workload:
         target_backlog_s: float | None = None,
         max_wait_s: float | None = None,
         isolated_per: str | None = None,
+        levers_off: Sequence[str] | None = None,
     ) -> Workload:
         out = self
         if seed is not None:
@@ -208,6 +247,8 @@ class Workload:
             s = replace(s, isolated=replace(s.isolated, per=per))
         if max_wait_s is not None:
             s = replace(s, max_wait_s=max_wait_s if max_wait_s >= 0 else None)
+        if levers_off:
+            s = replace(s, levers=s.levers.without(levers_off))
         return replace(out, settings=s)
 
 
@@ -252,6 +293,13 @@ def _arrivals(raw: Mapping[str, Any]) -> ArrivalSpec:
     if unknown:
         raise ValueError(f"arrivals: unknown fields {sorted(unknown)}")
     return ArrivalSpec(**raw)
+
+
+def _levers(raw: Mapping[str, Any]) -> Levers:
+    unknown = set(raw) - set(LEVERS)
+    if unknown:
+        raise ValueError(f"levers: unknown {sorted(unknown)}; known: {', '.join(LEVERS)}")
+    return Levers().without([str(k) for k, on in raw.items() if not on])
 
 
 def parse_workload(data: Mapping[str, Any]) -> Workload:
@@ -301,6 +349,7 @@ def parse_workload(data: Mapping[str, Any]) -> Workload:
         profile_error={str(k): float(v) for k, v in (data.get("profile_error") or {}).items()},
         max_groups=data.get("max_groups"),
         cpu_runs_gpu_kinds=bool(data.get("cpu_runs_gpu_kinds", False)),
+        levers=_levers(data.get("levers") or {}),
     )
     wl = Workload(
         name=str(data.get("name", "workload")),

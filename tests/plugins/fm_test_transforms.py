@@ -62,3 +62,14 @@ def crash_on(record: dict[str, Any], field: str, bad: str) -> dict[str, Any]:
     if record[field] == bad:
         os._exit(17)
     return {**record, field: str(record[field]).upper()}
+
+
+@transform("test.spin", kind="map")
+def spin(record: dict[str, Any], field: str = "text", seconds: float = 1.0) -> dict[str, Any]:
+    """Busy for `seconds` in plain Python (no sleep, no regex): an operator that only
+    the worker's wall-time limit stops."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return {**record, "spins": n}

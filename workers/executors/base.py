@@ -6,13 +6,17 @@ of its batch, run in a thread so the worker keeps heartbeating while it computes
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
+
+from flowmesh.topics.messages import OP_CANCELLED
 
 Record = dict[str, Any]
 
@@ -26,7 +30,7 @@ OP_WALL_S = float(os.environ.get("FLOWMESH_OP_WALL_S", "900"))  # one operator's
 
 
 MAX_CANCELLED_KEPT = 10_000  # cancelled workflow ids a worker remembers
-CANCELLED = "its workflow was cancelled"
+CANCELLED = OP_CANCELLED
 # operator keys of the running batch whose workflow was cancelled: run_each skips them
 # (set from the worker's event loop, read by the executor's thread; set ops are atomic)
 _cancelled_keys: set[str] = set()
@@ -40,6 +44,16 @@ def uncancel_keys(keys: Iterable[str]) -> None:
     _cancelled_keys.difference_update(keys)
 
 
+def wall_limit_error(seconds: float, who: str = "") -> OpError:
+    """The failure of an operator that ran past its wall-time limit (permanent: it would
+    take as long again)."""
+    lead = f"{who}: " if who else ""
+    return OpError(
+        f"{lead}ran past the {seconds:g} s wall-time limit of one operator ($FLOWMESH_OP_WALL_S)",
+        permanent=True,
+    )
+
+
 class Deadline:
     """An operator's wall-time budget, checked by executors that loop (train steps)."""
 
@@ -49,20 +63,98 @@ class Deadline:
 
     def check(self, who: str) -> None:
         if time.monotonic() > self.end:
-            raise OpError(f"{who}: ran past the {self.seconds:.0f} s limit of one operator")
+            raise wall_limit_error(self.seconds, who)
+
+
+class LimitExceeded(ValueError):
+    """Raised by built-in code (a template's width) when a tenant's params ask for more
+    than a limit allows: the operator fails at once, without retries."""
+
+
+class OpTimeout(BaseException):
+    """Raised inside an executor's thread by the worker's watch once the operator in hand
+    is past its wall-time limit. A BaseException, so that user code's `except Exception`
+    does not swallow it."""
+
+
+class Watch:
+    """The clock of one executor thread. run_each starts a lap per operator; an executor
+    that runs its batch as one (generate, embed, score, train) is one lap. The worker's
+    event loop reads it and, past the limit, raises OpTimeout in that thread (at its next
+    Python instruction: a call blocked in C code is abandoned instead, see
+    workers/runtime.py)."""
+
+    def __init__(self, limit_s: float = OP_WALL_S) -> None:
+        self.limit_s = limit_s
+        self.thread_id = 0
+        self.key = ""  # the operator of this lap ("" while the whole batch is one)
+        self.started = time.monotonic()
+        self.running = True
+        self.interrupted = ""  # the key whose lap was interrupted
+        self._interrupted_lap = -1.0  # that lap's start: each lap is interrupted once
+        self._lock = threading.Lock()
+
+    def lap(self, key: str) -> None:
+        with self._lock:
+            self.key, self.started, self.running = key, time.monotonic(), True
+
+    def lap_end(self) -> None:
+        with self._lock:
+            self.running = False
+
+    def overdue(self, now: float | None = None) -> float:
+        """Seconds past the limit of the lap in hand (<= 0: within it, or none running)."""
+        if not self.running:
+            return 0.0
+        return (now or time.monotonic()) - self.started - self.limit_s
+
+    def interrupt(self) -> bool:
+        """Raise OpTimeout in the executor's thread if its lap is still overdue (once a
+        lap: a second one could land in the first one's clean-up)."""
+        with self._lock:
+            if not self.thread_id or self.overdue() <= 0 or self._interrupted_lap == self.started:
+                return False
+            self.interrupted, self._interrupted_lap = self.key, self.started
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self.thread_id), ctypes.py_object(OpTimeout)
+            )
+            return True
+
+
+_local = threading.local()
+
+
+def current_watch() -> Watch | None:
+    """The watch of the executor thread this is called in (None outside a worker)."""
+    watch: Watch | None = getattr(_local, "watch", None)
+    return watch
+
+
+def watched(watch: Watch, fn: Callable[[], Any]) -> Any:
+    """Run fn in this thread under `watch` (the worker's executor thread calls this)."""
+    watch.thread_id = threading.get_ident()
+    _local.watch = watch
+    try:
+        return fn()
+    finally:
+        watch.lap_end()
+        _local.watch = None
 
 
 def check_output(who: str, records: list[Record]) -> list[Record]:
-    """An operator's output within MAX_OUTPUT_RECORDS and MAX_OUTPUT_BYTES, or OpError."""
+    """An operator's output within MAX_OUTPUT_RECORDS and MAX_OUTPUT_BYTES, or a
+    permanent OpError (the same input and params give the same output)."""
     if len(records) > MAX_OUTPUT_RECORDS:
         raise OpError(
             f"{who}: {len(records)} output records; one operator may write at most "
-            f"{MAX_OUTPUT_RECORDS}"
+            f"{MAX_OUTPUT_RECORDS}",
+            permanent=True,
         )
     size = sum(len(msgspec.json.encode(r)) for r in records)
     if size > MAX_OUTPUT_BYTES:
         raise OpError(
-            f"{who}: output of {size} bytes; one operator may write at most {MAX_OUTPUT_BYTES}"
+            f"{who}: output of {size} bytes; one operator may write at most {MAX_OUTPUT_BYTES}",
+            permanent=True,
         )
     return records
 
@@ -82,7 +174,13 @@ class OpInput:
 
 class OpError(Exception):
     """An operator failed on its own input (bad record, bad args). Only that operator
-    fails; the rest of its batch still commits."""
+    fails; the rest of its batch still commits. A failure that would only repeat (a
+    limit, bad params) is `permanent`: it fails the operator at once; others are retried
+    up to the operator's max_attempts (a user function may fail on something passing)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 # Per operator of the batch, in order: its output records, or the error it raised.
@@ -131,21 +229,36 @@ def params_as(executor_id: str, typ: type[Any], raw: dict[str, Any]) -> Any:
     try:
         return msgspec.convert(raw, type=typ)
     except msgspec.ValidationError as exc:
-        raise OpError(f"{executor_id}: bad params: {exc}") from exc
+        raise OpError(f"{executor_id}: bad params: {exc}", permanent=True) from exc
 
 
 def run_each(batch: list[OpInput], fn: Callable[[OpInput], list[Record]]) -> list[Outcome]:
     """Apply fn per operator; an OpError it raises, or an output over the limits, is that
-    operator's outcome."""
+    operator's outcome. Each operator has its own wall-time lap on the thread's watch."""
+    watch = current_watch()
     outcomes: list[Outcome] = []
     for op in batch:
         if op.key in _cancelled_keys:
             outcomes.append(OpError(CANCELLED))
             continue
         try:
-            outcomes.append(check_output(op.key[:12], fn(op)))
+            if watch is not None:
+                watch.lap(op.key)
+            out = fn(op)
+            if watch is not None:
+                watch.lap_end()
+            outcomes.append(check_output(op.key[:12], out))
         except OpError as exc:
             outcomes.append(exc)
+        except OpTimeout:
+            assert watch is not None  # only a watch raises it
+            watch.lap_end()
+            if watch.interrupted == op.key:
+                outcomes.append(wall_limit_error(watch.limit_s, op.key[:12]))
+            else:
+                # meant for the operator before, delivered as this one started: not
+                # this one's fault, so an ordinary (retried) failure
+                outcomes.append(OpError("interrupted by the wall-time limit of another"))
     return outcomes
 
 

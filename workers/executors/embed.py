@@ -64,7 +64,7 @@ def _prepare(op: OpInput) -> tuple[EmbedParams, Record, str]:
     try:
         params = msgspec.convert(op.params, type=EmbedParams)
     except msgspec.ValidationError as exc:
-        raise OpError(f"embed: bad params: {exc}") from exc
+        raise OpError(f"embed: bad params: {exc}", permanent=True) from exc
     if len(op.inputs) != 1 or len(op.inputs[0]) != 1:
         raise OpError(f"embed: expected one input record, got {[len(s) for s in op.inputs]}")
     record = op.inputs[0][0]

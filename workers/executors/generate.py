@@ -93,7 +93,7 @@ def parse_params(op: OpInput) -> GenerateParams:
     try:
         params = msgspec.convert(op.params, type=GenerateParams)
     except msgspec.ValidationError as exc:
-        raise OpError(f"generate: bad params: {exc}") from exc
+        raise OpError(f"generate: bad params: {exc}", permanent=True) from exc
     if any(s == "" for s in params.stop):
         raise OpError("generate: bad params: an empty stop string would stop at once")
     if params.system is not None and not params.chat:

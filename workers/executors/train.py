@@ -143,7 +143,7 @@ def train_one(op: OpInput, model: Any) -> Record:
     try:
         params = msgspec.convert(op.params, type=TrainParams)
     except msgspec.ValidationError as exc:
-        raise OpError(f"train: bad params: {exc}") from exc
+        raise OpError(f"train: bad params: {exc}", permanent=True) from exc
     if params.steps < 1 or params.batch_size < 1 or params.lr <= 0 or params.lora_r < 1:
         raise OpError("train: steps, batch_size, lora_r must be >= 1 and lr > 0")
     if params.steps > MAX_TRAIN_STEPS or params.batch_size > MAX_TRAIN_BATCH:

@@ -33,6 +33,7 @@ from flowmesh.workers.executors.base import (
     MAX_FIELD_WIDTH,
     MAX_OUTPUT_BYTES,
     MAX_OUTPUT_RECORDS,
+    LimitExceeded,
     OpError,
     OpInput,
     Outcome,
@@ -190,7 +191,7 @@ class _FieldsOnlyFormatter(string.Formatter):
         # widths and precisions come from tenants: `{text:>100000000}` is a 100 MB record
         for number in re.findall(r"\d+", format_spec):
             if len(number) > 6 or int(number) > MAX_FIELD_WIDTH:
-                raise ValueError(
+                raise LimitExceeded(
                     f"format spec {format_spec!r}: widths and precisions are limited to "
                     f"{MAX_FIELD_WIDTH}"
                 )
@@ -223,7 +224,7 @@ def _check_template_size(template: str, record: Record) -> None:
                 continue  # vformat reports it in its own words
             total += len(str(value)) + sum(int(n) for n in re.findall(r"\d{1,6}", spec or ""))
         if total > MAX_OUTPUT_BYTES:
-            raise ValueError(f"the filled template would exceed {MAX_OUTPUT_BYTES} bytes")
+            raise LimitExceeded(f"the filled template would exceed {MAX_OUTPUT_BYTES} bytes")
 
 
 @transform("text.word_count", "map")
@@ -369,6 +370,8 @@ class _TransformExecutor:
             # a copy: a transform that mutates its input must not affect other
             # operators of the batch that were handed the same record object
             return self._t.fn(copy.deepcopy(record), **args)
+        except LimitExceeded as exc:  # the same params would only fail again
+            raise OpError(f"transform {name!r} failed: {exc}", permanent=True) from exc
         except Exception as exc:  # user code: any failure on this input is this op's
             raise OpError(f"transform {name!r} failed: {describe_error(exc)}") from exc
 
@@ -494,7 +497,8 @@ class JoinExecutor(_BuiltinExecutor):
             if len(out) + len(matches) > MAX_OUTPUT_RECORDS:
                 raise OpError(
                     f"join: more than {MAX_OUTPUT_RECORDS} output records (one operator's "
-                    "limit); join on a more selective field"
+                    "limit); join on a more selective field",
+                    permanent=True,
                 )
             out.extend({**rec, **m, p.on: key} for m in matches)
             if not matches and p.how == "left":

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowmesh.topics.cas import CAS
 from flowmesh.topics.codec import digest_of, is_digest, sha256_hex
+from flowmesh.topics.store.cas import CAS
 from flowmesh.workers.models.store import ADAPTER_TASK, LoadedModel, check_file_name, put_blob
 
 Record = dict[str, Any]

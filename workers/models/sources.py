@@ -31,8 +31,8 @@ from pathlib import Path
 import msgspec
 import zstandard
 
-from flowmesh.topics.cas import CAS, CASError
 from flowmesh.topics.codec import canonical, is_digest, sha256_hex
+from flowmesh.topics.store.cas import CAS, CASError
 from flowmesh.workers.models.store import (
     Task,
     get_manifest,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from flowmesh.topics.cas import CAS, CorruptBlob
 from flowmesh.topics.codec import is_digest, sha256_hex
+from flowmesh.topics.store.cas import CAS, CorruptBlob
 
 Task = Literal["causal-lm", "embedding", "lora-adapter"]
 MODEL_TASKS: tuple[Task, ...] = ("causal-lm", "embedding")

@@ -18,7 +18,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError
 
 from flowmesh.topics import codec, streams
-from flowmesh.topics.bus import Bus
+from flowmesh.topics.bus.nats import Bus
 from flowmesh.topics.errors import DataDirMismatch
 
 FABRIC_KEY = "engine"

@@ -8,7 +8,7 @@ Layouts: a record is its canonical JSON; a manifest is the canonical JSON list o
 digests; a table (source datasets, exported results) is Arrow IPC.
 
 Backends (the `BlobBackend` protocol): local files (the embedded default) and the NATS
-JetStream object store and S3-compatible stores (topics/cas_s3.py).
+JetStream object store and S3-compatible stores (topics/store/s3.py).
 
 Safety: a blob's name is its digest and nothing else (`check_name`: 64 lowercase hex
 characters), checked by the CAS *and* again by every backend, so no name can reach a path
@@ -79,6 +79,11 @@ class BlobBackend(Protocol):
     def list(self) -> AsyncIterator[tuple[str, float]]: ...
 
 
+# put_many writes this many blobs, of this many bytes in all, without a thread hop
+INLINE_FILES = 4
+INLINE_FILE_BYTES = 64 * 1024
+
+
 class FileBackend:
     """Blobs as files under root/ab/cd/<digest>.zst, written atomically."""
 
@@ -96,7 +101,12 @@ class FileBackend:
         self._put_sync(name, data)
 
     async def put_many(self, items: list[tuple[str, bytes]]) -> None:
-        """Write many blobs in one thread hop: file writes would block the event loop."""
+        """Write many blobs in one thread hop: file writes would block the event loop.
+        A few small ones are written here, as `put` writes one: the hop to a thread and
+        back costs more than they do (a record operator's result is one small blob)."""
+        if len(items) <= INLINE_FILES and sum(len(b) for _, b in items) <= INLINE_FILE_BYTES:
+            self._put_many_sync(items)
+            return
         await asyncio.to_thread(self._put_many_sync, items)
 
     def _put_many_sync(self, items: list[tuple[str, bytes]]) -> None:
@@ -170,7 +180,7 @@ async def _through_outage(call: Callable[[], Awaitable[T]]) -> T:
     """`call()`, retried while the bus is briefly out (a server restarting, a cluster
     electing a new leader for the bucket's stream) for up to OUTAGE_S: a timeout there is
     an outage, not a store that refuses the blob (which would fail the workflow)."""
-    from flowmesh.topics.bus import is_transient
+    from flowmesh.topics.bus.nats import is_transient
 
     deadline = time.monotonic() + OUTAGE_S
     delay = 0.1
@@ -459,8 +469,8 @@ async def open_cas(url: str, js: Any | None = None) -> CAS:
             raise CASError(f"object store bucket {bucket!r} must match {_BUCKET_RE.pattern}")
         return CAS(NatsObjectBackend(await js.object_store(bucket)))
     if parsed.scheme == "s3":
-        # S3 / MinIO / SeaweedFS; credentials from the environment (topics/cas_s3.py)
-        from flowmesh.topics.cas_s3 import S3Backend
+        # S3 / MinIO / SeaweedFS; credentials from the environment (topics/store/s3.py)
+        from flowmesh.topics.store.s3 import S3Backend
 
         return CAS(await S3Backend.open(url))
     raise CASError(f"unknown CAS url {url!r} (use file:///path, nats: or s3://bucket/prefix)")

@@ -62,10 +62,18 @@ VARIABLES: tuple[Variable, ...] = (
         "bus",
         "FLOWMESH_BUS",
         "nats",
-        "the streams' bus (KV and CAS stay on NATS)",
+        "the streams' bus (KV stays on NATS unless kv is kafka)",
         choices=("nats", "kafka"),
     ),
     Variable("kafka", "FLOWMESH_KAFKA", "127.0.0.1:9092", "Kafka bootstrap servers (--bus kafka)"),
+    Variable(
+        "kv",
+        "FLOWMESH_KV",
+        "nats",
+        "where KV buckets live: nats, or kafka with bus kafka (compacted changelog "
+        "topics; no process connects to NATS); `flowmesh up --kv` hands it to every process",
+        choices=("nats", "kafka"),
+    ),
     Variable(
         "scheduler",
         "FLOWMESH_SCHEDULER",
@@ -77,7 +85,8 @@ VARIABLES: tuple[Variable, ...] = (
         "max_attempts",
         "FLOWMESH_MAX_ATTEMPTS",
         3,
-        "runs of an operator that raises before it is committed failed (engine)",
+        "runs of an operator that raises before it is committed failed (engine; travels "
+        "with each operator)",
         kind=int,
         low=1,
     ),
@@ -85,7 +94,8 @@ VARIABLES: tuple[Variable, ...] = (
         "max_reclaims",
         "FLOWMESH_MAX_RECLAIMS",
         6,
-        "times an operator's worker may die under it before it is failed (workers)",
+        "times an operator's worker may die under it before it is failed (engine; travels "
+        "with each operator)",
         kind=int,
         low=3,
     ),
@@ -144,6 +154,15 @@ VARIABLES: tuple[Variable, ...] = (
         kind=int,
         low=1,
     ),
+    Variable(
+        "parent_pid",
+        "FLOWMESH_PARENT_PID",
+        0,
+        "set by flowmesh up for the processes it starts: each stops once that process is "
+        "gone (topics/parent.py); 0: none",
+        kind=int,
+        low=0,
+    ),
 )
 BY_FIELD = {v.field: v for v in VARIABLES}
 CONFIG_ENV = "FLOWMESH_CONFIG"
@@ -164,6 +183,7 @@ class Settings:
     creds: str = ""
     bus: str = "nats"
     kafka: str = "127.0.0.1:9092"
+    kv: str = "nats"
     scheduler: str = "live"
     max_attempts: int = 3
     max_reclaims: int = 6
@@ -175,6 +195,7 @@ class Settings:
     log_level: str = "info"
     log_json: str = ""
     connect_timeout: int = 5
+    parent_pid: int = 0
     # the settings a flag, the environment or the file gave (the rest are defaults)
     given: frozenset[str] = frozenset()
 
@@ -223,7 +244,7 @@ class Settings:
     def chosen_cas(self) -> str | None:
         """The CAS someone asked for (a CAS, or a data directory, given by a flag, the
         environment or the file); None when both are defaults, and a client should use
-        the one the running fabric recorded (topics/fabric.py)."""
+        the one the running fabric recorded (topics/store/fabric.py)."""
         if "cas" in self.given and self.cas:
             return self.cas
         if "data_dir" in self.given:
@@ -263,7 +284,7 @@ def _check(var: Variable, raw: Any, source: str) -> Any:
             raise SettingsError(f"{source}={raw!r} must be {bounds}")
         return number
     text = str(raw)
-    if var.field in ("bus", "scheduler"):
+    if var.field in ("bus", "kv", "scheduler"):
         text = text.strip().lower()
     if var.choices and text not in var.choices:
         raise SettingsError(f"{source}={raw!r} must be one of {', '.join(var.choices)}")
@@ -316,11 +337,20 @@ OTHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FLOWMESH_PLANNER_SHARD", "0", "`flowmesh planner`: the shard this process plans"),
     ("FLOWMESH_PLANNER_SHARDS", "1", "`flowmesh planner`: how many shards there are"),
     ("FLOWMESH_OP_WALL_S", "900", "a worker's wall-time limit for one operator, seconds"),
+    (
+        "FLOWMESH_OP_ABANDON_S",
+        "30",
+        "seconds past the wall-time limit a worker waits for code blocked in C, then fails it",
+    ),
     ("FLOWMESH_CONSOLE_TOKEN", "", "the web console's operator token (a secret)"),
     ("FLOWMESH_CONSOLE_HOSTS", "", "more host names the console answers to (comma-separated)"),
     ("FLOWMESH_METRICS_HOST", "127.0.0.1", "address the Prometheus exporters listen on"),
     ("FLOWMESH_METRICS_TOKEN", "", "bearer token /metrics asks for (a secret)"),
-    ("FLOWMESH_TENANT_RPS", "50", "gateway: a tenant's sustained requests per second"),
+    (
+        "FLOWMESH_TENANT_RPS",
+        "50",
+        "gateway: a tenant's sustained requests per second (split among live gateways)",
+    ),
     ("FLOWMESH_TENANT_BURST", "100", "gateway: a tenant's requests at once above the rate"),
     ("FLOWMESH_TENANT_CONCURRENT", "8", "gateway: a tenant's requests in progress at once"),
     (
@@ -329,6 +359,11 @@ OTHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
         "gateway: operators of a tenant's running workflows",
     ),
     ("FLOWMESH_TENANT_WORKFLOWS", "100", "gateway: a tenant's running workflows"),
+    (
+        "FLOWMESH_TENANT_STORED_BYTES",
+        str(10 * 1024**3),
+        "gateway: bytes a tenant's datasets and outputs may take (as JSON)",
+    ),
     ("FLOWMESH_SHARE_TENANTS", "", "gateway tenants allowed global dedup (comma-separated)"),
 )
 

@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, urlparse
 
 import structlog
 
-from flowmesh.topics.cas import CASError
 from flowmesh.topics.codec import is_digest
+from flowmesh.topics.store.cas import CASError
 
 log = structlog.get_logger("flowmesh.cas.s3")
 

@@ -10,6 +10,7 @@ Without a token it refuses to listen anywhere but loopback.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import os
@@ -78,3 +79,12 @@ def serve(port: int, addr: str | None = None, token: str | None = None) -> bool:
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics exporter listening", host=addr, port=port, token=token is not None)
     return True
+
+
+@functools.cache
+def child(metric: Any, *labels: str) -> Any:
+    """A labelled metric's child for these label values, looked up once: `labels()`
+    validates and takes a lock on every call, which per operator cost the planner and
+    the workers more than the increments. Label values here are tenants, kinds and
+    classes: few, so the cache stays small."""
+    return metric.labels(*labels)
