@@ -449,7 +449,9 @@ def test_a_recorded_live_run_replays_to_the_same_decisions() -> None:
     test above with FLOWMESH_RECORD_TRACE set: workflows arriving, workers joining and
     the batch times they reported) decided again by the simulator's flowmesh policy and
     by the live autoscaler's plan: the same workers added, of the same class, and the
-    same workers released, round by round."""
+    same workers released, round by round. The trace holds a round (2.56 s) where a
+    just-started worker is idle while 4 operators wait: live keeps it, and so must the
+    simulator (replayed with PolicyConfig's default release, it released it)."""
     rounds, observed = load_trace(json.loads(TRACE.read_text()))
     config = REPLAY_CONFIG
     fleet = fleet_for(config.classes, None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import msgspec
@@ -71,7 +71,11 @@ def replay(
         cpu_runs_gpu_kinds=True,  # live workers advertise their executors, not a pool
     )
     workload = Workload("replay", 0, settings, {}, {}, ())
-    policy = FlowMeshPolicy(fleet, policy_config)
+    # the simulator's policy reads its release mode from the PolicyConfig, the live
+    # autoscaler from its own config: replayed with the live one (with PolicyConfig's
+    # default, "fixed", every idle worker was released at once, even one just started
+    # for waiting work)
+    policy = FlowMeshPolicy(fleet, replace(policy_config, release=config.release))
     fed = 0
     out: list[Decided] = []
     for now, snap, _steps, n_obs in rounds:
@@ -126,11 +130,19 @@ def _round(
             sim.pending_s[pool] = sim.pending_s.get(pool, 0.0) + secs * waiting / len(items)
     # release checks see the round's state before it grows (a RELEASE event and a
     # scheduling round at one instant: the event is handled first)
-    released = frozenset(w.id for w in idle if policy.keep_idle(sim, w, now) is None)
+    released = frozenset(w.id for w in idle if _released(policy, sim, w, now))
     before = Counter(sim.pool.by_class)
     policy.grow(sim, now, [])
     added = {c: n - before[c] for c, n in sim.pool.by_class.items() if n > before[c]}
     return Decided(added, released)
+
+
+def _released(policy: FlowMeshPolicy, sim: Simulation, w: SimWorker, now: float) -> bool:
+    """The simulator's release check of an idle worker, asked at this round: a forecast
+    release asks it of every idle worker (each live round is a check); a fixed one only
+    once the worker's idle tail (idle_release_s) is over."""
+    due = policy.config.release == "forecast" or now >= w.idle_since + policy.release_check_s(sim)
+    return due and policy.keep_idle(sim, w, now) is None
 
 
 def dump_trace(
