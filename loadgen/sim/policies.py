@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from flowmesh.engine.scheduler import elastic
@@ -50,7 +49,6 @@ ALIASES = {"isolated": "isolated-dedicated"}
 RIGHT_AFTER = 1e-3  # s: after the current instant's scheduling round
 PENDING_EPS_S = 1e-6  # pending work below this is float residue: none
 RECHECKS = 6  # forecast release: re-checks of a kept idle worker per break-even horizon
-_ready_at = attrgetter("ready_at")
 
 
 class SimPolicy:
@@ -130,7 +128,9 @@ class FlowMeshPolicy(SimPolicy):
         self.decide_calls = 0
         self.decide_s = 0.0  # wall time inside Policy.decide (not part of the results)
         self.decide_items = 0
-        self._by_key: dict[str, Exec] = {}  # the last groups' executions, by operator key
+        # the last groups' executions: batch key -> operator key -> execution (the
+        # queue's, of every ready operator of the key)
+        self._execs: dict[str, dict[str, Exec]] = {}
 
     def pool_fleet(self, settings: SimSettings) -> Mapping[str, int]:
         if self.levers.heterogeneity:
@@ -189,7 +189,7 @@ class FlowMeshPolicy(SimPolicy):
 
         return elastic.new_workers(
             self.policy,
-            lambda n: self._groups(sim, n)[0],
+            lambda n: self._groups(sim, n),
             candidates,
             pools,
             lambda d, w: sim.fleet.classes[w.device_class].kind,
@@ -244,31 +244,41 @@ class FlowMeshPolicy(SimPolicy):
             return None
         return min(cap, now + horizon / RECHECKS)
 
-    def _groups(self, sim: Simulation, n_workers: int) -> tuple[list[ReadyGroup], dict[str, Exec]]:
-        """The shared queue's groups as the policy sees them (oldest first), and the
-        executions behind their operators."""
+    def _groups(self, sim: Simulation, n_workers: int) -> list[ReadyGroup]:
+        """The shared queue's groups as the policy sees them (oldest first); the
+        executions behind their operators are kept for `_start` (by batch key)."""
         q = sim.queue
         groups: list[ReadyGroup] = []
-        by_key: dict[str, Exec] = {}
+        execs: dict[str, dict[str, Exec]] = {}
         for bk in q.oldest(self.max_groups):
             # more than maxb x workers of one group cannot change this round
             limit = self.kind_maxb.get(q.head(bk).item.kind, 1) * n_workers
-            execs = q.first(bk, limit)
-            by_key.update((e.item.key, e) for e in execs)
-            # oldest first (a replayed operator is queued at the front)
-            groups.append(ReadyGroup.of(sorted((e.item for e in execs), key=_ready_at)))
-        groups.sort(key=lambda g: g.items[0].ready_at)
-        self._by_key = by_key
-        return groups, by_key
+            group, execs[bk] = q.group(bk, limit)
+            groups.append(group)
+        groups.sort(key=_oldest)
+        self._execs = execs
+        return groups
 
-    def _state(self, sim: Simulation, w: SimWorker) -> WorkerState:
-        # candidates are offered without their cold start (startup_s): priced at each
-        # class's $/h it makes the default weights pick the cheapest slow class for a
-        # small backlog, which cost energy and p95 on rlhf-mix (loadgen/README.md)
-        return WorkerState(w.id, w.device.name, 1, w.resident, self._advertised(sim, w.device.name))
+    def _state(self, sim: Simulation, w: SimWorker, busy_until: float | None = None) -> WorkerState:
+        """`w` as the policy sees it: free (one slot), or busy until `busy_until`. The
+        worker's one WorkerState, refreshed: a round changes only its free slots and
+        resident models (`w.resident` itself, shared)."""
+        st = w.state
+        if st is None:
+            # candidates are offered without their cold start (startup_s): priced at
+            # each class's $/h it makes the default weights pick the cheapest slow class
+            # for a small backlog, which cost energy and p95 on rlhf-mix (loadgen/README.md)
+            st = w.state = WorkerState(
+                w.id, w.device.name, 1, w.resident, self._advertised(sim, w.device.name)
+            )
+        st.id = w.id  # the autoscaler replay renames workers
+        st.free_slots = 0 if busy_until is not None else 1
+        st.busy_until = busy_until
+        st.resident = w.resident
+        return st
 
     def _start(self, sim: Simulation, w: SimWorker, d: Decision, now: float) -> None:
-        execs = [self._by_key[it.key] for it in d.items]
+        execs = [self._execs[it.batch_key][it.key] for it in d.items]
         model = d.items[0].model
         if not self.levers.packing and model and len(w.resident) > 1:
             # one model per GPU: the batch's model stays, the others go
@@ -284,13 +294,13 @@ class FlowMeshPolicy(SimPolicy):
         """One Policy.decide round over the ready groups, the free allocated `workers`
         and the `busy` workers that free soon (for the policy's hold); returns how many
         batches started."""
-        groups, by_key = self._groups(sim, len(workers) + len(busy))
+        groups = self._groups(sim, len(workers) + len(busy))
         states = [self._state(sim, w) for w in workers]
         t0 = time.perf_counter()
         decisions = self.policy.decide_groups(groups, [*states, *busy], now, self.fair)
         self.decide_s += time.perf_counter() - t0
         self.decide_calls += 1
-        self.decide_items += len(by_key)
+        self.decide_items += sum(len(g.items) for g in groups)
         by_id = {w.id: w for w in workers}
         for d in decisions:
             self._start(sim, by_id[d.worker], d, now)
@@ -301,14 +311,7 @@ class FlowMeshPolicy(SimPolicy):
         sees them (no free slot, busy_until)."""
         horizon = now + self.config.hold_s
         return [
-            WorkerState(
-                w.id,
-                w.device.name,
-                0,
-                w.resident,
-                self._advertised(sim, w.device.name),
-                busy_until=w.expected_end,
-            )
+            self._state(sim, w, w.expected_end)
             for w in sim.pool.workers
             if w.batch is not None and not w.owner and now <= w.expected_end <= horizon
         ]
@@ -461,6 +464,10 @@ class IsolatedPolicy(SimPolicy):
                     break
                 if not q.total:
                     break
+
+
+def _oldest(g: ReadyGroup) -> float:
+    return g.items[0].ready_at
 
 
 def one_gpu_class(fleet: Fleet, settings: SimSettings) -> dict[str, int]:

@@ -23,6 +23,7 @@ from flowmesh.engine.scheduler.elastic import can_run, kind_pools, size_factor
 from flowmesh.engine.scheduler.fleet import DeviceClass, Fleet
 
 if TYPE_CHECKING:
+    from flowmesh.engine.scheduler.policy import WorkerState
     from flowmesh.loadgen.sim.readyq import Exec
 
 __all__ = ["Emulator", "SimWorker", "WorkerPool", "can_run", "ensure_resident", "kind_pools"]
@@ -50,6 +51,7 @@ class SimWorker:
         "ready_at",
         "resident",
         "serves",
+        "state",
     )
 
     def __init__(self, wid: str, device: DeviceClass, owner: str = "", serves: str = "") -> None:
@@ -73,6 +75,9 @@ class SimWorker:
         self.gen = 0  # allocation generation: invalidates KILL/RELEASE of an old one
         self.idle_token = 0
         self.idle_since = 0.0  # when its last batch ended (shared pool)
+        # what the flowmesh policy shows the scheduler of it, reused round after round
+        # (refreshed each time it is shown; not one new object per worker per round)
+        self.state: WorkerState | None = None
 
     @property
     def free(self) -> bool:

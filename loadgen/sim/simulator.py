@@ -16,9 +16,11 @@ back after `restart_s`, as a new allocation with a cold start.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from flowmesh.engine.scheduler import elastic
@@ -142,6 +144,10 @@ class Simulation:
     # --- the loop -------------------------------------------------------------------
 
     def run(self) -> Simulation:
+        with _no_cyclic_gc():
+            return self._run()
+
+    def _run(self) -> Simulation:
         self._check()
         for inst in self.instances:
             self.clock.at(inst.arrival, Ev.ARRIVE, inst)
@@ -431,6 +437,24 @@ class Simulation:
         if self._wake_at <= self.clock.now or when < self._wake_at:
             self._wake_at = when
             self.clock.at(when, Ev.WAKE)
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector off for a run: a run makes millions of small
+    objects that live until it ends (operators, ready items, executions, events), and
+    the collector's passes over them (2,515 in a 200-GPU bench-sim) were about a tenth
+    of its time. Reference counting still frees what the run drops; cycles made during
+    the run are left to the next collection after it (bench-sim's peak memory: 0.60
+    GB, 0.59 with the collector on)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _dep_done(op: Op) -> bool:
