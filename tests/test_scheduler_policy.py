@@ -828,7 +828,8 @@ def test_a_group_rescored_in_floats_scores_as_numpy_does() -> None:
 def test_the_best_pair_kept_per_group_is_the_argmax_over_all_pairs() -> None:
     """The round's pick read from the best worker kept per group is the pair np.argmax
     over the whole (worker, group) matrix gives, ties included (first worker, then
-    first group), as groups are rescored and workers lose or change their scores."""
+    first group), as groups are rescored and workers lose or change their scores
+    (stale groups among them: a worker that was best drops or scores less)."""
     import random
 
     import numpy as np
@@ -836,10 +837,13 @@ def test_the_best_pair_kept_per_group_is_the_argmax_over_all_pairs() -> None:
     from flowmesh.engine.scheduler.rescore import NEG, BestPerGroup
 
     rng = random.Random(3)
-    for _ in range(30):
+    for _ in range(300):
         G, W = rng.randint(1, 12), rng.randint(1, 12)
         # few distinct values: many ties
-        scores = np.array([[float(rng.randint(0, 4)) for _ in range(W)] for _ in range(G)])
+        scores = np.array(
+            [[float(rng.randint(0, 4)) if rng.random() < 0.9 else NEG for _ in range(W)]
+             for _ in range(G)]
+        )  # fmt: skip
         best = BestPerGroup(scores)
         for _ in range(40):
             want_flat = int(np.argmax(scores.T))
@@ -853,8 +857,43 @@ def test_the_best_pair_kept_per_group_is_the_argmax_over_all_pairs() -> None:
             if op < 0.4:
                 scores[:, wi] = NEG
                 best.worker_dropped(wi)
-            elif op < 0.6:
-                scores[:, wi] = [float(rng.randint(0, 4)) for _ in range(G)]
-                best.worker_changed(wi)
-            scores[gi] = [float(rng.randint(0, 4)) if rng.random() < 0.7 else NEG for _ in range(W)]
-            best.group_changed(gi)
+            elif op < 0.7:  # the picked worker or another one
+                w = wi if rng.random() < 0.5 else rng.randrange(W)
+                scores[:, w] = [float(rng.randint(0, 4)) for _ in range(G)]
+                best.worker_changed(w)
+            if rng.random() < 0.8:
+                scores[gi] = [
+                    float(rng.randint(0, 4)) if rng.random() < 0.7 else NEG for _ in range(W)
+                ]
+                best.group_changed(gi)
+
+
+def test_tenants_are_charged_per_operator_in_the_order_they_first_appear() -> None:
+    """A round charges each tenant, per decision in order, the decision's device-seconds
+    and $ per operator times its operators there (the same float sums), tenants in the
+    order they first appear in the decisions: with groups that keep their tenants and
+    with groups built without them (the names are then read from the operators)."""
+    import collections
+
+    from flowmesh.configs import path as config_path
+    from flowmesh.engine.scheduler.groups import ReadyGroup, group_ready
+    from flowmesh.loadgen.sim.bench import bench_inputs
+
+    fleet = load_fleet(config_path("fleet/default.yaml"))
+    items, layout = bench_inputs(fleet, n_items=800, n_workers=30, n_groups=12, seed=5)
+    kept = group_ready(items)
+    bare = [ReadyGroup(g.batch_key, g.items) for g in kept]  # no tenants, no names kept
+    for groups in (kept, bare):
+        workers = [WorkerState(wid, cls, 2, dict(res)) for wid, cls, res in layout]
+        fair = FairShare()
+        out = Policy(fleet, PolicyConfig()).decide_groups(groups, workers, 120.0, fair)
+        assert out
+        device: dict[str, float] = {}
+        cost: dict[str, float] = {}
+        for d in out:
+            n = len(d.items)
+            for tenant, k in collections.Counter(i.tenant for i in d.items).items():
+                device[tenant] = device.get(tenant, 0.0) + d.seconds / n * k
+                cost[tenant] = cost.get(tenant, 0.0) + d.cost_usd / n * k
+        assert list(fair.usage.items()) == list(device.items())
+        assert list(fair.spent_usd.items()) == list(cost.items())

@@ -46,8 +46,8 @@ from flowmesh.engine.scheduler.rescore import BestPerGroup, Floats, score_column
 from flowmesh.engine.scheduler.utility import (
     TERMS,
     Weights,
+    batch_totals,
     estimate,
-    estimate_one,
     terms,
     utility,
 )
@@ -484,6 +484,7 @@ class Policy:
                     j = m_idx.get(m)
                     if j is not None:
                         resident[wi, j] = True
+        warm = resident[:, g_model]
         slots = np.array([w.free_slots if i < n_free else 1 for i, w in enumerate(rows_w)])
         # per worker variant v (type v // 2; the group's model resident when v is odd):
         # (V, 1) columns, (1, G) rows and (V, G) tables, so a refresh slices views
@@ -508,8 +509,8 @@ class Policy:
             model_gb=model_gb,
             size_factor=size_factor,
             in_bytes=in_bytes,
-            n_g=n_g,
-            oldest=oldest,
+            n_g=n_g.tolist(),
+            oldest=oldest.tolist(),
             deficit=deficit,
             priority=priority,
             g_model=g_model,
@@ -519,16 +520,18 @@ class Policy:
             t_startup=t_startup,
             t_wait=t_wait,
             compat=compat,
+            compat_n=compat.astype(idle.dtype),
             cap=cap,
             backlog=backlog,
             ready_w=ready_w,
             idle=idle,
             resident=resident,
-            warm=resident[:, g_model],
-            slots=slots,
+            warm=warm,
+            slots=slots.tolist(),
             scores=np.empty((G, len(rows_w))),
             charges=[],
-            vbase=np.where(slots > 0, 2 * type_of, 2 * T),
+            tenant_idx={t: i for i, t in enumerate(tenants)},
+            vidx=np.ascontiguousarray(np.where(slots > 0, 2 * type_of, 2 * T)[None, :] + warm.T),
             live=np.bincount(type_of[slots > 0], minlength=T).tolist(),
             floats=None,
             g_types={},
@@ -644,47 +647,27 @@ class Policy:
         inputs (no NaN can arise) the picks read the best pair per group (BestPerGroup)
         and a group is rescored in plain floats (score_column)."""
         every = slice(None)
-        per_variant, _, _ = self._score(rnd, every, every, rnd.n_g, rnd.oldest, rnd.idle)
-        vidx = 2 * rnd.type_of[None, :] + rnd.warm.T
-        scores = per_variant[vidx, np.arange(len(rnd.groups))[:, None]]
-        rnd.scores = np.where((rnd.slots > 0)[None, :], scores, NEG)
+        n_g, oldest, idle = np.array(rnd.n_g), np.array(rnd.oldest), rnd.idle
+        per_variant, _, _ = self._score(rnd, every, every, n_g, oldest, idle)
+        # per group, its variants' scores and two more, NEG, that the workers with no
+        # slot left read; a flat take (two index arrays cost twice as much)
+        G, V = len(rnd.groups), len(rnd.v_warm) + 2
+        padded = np.full((G, V), NEG)
+        padded[:, : V - 2] = per_variant.T
+        rnd.scores = padded.ravel().take(rnd.vidx + (np.arange(G) * V)[:, None])
         if not np.isnan(per_variant).any() and _finite_inputs(rnd):
             rnd.best = BestPerGroup(rnd.scores)
 
     def _rescore_group(self, rnd: _Round, gi: int) -> None:
+        """numpy's path (inputs not all finite); _assign_best rescores in plain floats."""
         if rnd.n_g[gi] <= 0:
             rnd.scores[gi] = NEG
-        elif rnd.best is not None:
-            cfg, w = self.config, self.config.weights
-            types = rnd.g_types.get(gi)
-            if types is None:
-                types = rnd.g_types[gi] = rnd.compat[:, gi].nonzero()[0].tolist()
-            vs, got = score_column(
-                self._floats(rnd),
-                gi,
-                types,
-                rnd.live,
-                float(rnd.n_g[gi]),
-                float(rnd.oldest[gi]),
-                int(rnd.idle[gi]),
-                w.cost,
-                w.energy,
-                w.locality,
-                w.aging,
-                cfg.aging_scale_s,
-                cfg.linger_s,
-            )
-            col = rnd.column_buf  # per variant; the last two: workers with no slot left
-            col.fill(NEG)
-            col[vs] = got
-            col.take(rnd.vbase + rnd.warm[:, gi], out=rnd.scores[gi])
-        else:
-            g = slice(gi, gi + 1)
-            col2, _, _ = self._score(rnd, slice(None), g, rnd.n_g[g], rnd.oldest[g], rnd.idle[g])
-            vidx = 2 * rnd.type_of + rnd.warm[:, gi]
-            rnd.scores[gi] = np.where(rnd.slots > 0, col2[vidx, 0], NEG)
-        if rnd.best is not None:
-            rnd.best.group_changed(gi)
+            return
+        g = slice(gi, gi + 1)
+        n_g, oldest, idle = np.array(rnd.n_g[g]), np.array(rnd.oldest[g]), rnd.idle[g]
+        col2, _, _ = self._score(rnd, slice(None), g, n_g, oldest, idle)
+        vidx = 2 * rnd.type_of + rnd.warm[:, gi]
+        rnd.scores[gi] = np.where(np.array(rnd.slots) > 0, col2[vidx, 0], NEG)
 
     def _floats(self, rnd: _Round) -> Floats:
         """The round's tables as plain floats, for score_column and the picks (built
@@ -724,60 +707,56 @@ class Policy:
     def _rescore_worker(self, rnd: _Round, wi: int) -> None:
         if rnd.slots[wi] <= 0:
             rnd.scores[:, wi] = NEG
-            rnd.vbase[wi] = len(rnd.v_warm)
+            rnd.vidx[:, wi] = len(rnd.v_warm)
             rnd.live[int(rnd.type_of[wi])] -= 1
             if rnd.best is not None:
                 rnd.best.worker_dropped(wi)
             return
         t = int(rnd.type_of[wi])
+        rnd.vidx[:, wi] = 2 * t + rnd.warm[wi]  # a model it loaded or evicted
         rows, _, _ = self._score(
-            rnd, slice(2 * t, 2 * t + 2), slice(None), rnd.n_g, rnd.oldest, rnd.idle
+            rnd,
+            slice(2 * t, 2 * t + 2),
+            slice(None),
+            np.array(rnd.n_g),
+            np.array(rnd.oldest),
+            rnd.idle,
         )
         rnd.scores[:, wi] = np.where(rnd.warm[wi], rows[1], rows[0])
         if rnd.best is not None:
             rnd.best.worker_changed(wi)
 
-    def _batch_size(self, rnd: _Round, wi: int, gi: int) -> int:
-        """The batch the pair runs now (the same rule `_score` applies, on scalars)."""
-        f = self._floats(rnd)
-        t = f.w_type[wi]
-        c, k = f.t_class[t], f.g_kind[gi]
-        fixed, per = f.fixed[c][k], f.per[c][k]
-        n_g = float(rnd.n_g[gi])
+    def _batch_size(self, f: Floats, t: int, gi: int, n_g: float, idle: int) -> int:
+        """The batch a worker of type `t` runs of group `gi` now (the rule `_score`
+        applies, on scalars; `efficient` as _floats has it: the same ceil)."""
+        row = f.by_kind[t][f.g_kind[gi]]
+        efficient, maxb = row[2], row[3]
         cap = f.t_cap[t]
-        maxb = min(f.maxb[c][k], math.inf if cap is None else cap[gi])
-        spread = math.ceil(n_g / max(int(rnd.idle[gi]), 1))
-        e = self.config.spread_efficiency
-        efficient = math.ceil(e * fixed / ((1 - e) * max(per, 1e-12)) - 1e-9)
+        if cap is not None:
+            maxb = min(maxb, cap[gi])
+        spread = math.ceil(n_g / max(idle, 1))
         n = min(max(spread, efficient), max(maxb, 1))
         return int(max(min(n, n_g), 1))
 
     def _assign(self, rnd: _Round, fair: FairShare, now: float) -> list[Decision]:
         """Greedy: the best pair is assigned, the scores of its worker and its group are
         refreshed, until no free worker has a feasible group."""
+        if rnd.best is not None:
+            return self._assign_best(rnd, rnd.best, fair, now)
         decisions: list[Decision] = []
         G = len(rnd.groups)
         while True:
-            if rnd.best is not None:
-                pick = rnd.best.pick()
-                if pick is None:
-                    break
-                wi, gi, best = pick
-            else:  # the first best pair in (worker, group) order
-                wi, gi = divmod(int(np.argmax(rnd.scores.T)), G)
-                best = float(rnd.scores[gi, wi])
-                if best == NEG:
-                    break
-            n = self._batch_size(rnd, wi, gi)
-            terms_at = _TermsAt(
-                self,
-                rnd,
-                2 * int(rnd.type_of[wi]) + int(rnd.warm[wi, gi]),
-                gi,
-                float(rnd.n_g[gi]),
-                float(rnd.oldest[gi]),
-                int(rnd.idle[gi]),
-            )
+            # the first best pair in (worker, group) order
+            wi, gi = divmod(int(np.argmax(rnd.scores.T)), G)
+            best = float(rnd.scores[gi, wi])
+            if best == NEG:
+                break
+            f = self._floats(rnd)
+            t = f.w_type[wi]
+            n_g, idle = rnd.n_g[gi], int(rnd.idle[gi])
+            n = self._batch_size(f, t, gi, n_g, idle)
+            variant = 2 * t + int(rnd.warm[wi, gi])
+            terms_at = _TermsAt(self, rnd, variant, gi, n_g, rnd.oldest[gi], idle)
             group = rnd.groups[gi]
             off = rnd.taken[gi]
             chosen = tuple(group.items[off : off + n])
@@ -785,6 +764,68 @@ class Policy:
             if wi < rnd.n_free:  # else: held for a busy worker that frees soon
                 decisions.append(self._commit(rnd, wi, gi, chosen, best, terms_at, fair, now))
             self._after_pick(rnd, wi, gi, now)
+        _charge(rnd, fair, now)
+        return decisions
+
+    def _assign_best(
+        self, rnd: _Round, best_of: BestPerGroup, fair: FairShare, now: float
+    ) -> list[Decision]:
+        """_assign with finite inputs: the pick read from BestPerGroup, the picked group
+        rescored in plain floats (score_column). The steps of _after_pick and
+        _rescore_worker are inlined, in their order, over local names: a call and the
+        attribute reads per step were a tenth of a pick."""
+        decisions: list[Decision] = []
+        f = self._floats(rnd)
+        cfg, w = self.config, self.config.weights
+        weights = (w.cost, w.energy, w.locality, w.aging, cfg.aging_scale_s, cfg.linger_s)
+        groups, taken, n_free, w_type = rnd.groups, rnd.taken, rnd.n_free, f.w_type
+        n_g_of, oldest_of, idle_of, slots_of = rnd.n_g, rnd.oldest, rnd.idle, rnd.slots
+        scores, vidx, warm, live, g_types = rnd.scores, rnd.vidx, rnd.warm, rnd.live, rnd.g_types
+        no_slot = len(rnd.v_warm)  # the variant (NEG) a worker with no slot left reads
+        n_variants = len(rnd.column_buf)
+        while (pick := best_of.pick()) is not None:
+            wi, gi, best = pick
+            t = w_type[wi]
+            n_g, idle = n_g_of[gi], int(idle_of[gi])
+            n = self._batch_size(f, t, gi, n_g, idle)
+            terms_at = _TermsAt(self, rnd, 2 * t + int(warm[wi, gi]), gi, n_g, oldest_of[gi], idle)
+            items = groups[gi].items
+            off = taken[gi]
+            chosen = tuple(items[off : off + n])
+            taken[gi] = off = off + n
+            if wi < n_free:  # else: held for a busy worker that frees soon
+                decisions.append(self._commit(rnd, wi, gi, chosen, best, terms_at, fair, now))
+            # _after_pick
+            slots = slots_of[wi] = slots_of[wi] - 1
+            if slots <= 0 and rnd.ready_w[wi]:
+                idle_of -= rnd.compat_n[t]  # one idle worker fewer for its groups
+            left = len(items) - off
+            n_g_of[gi] = float(left)
+            if left:
+                oldest_of[gi] = now - items[off].ready_at
+            # _rescore_worker
+            if slots <= 0:
+                scores[:, wi] = NEG
+                vidx[:, wi] = no_slot
+                live[t] -= 1
+                best_of.worker_dropped(wi)
+            else:
+                self._rescore_worker(rnd, wi)
+            # the group, in plain floats
+            if not left:
+                scores[gi] = NEG
+            else:
+                types = g_types.get(gi)
+                if types is None:
+                    types = g_types[gi] = rnd.compat[:, gi].nonzero()[0].tolist()
+                vs, got = score_column(
+                    f, gi, types, live, float(left), oldest_of[gi], int(idle_of[gi]), *weights
+                )
+                col = [NEG] * n_variants  # per variant; the last two: no slot left
+                for v, score in zip(vs, got, strict=True):
+                    col[v] = score
+                np.array(col).take(vidx[gi], out=scores[gi])
+            best_of.group_changed(gi)
         _charge(rnd, fair, now)
         return decisions
 
@@ -822,7 +863,7 @@ class Policy:
             rnd.warm[wi] = rnd.resident[wi, rnd.g_model]
         elif model:
             worker.resident[model] = worker.resident.pop(model)  # most recently used
-        est = estimate_one(
+        total_s, cost_usd, energy_j = batch_totals(
             n,
             f.fixed[c][k],
             f.per[c][k],
@@ -834,12 +875,12 @@ class Policy:
             f.c_net[c],
             f.c_price[c],
             f.c_watts[c],
-            startup_s=f.t_startup[t],
-            watts_idle=f.c_watts_idle[c],
+            f.t_startup[t],
+            f.c_watts_idle[c],
         )
         # charged to the fair share at the end of the round: its deficits were read at
         # the start
-        rnd.charges.append((gi, rnd.taken[gi] - n, n, est.total_s / n, est.cost_usd / n))
+        rnd.charges.append((gi, rnd.taken[gi] - n, n, total_s / n, cost_usd / n))
         worker.free_slots -= 1
         return Decision(
             worker=worker.id,
@@ -847,23 +888,24 @@ class Policy:
             items=chosen,
             score=best,
             terms=terms_at,
-            seconds=est.total_s,
-            cost_usd=est.cost_usd,
-            energy_j=est.energy_j,
+            seconds=total_s,
+            cost_usd=cost_usd,
+            energy_j=energy_j,
             load_model=load,
             evict=tuple(evict),
         )
 
     def _after_pick(self, rnd: _Round, wi: int, gi: int, now: float) -> None:
         """A worker slot and part of a group are taken: refresh their scores."""
-        rnd.slots[wi] -= 1
-        if rnd.slots[wi] <= 0 and rnd.ready_w[wi]:
-            rnd.idle -= rnd.compat[rnd.type_of[wi]]  # one idle worker fewer for its groups
+        slots = rnd.slots[wi] = rnd.slots[wi] - 1
+        if slots <= 0 and rnd.ready_w[wi]:
+            rnd.idle -= rnd.compat_n[self._floats(rnd).w_type[wi]]  # one idle worker fewer
         group = rnd.groups[gi]
-        left = len(group.items) - rnd.taken[gi]
-        rnd.n_g[gi] = left
+        taken = rnd.taken[gi]
+        left = len(group.items) - taken
+        rnd.n_g[gi] = float(left)
         if left:
-            rnd.oldest[gi] = now - group.items[rnd.taken[gi]].ready_at
+            rnd.oldest[gi] = now - group.items[taken].ready_at
         self._rescore_worker(rnd, wi)
         self._rescore_group(rnd, gi)
 
@@ -897,8 +939,9 @@ class _Round:
     model_gb: np.ndarray
     size_factor: np.ndarray
     in_bytes: np.ndarray  # mean per operator
-    n_g: np.ndarray  # operators left
-    oldest: np.ndarray  # seconds its oldest operator has waited
+    # per group, as lists (read and written one at a time each pick)
+    n_g: list[float]  # operators left
+    oldest: list[float]  # seconds its oldest operator has waited
     deficit: np.ndarray
     priority: np.ndarray
     g_model: np.ndarray  # index into m_idx, -1: no model
@@ -908,17 +951,21 @@ class _Round:
     t_startup: np.ndarray
     t_wait: np.ndarray
     compat: np.ndarray  # (type, group): can run it
+    compat_n: np.ndarray  # the same as 0/1 (idle's dtype: subtracted without a cast)
     cap: np.ndarray  # (type, group): largest batch the worker takes
     backlog: np.ndarray  # per type: seconds of work it could run, per idle worker
     ready_w: np.ndarray  # per worker: free now, not cold
     idle: np.ndarray  # per group: ready workers with a slot that can run it
     resident: np.ndarray  # (worker, model + none)
     warm: np.ndarray  # (worker, group): the group's model is resident
-    slots: np.ndarray
+    slots: list[int]
     scores: np.ndarray  # (group, worker)
     # per decision: its group, first operator, operators, device-seconds and $ each
     charges: list[tuple[int, int, int, float, float]]
-    vbase: np.ndarray  # per worker: 2 x its type, or 2 x types when it has no slot left
+    tenant_idx: dict[str, int]  # the groups' tenants, numbered (columns for _charge)
+    # (group, worker): the variant the worker's score is read from (2 x its type, + 1
+    # with the group's model resident), or 2 x types (+ 1) when it has no slot left
+    vidx: np.ndarray
     live: list[int]  # per type: workers with a slot left
     floats: Floats | None  # the tables as floats, from the first rescore
     g_types: dict[int, list[int]]  # per group rescored: the worker types that can run it
@@ -966,18 +1013,38 @@ def _charge(rnd: _Round, fair: FairShare, now: float) -> None:
             names += group.tenant_of[off : off + n]
         else:
             names += map(_tenant, group.items[off : off + n])
-    tix = {t: i for i, t in enumerate(dict.fromkeys(names))}
+    # columns: the round's tenants (known: no pass over the names to find them), or,
+    # with more of them than names, or a group whose `tenants` misses some, the names'
+    tix = rnd.tenant_idx
+    try:
+        if len(tix) > len(names):
+            raise KeyError
+        code = np.fromiter(map(tix.__getitem__, names), np.int64, len(names))
+    except KeyError:
+        tix = {t: i for i, t in enumerate(dict.fromkeys(names))}
+        code = np.fromiter(map(tix.__getitem__, names), np.int64, len(names))
+    sizes = [n for _, _, n, _, _ in rnd.charges]
     D, T = len(rnd.charges), len(tix)
-    first = np.repeat(np.arange(D) * T, [n for _, _, n, _, _ in rnd.charges])
-    counts = np.bincount(first + np.fromiter(map(tix.__getitem__, names), np.int64, len(names)),
-                         minlength=D * T).reshape(D, T)  # fmt: skip
+    first = np.repeat(np.arange(D) * T, sizes)
+    counts = np.bincount(first + code, minlength=D * T).reshape(D, T)
     per_op = np.array([(device_s, cost_usd) for _, _, _, device_s, cost_usd in rnd.charges])
     taken = counts > 0
     # a tenant with no operator in a decision adds nothing (0.0 would not change a sum)
     device_s = np.add.accumulate(np.where(taken, per_op[:, :1] * counts, 0.0), axis=0)[-1]
     cost_usd = np.add.accumulate(np.where(taken, per_op[:, 1:] * counts, 0.0), axis=0)[-1]
-    for tenant, t in tix.items():
-        fair.charge(tenant, float(device_s[t]), float(cost_usd[t]), now)
+    # the order they first appear: by the first decision with them, then by their first
+    # operator in it (only those decisions are read again)
+    cols = np.flatnonzero(taken.any(axis=0))
+    new_in: dict[int, set[int]] = {}
+    for t, d in zip(cols.tolist(), taken[:, cols].argmax(axis=0).tolist(), strict=True):
+        new_in.setdefault(d, set()).add(t)
+    starts = np.cumsum(sizes).tolist()
+    tenant = list(tix)
+    for d in sorted(new_in):
+        new = new_in[d]
+        for t in dict.fromkeys(code[starts[d] - sizes[d] : starts[d]].tolist()):
+            if t in new:
+                fair.charge(tenant[t], float(device_s[t]), float(cost_usd[t]), now)
 
 
 def _finite_inputs(rnd: _Round) -> bool:
@@ -1000,7 +1067,7 @@ def _finite_inputs(rnd: _Round) -> bool:
         rnd.g_deficit,
         rnd.g_urgency,
         rnd.g_priority,
-        rnd.oldest,
+        np.array(rnd.oldest),
         refs,
     )
     # one check over all of them (a call per table cost more than the check)

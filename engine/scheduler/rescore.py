@@ -11,8 +11,9 @@ per-call cost was most of the round (about 60 array calls per refresh).
 
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +57,34 @@ class Floats:
     g_tp: list[float]  # throughput weight x urgency
     g_fair: list[float]  # the fairness term
     g_prio: list[float]
+    # per worker type, per kind: what score_column reads of the type and its class
+    # (fixed, per, efficient, maxb, min_sf, startup_s, wait, backlog, c_fetch, c_load,
+    # price, watts, watts_idle): one read instead of thirteen
+    by_kind: list[list[tuple[float, ...]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.by_kind:
+            self.by_kind = [
+                [
+                    (
+                        self.fixed[c][k],
+                        self.per[c][k],
+                        self.efficient[c][k],
+                        self.maxb[c][k],
+                        self.c_min_sf[c],
+                        self.t_startup[t],
+                        self.t_wait[t],
+                        self.t_backlog[t],
+                        self.c_fetch[c],
+                        self.c_load[c],
+                        self.c_price[c],
+                        self.c_watts[c],
+                        self.c_watts_idle[c],
+                    )
+                    for k in range(len(self.fixed[c]))
+                ]
+                for t, c in enumerate(self.t_class)
+            ]
 
 
 def score_column(
@@ -90,22 +119,20 @@ def score_column(
         f.g_ref_energy[gi],
     )
     warm_only = f.g_warm_only[gi]
+    by_kind, t_cap = f.by_kind, f.t_cap
     vs: list[int] = []
     args: list[float] = []
-    rest: list[tuple[float, float, float]] = []
-    ok_v: list[bool] = []
+    # per variant: its cost, energy and locality terms, or None when infeasible
+    rest: list[tuple[float, float, float] | None] = []
     for t in types:
         if not live[t]:
             continue
-        c = f.t_class[t]
-        fixed, per, efficient = f.fixed[c][k], f.per[c][k], f.efficient[c][k]
-        maxb = f.maxb[c][k]
-        cap = f.t_cap[t]
+        (fixed, per, efficient, maxb, min_sf, startup_s, wait, backlog, fetch, load, price,
+         watts, watts_idle) = by_kind[t][k]  # fmt: skip
+        cap = t_cap[t]
         if cap is not None and cap[gi] < maxb:
             maxb = cap[gi]
-        min_sf = f.c_min_sf[c]
         sfm = sf if sf >= min_sf else min_sf
-        startup_s, wait, backlog = f.t_startup[t], f.t_wait[t], f.t_backlog[t]
         n = efficient if efficient > spread else spread
         maxb1 = maxb if maxb > 1.0 else 1.0
         if maxb1 < n:
@@ -121,16 +148,14 @@ def score_column(
         startup_runs = backlog / (exec_s if exec_s > 1e-9 else 1e-9)
         if startup_runs < runs:
             startup_runs = runs
-        fetch_s = in_bytes * n / f.c_fetch[c]
+        fetch_s = in_bytes * n / fetch
         startup = startup_s / (startup_runs if startup_runs > 1.0 else 1.0)
         start_s = startup + wait
-        price, watts, watts_idle = f.c_price[c], f.c_watts[c], f.c_watts_idle[c]
         ok = old_enough or n_col >= maxb
         # without the group's model resident (variant 2t: its load is shared by the
         # runs), then with it (2t + 1)
-        for v, load0 in (
-            ((2 * t + 1, 0.0),) if warm_only else ((2 * t, gb / f.c_load[c]), (2 * t + 1, 0.0))
-        ):
+        variants = ((2 * t, gb / load), (2 * t + 1, 0.0)) if not warm_only else ((2 * t + 1, 0.0),)
+        for v, load0 in variants:
             load_s = load0 / runs
             total_s = exec_s + load_s + fetch_s
             cost_usd = (total_s + startup) * price / 3600.0
@@ -147,16 +172,20 @@ def score_column(
                     -w_energy * (energy_j / n) / ref_energy,
                     -w_locality * (load_s + fetch_s + start_s) / total,
                 )
+                if ok
+                else None
             )
-            ok_v.append(ok)
     if not vs:
         return vs, []
     logs = np.log(np.array(args)).tolist()
     tp, fair, prio = f.g_tp[gi], f.g_fair[gi], f.g_prio[gi]
-    out = [
-        tp * lg + cost + energy + loc + fair + aging + prio if ok else NEG
-        for lg, (cost, energy, loc), ok in zip(logs, rest, ok_v, strict=True)
-    ]
+    out = []
+    for lg, terms in zip(logs, rest, strict=True):
+        if terms is None:
+            out.append(NEG)
+        else:
+            cost, energy, loc = terms
+            out.append(tp * lg + cost + energy + loc + fair + aging + prio)
     return vs, out
 
 
@@ -166,66 +195,88 @@ class BestPerGroup:
     first (worker, group) pair in worker-major order with the greatest score, which is
     what np.argmax over the (worker, group) matrix returns, without reading it all.
 
-    A group whose best worker lost its scores is only marked stale: its recorded best
-    still bounds it from above, and it is looked at again when it could be the pick.
+    The groups sit in a heap by (-score, worker, group): its top is the pick. A group
+    whose best worker lost its score is only marked stale: its recorded key is still
+    no greater than its true one (any other worker with that score comes later), so it
+    is recomputed only when it reaches the top. A change is a new heap entry; the old
+    one is dropped when it reaches the top. (numpy calls per pick were most of a
+    round: an argmax, comparisons and masks over every group's best each time.)
     Scores must not be NaN (np.argmax puts NaN first; these comparisons do not)."""
 
     def __init__(self, scores: np.ndarray) -> None:
         self.scores = scores
-        self.arg = scores.argmax(axis=1)
-        self.best = scores[np.arange(scores.shape[0]), self.arg]
-        self.stale = np.zeros(scores.shape[0], dtype=bool)
+        arg = scores.argmax(axis=1)
+        best = scores[np.arange(scores.shape[0]), arg]
+        self.arg: list[int] = arg.tolist()
+        self.stale = [False] * scores.shape[0]
+        # per worker that is one: the groups whose recorded best worker it is
+        self._of: dict[int, set[int]] = {}
+        for gi, wi in enumerate(self.arg):
+            self._best_for(wi).add(gi)
+        # per group: its current heap entry (older ones are skipped)
+        self._key = [
+            (-b, wi, gi) for gi, (b, wi) in enumerate(zip(best.tolist(), self.arg, strict=True))
+        ]
+        self._heap = list(self._key)
+        heapq.heapify(self._heap)
 
     def pick(self) -> tuple[int, int, float] | None:
         """(worker, group, score) of the best pair; None when every pair is NEG."""
-        best, stale = self.best, self.stale
-        while True:
-            gi = int(best.argmax())
-            top = float(best[gi])
-            if top == NEG:
+        heap, key, stale = self._heap, self._key, self.stale
+        while heap:
+            top = heap[0]
+            gi = top[2]
+            if top is not key[gi]:
+                heapq.heappop(heap)
+            elif top[0] == -NEG:  # no group's score (or bound) is above NEG
                 return None
-            if stale[gi]:
-                # every stale group that may be above the best known exactly, at once
-                known = np.where(stale, NEG, best).max()
-                self._recompute((stale & (best >= known)).nonzero()[0])
-                continue
-            groups = (best == top).nonzero()[0]
-            if len(groups) == 1:
-                return int(self.arg[gi]), gi, top
-            old = groups[stale[groups]]
-            if len(old):
-                self._recompute(old)
-                continue
-            workers = self.arg[groups]
-            first = workers.min()
-            return int(first), int(groups[int(np.argmax(workers == first))]), top
+            elif stale[gi]:  # recomputed: one at a time, only those that reach the top
+                heapq.heappop(heap)
+                row = self.scores[gi]
+                wi = int(row.argmax())
+                self._record(gi, wi, float(row[wi]))
+            else:
+                return top[1], gi, -top[0]
+        return None
 
     def group_changed(self, gi: int) -> None:
         row = self.scores[gi]
         a = int(row.argmax())
-        self.arg[gi] = a
-        self.best[gi] = row[a]
-        self.stale[gi] = False
+        self._record(gi, a, float(row[a]))
 
     def worker_dropped(self, wi: int) -> None:
         """The worker's scores all became NEG: the groups it was best for go stale."""
-        self.stale |= (self.arg == wi) & (self.best > NEG)
+        stale = self.stale
+        for gi in self._of.get(wi, ()):
+            stale[gi] = True
 
     def worker_changed(self, wi: int) -> None:
         """The worker's scores were refreshed (it has a slot left)."""
-        col, best, arg, stale = self.scores[:, wi], self.best, self.arg, self.stale
-        # it was best and scores less now: stale (its old best still bounds the group)
-        stale |= (arg == wi) & (col < best)
-        # above the best (or its bound): it is the best; equal to a best that is known
-        # exactly: the first of the two
-        up = col > best
-        first = (col == best) & (wi < arg) & ~stale
-        best[up] = col[up]
-        arg[up | first] = wi
-        stale[up] = False
+        arg, stale, key = self.arg, self.stale, self._key
+        for gi, score in enumerate(self.scores[:, wi].tolist()):
+            best, a = -key[gi][0], arg[gi]
+            if score > best:  # above the best (or its bound): it is the best
+                self._record(gi, wi, score)
+            elif score == best:
+                # equal to the best (or its bound): the first of the two; a stale
+                # group's key stays no greater than its true one
+                if wi < a:
+                    self._record(gi, wi, score, stale[gi])
+            elif a == wi:  # it was best and scores less now: its old best bounds it
+                stale[gi] = True
 
-    def _recompute(self, groups: np.ndarray) -> None:
-        sub = self.scores[groups]
-        self.arg[groups] = sub.argmax(axis=1)
-        self.best[groups] = sub.max(axis=1)
-        self.stale[groups] = False
+    def _best_for(self, wi: int) -> set[int]:
+        groups = self._of.get(wi)
+        if groups is None:
+            groups = self._of[wi] = set()
+        return groups
+
+    def _record(self, gi: int, wi: int, score: float, stale: bool = False) -> None:
+        old = self.arg[gi]
+        if old != wi:
+            self._of[old].discard(gi)
+            self._best_for(wi).add(gi)
+            self.arg[gi] = wi
+        self.stale[gi] = stale
+        entry = self._key[gi] = (-score, wi, gi)
+        heapq.heappush(self._heap, entry)

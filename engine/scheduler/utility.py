@@ -91,7 +91,7 @@ def estimate(
     )
 
 
-def estimate_one(
+def batch_totals(
     n: int,
     fixed_s: float,
     per_item_s: float,
@@ -105,23 +105,19 @@ def estimate_one(
     watts_busy: float,
     startup_s: float = 0.0,
     watts_idle: float = 0.0,
-) -> Estimate:
-    """`estimate` for one batch in plain floats (one-off costs all on it): the same
-    operations in the same order, so the same numbers, without numpy's per-call cost
-    (the policy makes one per decision)."""
+) -> tuple[float, float, float]:
+    """`estimate` for one batch in plain floats (one-off costs all on it), as (total_s,
+    cost_usd, energy_j): the same operations in the same order, so the same numbers,
+    without numpy's per-call cost or an Estimate's (the policy makes one per decision)."""
     exec_s = (fixed_s + per_item_s * n) * size_factor
     load_s = 0.0 if warm else model_gb / max(load_gbps, 1e-9)
     fetch_s = input_bytes / max(net_gbps * 1.25e8, 1.0)
     startup = float(startup_s)
     total_s = exec_s + load_s + fetch_s
-    return Estimate(
-        exec_s=exec_s,
-        load_s=load_s,
-        fetch_s=fetch_s,
-        total_s=total_s,
-        cost_usd=(total_s + startup) * price_per_hour / 3600.0,
-        energy_j=total_s * watts_busy + startup * watts_idle,
-        start_s=startup,
+    return (
+        total_s,
+        (total_s + startup) * price_per_hour / 3600.0,
+        total_s * watts_busy + startup * watts_idle,
     )
 
 
