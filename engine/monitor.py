@@ -186,22 +186,24 @@ def _worker_rows(infos: list[WorkerInfo], in_flight: dict[str, int], now: float)
     return rows
 
 
+def _dataset_row(name: str, complete: bool) -> NodeRow:
+    """A source dataset as a DAG node (complete once uploaded)."""
+    return NodeRow(
+        name=name,
+        op="dataset",
+        inputs=[],
+        total=0,
+        done=0,
+        failed=0,
+        reused=0,
+        complete=complete,
+        n_outputs=0,
+    )
+
+
 def workflow_row(st: WorkflowStatus, now: float) -> WorkflowRow:
     """A workflow with its DAG: source datasets, then nodes with operator counts."""
-    nodes = [
-        NodeRow(
-            name=name,
-            op="dataset",
-            inputs=[],
-            total=0,
-            done=0,
-            failed=0,
-            reused=0,
-            complete=True,
-            n_outputs=0,
-        )
-        for name in st.datasets
-    ]
+    nodes = [_dataset_row(name, complete=True) for name in st.datasets]
     for name, ns in st.nodes.items():
         spec = ns.spec
         nodes.append(
@@ -222,20 +224,7 @@ def workflow_row(st: WorkflowStatus, now: float) -> WorkflowRow:
     # a source named as an input but not yet in `datasets` (still uploading) is a node too
     known = {n.name for n in nodes}
     for missing in sorted({i for n in nodes for i in n.inputs} - known):
-        nodes.insert(
-            0,
-            NodeRow(
-                name=missing,
-                op="dataset",
-                inputs=[],
-                total=0,
-                done=0,
-                failed=0,
-                reused=0,
-                complete=False,
-                n_outputs=0,
-            ),
-        )
+        nodes.insert(0, _dataset_row(missing, complete=False))
     return WorkflowRow(
         workflow_id=st.workflow_id,
         name=st.name,

@@ -35,6 +35,7 @@ from flowmesh.engine.lineage.queries import (
     op_lineage,
     recover_inputs,
     source_datasets,
+    status_with_node,
 )
 from flowmesh.topics import codec
 from flowmesh.topics.api import LINEAGE_PAGE, LineageCursor
@@ -60,13 +61,7 @@ async def build_lineage_page(
     bytes (at least one operator stays); `next_page` then starts after what was kept."""
     bus, cas = fm.bus, fm.cas
     limit = max(1, min(limit, LINEAGE_PAGE))
-    status = await reads.workflow_status(bus, workflow_id)
-    if status is None:
-        raise LineageError(f"no workflow {workflow_id!r}")
-    if node is not None and node not in status.nodes:
-        raise LineageError(
-            f"workflow {workflow_id} has no node {node!r} (nodes: {', '.join(status.nodes)})"
-        )
+    status = await status_with_node(bus, workflow_id, node)
     warnings: list[str] = []
     sem = asyncio.Semaphore(CONCURRENCY)
     manifests: dict[str, list[str] | None] = {}

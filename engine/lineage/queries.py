@@ -42,9 +42,9 @@ class HasBusAndCas(Protocol):
     def cas(self) -> CAS: ...
 
 
-async def build_lineage(fm: HasBusAndCas, workflow_id: str, node: str | None = None) -> Lineage:
-    """The lineage of a workflow, or (with `node`) of that node and all its ancestors."""
-    bus, cas = fm.bus, fm.cas
+async def status_with_node(bus: Bus, workflow_id: str, node: str | None) -> WorkflowStatus:
+    """The workflow's status, which must exist and (with `node`) hold that node: the
+    first check of every lineage read, whole or a page at a time."""
     status = await reads.workflow_status(bus, workflow_id)
     if status is None:
         raise LineageError(f"no workflow {workflow_id!r}")
@@ -52,6 +52,13 @@ async def build_lineage(fm: HasBusAndCas, workflow_id: str, node: str | None = N
         raise LineageError(
             f"workflow {workflow_id} has no node {node!r} (nodes: {', '.join(status.nodes)})"
         )
+    return status
+
+
+async def build_lineage(fm: HasBusAndCas, workflow_id: str, node: str | None = None) -> Lineage:
+    """The lineage of a workflow, or (with `node`) of that node and all its ancestors."""
+    bus, cas = fm.bus, fm.cas
+    status = await status_with_node(bus, workflow_id, node)
     warnings: list[str] = []
     sem = asyncio.Semaphore(CONCURRENCY)
 
