@@ -203,15 +203,24 @@ class Gateway:
             return
         started = time.monotonic()
         use = self._admit(tenant)
+        if use is None:
+            # refused before it takes one of the engine's slots: a flood over quota never
+            # queues ahead of another tenant's requests
+            await self._reply(
+                msg.reply,
+                ApiReply(
+                    ok=False,
+                    code="too_many_requests",
+                    error=f"tenant {tenant!r} is over its request quota ({self.quotas.rps:g}/s, "
+                    f"{self.quotas.concurrent} at once, across {self.peers.count} "
+                    "gateways); retry later",
+                ),
+                verb,
+                tenant,
+            )
+            return
         async with self._sem:
             try:
-                if use is None:
-                    raise ApiError(
-                        "too_many_requests",
-                        f"tenant {tenant!r} is over its request quota ({self.quotas.rps:g}/s, "
-                        f"{self.quotas.concurrent} at once, across {self.peers.count} "
-                        "gateways); retry later",
-                    )
                 if len(msg.data) > MAX_REQUEST_BYTES:
                     raise ApiError(
                         "too_large",
@@ -227,8 +236,18 @@ class Gateway:
                 log.exception("gateway request failed", ref=ref, verb=verb, tenant=tenant)
                 reply = ApiReply(ok=False, code="internal", error=f"internal error (ref {ref})")
             finally:
-                if use is not None:
-                    use.active -= 1
+                use.active -= 1
+        await self._reply(msg.reply, reply, verb, tenant)
+        log.debug(
+            "gateway request",
+            tenant=tenant,
+            verb=verb,
+            ok=reply.ok,
+            code=reply.code,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    async def _reply(self, subject: str, reply: ApiReply, verb: str, tenant: str) -> None:
         body = codec.encode(reply)
         if len(body) > MAX_REPLY_BYTES:
             body = codec.encode(
@@ -240,17 +259,9 @@ class Gateway:
                 )
             )
         try:
-            await self.bus.nc.publish(msg.reply, body)
+            await self.bus.nc.publish(subject, body)
         except Exception as exc:
             log.warning("gateway reply failed", error=str(exc), verb=verb, tenant=tenant)
-        log.debug(
-            "gateway request",
-            tenant=tenant,
-            verb=verb,
-            ok=reply.ok,
-            code=reply.code,
-            ms=round((time.monotonic() - started) * 1000, 1),
-        )
 
     async def dispatch(self, tenant: str, verb: str, data: bytes) -> Any:
         """Answer one request of `tenant` (the identity the subject carries)."""
