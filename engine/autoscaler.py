@@ -22,6 +22,11 @@ idle workers the pool's remaining work still needs within a cold start. Never be
 `min_workers` (with `forecast`, only while it can be needed within a cold start: while
 running workflows have work for the class's pools, or while workflows arrive at least
 once per cold start; elastic.warm_minimum, as simulated), never above `max_workers`.
+With `forecast`, CPU classes are also started ahead of the CPU work the running
+workflows will make ready soon (`soon_ready`: nodes whose input nodes have started,
+their operators not created yet), one worker per cold start of it (elastic.prewarm, as
+simulated), so a CPU stage after GPU work does not hold the GPUs idle through its
+workers' cold start.
 Growth is immediate (operators are waiting); with `release: fixed` a worker retires
 only after `idle_grace_s` with nothing assigned and no batch finished, with `forecast` as
 soon as the backlog no longer needs it (and at the latest after `idle_grace_s`); only the
@@ -148,6 +153,10 @@ class Snapshot:
     # submitted per second lately
     work_pools: frozenset[str] = frozenset()
     arrivals_per_s: float = 0.0
+    # read only for a forecast release with a CPU class: operator kind -> operators the
+    # running workflows will make ready soon (of nodes whose input nodes have all
+    # started, those not created yet), what the CPU classes are pre-warmed for
+    soon: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -202,6 +211,28 @@ def ready_items(
             )
             for it in chunk.items
         )
+    return out
+
+
+def soon_ready(st: WorkflowStatus) -> Counter[str]:
+    """Per operator kind, the operators of a running workflow soon ready: of each node
+    not complete whose input nodes have all started (created an operator, or are
+    complete), those not created yet. A per-record node is taken to have as many
+    operators as the largest of its inputs, any other node one: the planner creates a
+    per-record node's operators as its inputs' records are done, another node's one
+    operator once they are all complete. The simulator's `soon_s`, as the live side
+    sees it."""
+    out: Counter[str] = Counter()
+    for ns in st.nodes.values():
+        if ns.spec is None or ns.complete:
+            continue
+        ups = [st.nodes[i] for i in ns.spec.inputs if i in st.nodes]
+        if not ups or not all(u.total > 0 or u.complete for u in ups):
+            continue
+        kind = KINDS.get(ns.spec.op)
+        expected = max(u.total for u in ups) if kind is None or kind.fanout == "record" else 1
+        if expected > ns.total:
+            out[ns.spec.op] += expected - ns.total
     return out
 
 
@@ -337,6 +368,7 @@ def plan(
         if first is not None:
             added[first] = 1
             reasons[first] = f"{snap.running_workflows} workflows and no worker"
+    prewarm = _prewarm(snap, config, fleet, fast) if config.release == "forecast" else {}
     steps = []
     for name, c in classes.items():
         current = replicas[name]
@@ -345,6 +377,7 @@ def plan(
             floor = elastic.warm_minimum(
                 floor, bool(snap.work_pools & c.pools), snap.arrivals_per_s, config.startup_s
             )
+            floor = max(floor, prewarm.get(name, 0))
         # release is decided on the round's state before growth, as the simulator's
         # release checks are: an idle worker past its grace goes even while another
         # class (or a new one of its own) is started for work it does not take
@@ -356,12 +389,37 @@ def plan(
             continue
         if added[name] or target > current:
             why = reasons.get(name, f"min_workers {c.min_workers}")
+            if not added[name] and prewarm.get(name, 0) > c.min_workers:
+                why = f"{sum(snap.soon.values())} operators soon ready (pre-warm)"
         elif config.release == "forecast":
             why = "idle, not needed by the backlog within a cold start"
         else:
             why = f"idle for {config.idle_grace_s:g}s or more"
         steps.append(Step(name, current, target, tuple(retire), why))
     return steps
+
+
+def _prewarm(
+    snap: Snapshot, config: AutoscalerConfig, fleet: Fleet, fast: Mapping[str, LatencyModel]
+) -> dict[str, int]:
+    """Per CPU class, its share of elastic.prewarm over the CPU work soon ready (the
+    classes in config order, each up to its max_workers), as the simulator's flowmesh
+    policy: a CPU stage after GPU work has its workers up when its operators are ready,
+    not a cold start later with the GPUs held idle behind it."""
+    secs = sum(
+        elastic.backlog_seconds(fast[kind], n, 1.0)
+        for kind, n in snap.soon.items()
+        if n > 0 and kind in fast and pool_of_kind(kind) == "cpu"
+    )
+    left = elastic.prewarm(secs, config.startup_s)
+    out: dict[str, int] = {}
+    for c in config.classes:
+        if left <= 0:
+            break
+        if "cpu" in c.pools and fleet.classes[c.name].kind == "cpu":
+            out[c.name] = take = min(c.max_workers, left)
+            left -= take
+    return out
 
 
 def _to_retire(
@@ -515,18 +573,24 @@ class Autoscaler:
             if n
         }
         replicas = {c.name: await self.provider.replicas(c.name) for c in self.config.classes}
-        running, pools, rate = 0, frozenset[str](), 0.0
-        warm = self.config.release == "forecast" and any(c.min_workers for c in self.config.classes)
+        running, pools, rate, soon = 0, frozenset[str](), 0.0, Counter[str]()
+        # a forecast release's warm minimum and CPU pre-warm read the workflows
+        warm = self.config.release == "forecast" and any(
+            c.min_workers or self.policy.fleet.classes[c.name].kind == "cpu"
+            for c in self.config.classes
+        )
         if warm or (not workers and not any(replicas.values())):
-            running, pools, rate = await self._workflows()
-        return Snapshot(backlog, tuple(workers), replicas, running, items, pools, rate)
+            running, pools, rate, soon = await self._workflows()
+        return Snapshot(backlog, tuple(workers), replicas, running, items, pools, rate, soon)
 
-    async def _workflows(self) -> tuple[int, frozenset[str], float]:
+    async def _workflows(self) -> tuple[int, frozenset[str], float, Counter[str]]:
         """From the workflows' status entries: how many run, the pools their nodes not
-        yet complete run in, and workflows submitted per second lately."""
+        yet complete run in, workflows submitted per second lately, and per operator
+        kind the operators soon ready (`soon_ready`)."""
         n = 0
         pools: set[str] = set()
         submitted: list[float] = []
+        soon: Counter[str] = Counter()
         for _key, value, _rev in await self.bus.kv_items(streams.KV_WF):
             try:
                 st = codec.decode(value, WorkflowStatus)
@@ -541,9 +605,10 @@ class Autoscaler:
                 for ns in st.nodes.values()
                 if ns.spec is not None and not ns.complete
             )
+            soon.update(soon_ready(st))
         submitted.sort()
         rate = elastic.arrival_rate(submitted, time.time(), self.config.startup_s)
-        return n, frozenset(pools), rate
+        return n, frozenset(pools), rate, soon
 
     def _learn(self, info: WorkerInfo) -> None:
         """A batch a worker finished since the last round refines its class's latency

@@ -25,6 +25,7 @@ from flowmesh.engine.autoscaler import (
     fleet_for,
     parse_classes,
     plan,
+    soon_ready,
 )
 from flowmesh.engine.providers.kubernetes import KubernetesProvider
 from flowmesh.engine.providers.local import LocalProcessProvider
@@ -34,7 +35,7 @@ from flowmesh.engine.scheduler.groups import group_ready
 from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
 from flowmesh.loadgen.sim.replay import dump_trace, live_decisions, load_trace, replay
 from flowmesh.topics import Bus
-from flowmesh.topics.messages import WorkflowSpec
+from flowmesh.topics.messages import NodeSpec, NodeStatus, WorkflowSpec, WorkflowStatus
 from tests.conftest import MakeFabric
 from tests.workflows import map_then_count
 
@@ -195,6 +196,69 @@ def test_forecast_release_keeps_the_warm_minimum_only_while_it_can_be_needed() -
     # the simulator's rule is the same function
     assert elastic.warm_minimum(1, False, 1 / 3600, 30.0) == 0
     assert elastic.arrival_rate([0.0, 10.0, 20.0], 30.0, 30.0) == pytest.approx(0.1)
+
+
+def test_a_forecast_release_prewarms_cpu_workers_for_work_soon_ready() -> None:
+    """A CPU node after a running one (a scoring stage's `group`, say): its operators
+    are not created yet, so nothing waits for a worker, but CPU workers are started for
+    them (one per cold start of that work, elastic.prewarm), kept while it is still to
+    come, and the simulator's flowmesh policy decides the same."""
+    cheap = replace(CHEAP, max_workers=4, pools=frozenset({"cpu"}))
+    config = AutoscalerConfig(
+        classes=(cheap,), release="forecast", startup_s=10.0, target_backlog_s=1000.0
+    )
+    pol = policy_for(config)
+    # 25 map operators soon ready at 1 op/s: 25 s of work, three 10 s cold starts
+    soon = Snapshot({}, (), {"cheap": 0}, soon={"map": 25})
+    steps = plan(soon, config, pol)
+    assert [(s.device_class, s.target) for s in steps] == [("cheap", 3)]
+    assert "25 operators soon ready" in steps[0].reason
+    # the pre-warmed workers idle until the work is ready: kept for it, and released
+    # once nothing is soon ready any more
+    idle = tuple(worker(f"c{i}", "cheap", idle_for=5.0) for i in range(3))
+    assert plan(replace(soon, workers=idle, replicas={"cheap": 3}), config, pol) == []
+    after = plan(Snapshot({}, idle, {"cheap": 3}), config, pol)
+    assert [(s.target, len(s.retire)) for s in after] == [(0, 3)]
+    # a fixed release does not pre-warm, nor is a GPU class started ahead of its work
+    fixed = replace(config, release="fixed")
+    assert plan(soon, fixed, policy_for(fixed)) == []
+    gpu = AutoscalerConfig(
+        classes=(replace(cheap, pools=frozenset({"gpu"})),), release="forecast", startup_s=10.0
+    )
+    assert plan(replace(soon, soon={"generate": 25}), gpu, policy_for(gpu)) == []
+    # the simulator, replaying these rounds, starts and keeps the same workers
+    rounds = [
+        (0.0, soon, plan(soon, config, pol), 0),
+        (5.0, replace(soon, workers=idle, replicas={"cheap": 3}), [], 0),
+        (9.0, replace(soon, workers=idle[:2], replicas={"cheap": 2}, soon={"map": 15}), [], 0),
+    ]
+    live = [live_decisions(plan(r[1], config, pol, r[0])) for r in rounds]
+    assert replay(rounds, [], config, fleet_for(config.classes, None), PolicyConfig()) == live
+    assert live[0].added == {"cheap": 3} and live[2].added == {}
+
+
+def test_work_soon_ready_is_counted_from_the_workflows_status() -> None:
+    """Of each node not complete whose input nodes have all started, the operators not
+    created yet: a per-record node as many as its largest input, any other node one."""
+    node = lambda op, inputs, **kw: NodeStatus(  # noqa: E731
+        spec=NodeSpec(name="n", op=op, inputs=inputs, fn="f" if op == "map" else None), **kw
+    )
+    st = WorkflowStatus(
+        "wf",
+        "w",
+        "t",
+        "running",
+        0.0,
+        0.0,
+        nodes={
+            "gen": node("generate", ["prompts"], total=10, done=3),
+            "clean": node("map", ["gen"], total=2),  # 8 more to come
+            "best": node("group", ["clean"]),  # one, once clean is complete
+            "after": node("map", ["best"]),  # best has not started: not soon
+            "done": node("map", ["gen"], total=10, done=10, complete=True),
+        },
+    )
+    assert soon_ready(st) == {"map": 8, "group": 1}
 
 
 def test_waiting_work_keeps_idle_workers_of_its_pool() -> None:

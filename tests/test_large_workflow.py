@@ -29,10 +29,11 @@ async def test_a_20k_record_workflow_completes_with_no_false_deaths_beside_small
         tmp_path,
         workers=2,
         small=3,
-        # early: with batches on the wire the 20k records take seconds, not minutes, and
-        # a small workflow submitted after the big one ended would test nothing
-        small_after_s=1.0,
-        small_every_s=1.0,
+        # early: with batches on the wire the 20k records take seconds, not minutes (in
+        # one CI run the small ones at 1, 2 and 3 s did not all come before the big
+        # one's end), and a small workflow submitted after it ended would test nothing
+        small_after_s=0.5,
+        small_every_s=0.25,
         timeout_s=600.0,
     )
     assert r.state == "completed", r.summary()

@@ -387,6 +387,25 @@ def test_each_lever_switch_changes_what_flowmesh_does(fleet: Fleet, config: Poli
         parse_workload({**raw, "levers": {"dedupe": True}})
 
 
+def test_cpu_workers_are_prewarmed_for_a_cpu_stage_after_gpu_work(
+    fleet: Fleet, config: PolicyConfig
+) -> None:
+    """The scale workload's `best` stage (a CPU `group` over each record's rewards)
+    follows GPU scoring. Started only once its operators were ready, the CPU workers'
+    cold start held the GPUs done with scoring idle behind it; pre-warmed for the work
+    soon ready (the `prewarm` lever), they are up when it comes: less idle GPU time, a
+    smaller bill, a shorter p95."""
+    from flowmesh.loadgen.sim.bench import scale_workload
+
+    wl = scale_workload(50, 50_000, seed=0)
+    on = simulate(wl, fleet, config, "flowmesh")
+    off = simulate(wl.with_overrides(levers_off=["prewarm"]), fleet, config, "flowmesh")
+    assert on.completed == on.workflows == off.completed
+    assert on.ops_executed == off.ops_executed
+    assert on.gpu_hours - on.gpu_busy_hours < off.gpu_hours - off.gpu_busy_hours
+    assert on.cost_usd < off.cost_usd and on.latency_p95_s < off.latency_p95_s
+
+
 def test_floor_prices_the_unique_work_below_every_policy(
     smoke: Workload, fleet: Fleet, config: PolicyConfig
 ) -> None:

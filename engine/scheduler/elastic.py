@@ -17,7 +17,11 @@ simulator reports is what the engine would decide on the same backlog:
   pool's remaining work needs within the break-even horizon, the most recently busy);
 - `warm_minimum`: how much of a class's min_workers a forecast release keeps (all of it
   while it can be needed within a cold start, none between sparse workflows), over the
-  arrival rate `arrival_rate` measures.
+  arrival rate `arrival_rate` measures;
+- `prewarm`: how many CPU workers a forecast release starts ahead of the work the
+  running workflows' next stages will make ready, so that a CPU stage downstream of GPU
+  work does not start its workers only once that work is ready and hold the GPUs behind
+  it for a cold start.
 """
 
 from __future__ import annotations
@@ -203,3 +207,13 @@ def warm_minimum(n: int, work_for_it: bool, arrivals_per_s: float, cold_start_s:
     if not n or work_for_it:
         return n
     return n if arrivals_per_s * cold_start_s >= 1.0 else 0
+
+
+def prewarm(forecast_s: float, horizon_s: float) -> int:
+    """Workers to hold for `forecast_s` seconds of work (on the pool's fastest class) that
+    the running workflows will make ready soon: as many as a forecast release would keep
+    idle for it (rightsize.idle_to_keep: one per `horizon_s`, the cold start), so a
+    worker started now has at least its cold start's worth of work once it is up."""
+    if forecast_s <= 0:
+        return 0
+    return math.ceil(forecast_s / max(horizon_s, 1e-9) - 1e-9)

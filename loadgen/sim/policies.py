@@ -205,17 +205,40 @@ class FlowMeshPolicy(SimPolicy):
         start: while the accepted workflows still have work for the class's pool
         (allocated when one arrives, its cold start overlapping the upstream stages), or
         while workflows arrive at least once per cold start (the recent rate). Between
-        sparse workflows the pool's last worker goes like any other."""
+        sparse workflows the pool's last worker goes like any other. A CPU class also
+        holds its share of the pre-warm for the CPU work soon ready (`prewarm`)."""
         n = sim.settings.min_workers.get(cls, 0)
-        if not n or self.config.release != "forecast":
+        if self.config.release != "forecast":
             return n
         cold = sim.settings.cold_start_s
-        return elastic.warm_minimum(
-            n,
-            sim.pending_s[sim.fleet.classes[cls].kind] > PENDING_EPS_S,
-            sim.arrival_rate(elastic.ARRIVAL_WINDOW_S),
-            cold,
-        )
+        if n:
+            n = elastic.warm_minimum(
+                n,
+                sim.pending_s[sim.fleet.classes[cls].kind] > PENDING_EPS_S,
+                sim.arrival_rate(elastic.ARRIVAL_WINDOW_S),
+                cold,
+            )
+        return max(n, self.prewarm(sim, cls))
+
+    def prewarm(self, sim: Simulation, cls: str) -> int:
+        """`cls`'s share of elastic.prewarm over the CPU work soon ready: the pool's CPU
+        classes take it in fleet order, each up to its cap. Only CPU workers are started
+        ahead of their work: one costs a small part of the GPUs a late CPU stage holds
+        idle behind it, and a GPU started early would be the dear idle it avoids."""
+        if not self.levers.prewarm or sim.fleet.classes[cls].kind != "cpu":
+            return 0
+        soon = sim.soon_s["cpu"]
+        if soon <= PENDING_EPS_S:
+            return 0
+        left = elastic.prewarm(soon, sim.settings.cold_start_s)
+        for c, cap in sim.pool_classes.items():
+            if sim.fleet.classes[c].kind != "cpu":
+                continue
+            take = min(cap, left)
+            if c == cls:
+                return take
+            left -= take
+        return 0
 
     def release_check_s(self, sim: Simulation) -> float:
         if self.config.release == "forecast":

@@ -128,12 +128,33 @@ def _round(
                 if it.kind in sim.fastest
             )
             sim.pending_s[pool] = sim.pending_s.get(pool, 0.0) + secs * waiting / len(items)
+    # and of the work soon ready, what the live side counts (engine.autoscaler.soon_ready)
+    sim.soon_s["cpu"] = sum(
+        elastic.backlog_seconds(sim.fastest[kind], n, 1.0)
+        for kind, n in snap.soon.items()
+        if n > 0 and kind in sim.fastest and sim.kind_pool[kind] == "cpu"
+    )
     # release checks see the round's state before it grows (a RELEASE event and a
     # scheduling round at one instant: the event is handled first)
     released = frozenset(w.id for w in idle if _released(policy, sim, w, now))
     before = Counter(sim.pool.by_class)
     policy.grow(sim, now, [])
     added = {c: n - before[c] for c, n in sim.pool.by_class.items() if n > before[c]}
+    # the CPU classes pre-warmed for that work, as the simulator's warm minimum holds
+    # them: started up to it, and not released below it (the longest idle go first)
+    for cls in workload.settings.fleet:
+        floor = policy.prewarm(sim, cls)
+        if not floor:
+            continue
+        short = floor - sim.pool.by_class.get(cls, 0)
+        if short > 0:
+            added[cls] = added.get(cls, 0) + short
+        going = sorted(
+            (w for w in idle if w.id in released and w.device.name == cls),
+            key=lambda w: (w.idle_since, w.id),
+        )
+        kept = going[max(0, before[cls] + added.get(cls, 0) - floor) :]
+        released -= {w.id for w in kept}
     return Decided(added, released)
 
 
@@ -157,6 +178,7 @@ def dump_trace(
             "replicas": dict(s.replicas),
             "running_workflows": s.running_workflows,
             "ready": {p: [msgspec.to_builtins(it) for it in items] for p, items in s.ready.items()},
+            "soon": dict(s.soon),
         }
 
     return {
@@ -183,6 +205,7 @@ def load_trace(
                 p: tuple(msgspec.convert(it, ReadyItem) for it in items)
                 for p, items in s["ready"].items()
             },
+            soon=s.get("soon", {}),  # traces recorded before the pre-warm have none
         )
         steps = [Step(**{**st, "retire": tuple(st["retire"])}) for st in r["steps"]]
         rounds.append((r["now"], snap, steps, r["n_obs"]))

@@ -93,6 +93,11 @@ class Simulation:
         # the work accepted workflows still have to do per pool (not done, ready or not),
         # in seconds on the pool's fastest class: what the planner knows of the future
         self.pending_s: dict[str, float] = {"gpu": 0.0, "cpu": 0.0}
+        # of it, the work not ready yet of stages whose inputs have all started (an
+        # operator of each has been ready): what will be ready soon, what a forecast
+        # release pre-warms CPU workers for
+        self.soon_s: dict[str, float] = {"gpu": 0.0, "cpu": 0.0}
+        self._soon_grew = False
         self._op_work: dict[tuple[str, float], float] = {}
         # counters
         self.requested = 0
@@ -189,6 +194,9 @@ class Simulation:
             nxt = clock.next_at()
             if nxt is not None and nxt <= now:
                 continue
+            if self._soon_grew:
+                self._soon_grew = False
+                self._keep_min(now)
             if self.dirty:
                 scopes = list(self.dirty)
                 self.dirty.clear()
@@ -207,6 +215,11 @@ class Simulation:
             self.pending_s[self.kind_pool[st.kind]] += len(st.ops) * self.op_work(st)
         self.arrivals[run.wid] = now
         self.arrival_log.append(now)
+        for st in run.stages:
+            if not st.ops:
+                self._started(st)
+            if st.unstarted_inputs == 0 and not st.near:
+                self._bring_near(st)
         self._keep_min(now)
         self.policy.on_arrival(self, run, now)
         for st in run.stages:
@@ -228,6 +241,11 @@ class Simulation:
         hit on a completed key)."""
         self.requested += 1
         st = op.stage
+        st.readied += 1
+        if st.near:
+            self.soon_s[self.kind_pool[st.kind]] -= self.op_work(st)
+        if not st.started:
+            self._started(st)
         run = op.run
         if self.policy.dedup:
             key = op.key
@@ -310,11 +328,29 @@ class Simulation:
                 if w.allocated and w.batch is None:
                     self.clock.at(now + self.settings.idle_release_s, Ev.RELEASE, w, w.idle_token)
 
+    def _started(self, st: Stage) -> None:
+        """`st` has had an operator ready: the stages it feeds whose inputs have now all
+        started are near."""
+        st.started = True
+        for d in st.feeds:
+            d.unstarted_inputs -= 1
+            if d.unstarted_inputs == 0 and not d.near:
+                self._bring_near(d)
+
+    def _bring_near(self, st: Stage) -> None:
+        st.near = True
+        soon = len(st.ops) - st.readied
+        if soon:
+            self.soon_s[self.kind_pool[st.kind]] += soon * self.op_work(st)
+            self._soon_grew = True
+
     def _keep_min(self, now: float) -> None:
-        """The shared pool's warm minimum (autoscale.min_workers), while work remains."""
+        """The shared pool's warm minimum (autoscale.min_workers, and what the policy
+        pre-warms), while work remains."""
         if self.finished or not self.policy.shared:
             return
-        for cls in self.settings.min_workers:
+        mins = self.settings.min_workers
+        for cls in [*mins, *(c for c in self.pool_classes if c not in mins)]:
             n = self.policy.warm_minimum(self, cls)
             spare = list(self.pool.unalloc.get(cls, {}).values())
             for w in spare[: max(0, n - self.pool.by_class.get(cls, 0))]:

@@ -139,7 +139,7 @@ class IsolatedSpec:
     per: Literal["model", "model-kind"] = "model"
 
 
-LEVERS = ("dedup", "batching", "packing", "heterogeneity", "release")
+LEVERS = ("dedup", "batching", "packing", "heterogeneity", "release", "prewarm")
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,10 @@ class Levers:
     - heterogeneity: the pool's GPU classes to choose from (off: the shared pool's GPUs
       are all the one class a user would rent, `isolated.gpu`, as many as the pool's GPUs);
     - release: the forecast release of idle workers (off: `release: fixed`, every idle
-      worker waits idle_release_s).
+      worker waits idle_release_s);
+    - prewarm: with the forecast release, CPU workers started ahead of the work the
+      running workflows' next stages will make ready (engine.scheduler.elastic.prewarm;
+      off: a CPU worker starts only once its work is ready).
     """
 
     dedup: bool = True
@@ -163,6 +166,7 @@ class Levers:
     packing: bool = True
     heterogeneity: bool = True
     release: bool = True
+    prewarm: bool = True
 
     def without(self, names: Sequence[str]) -> Levers:
         unknown = set(names) - set(LEVERS)
@@ -527,14 +531,19 @@ class Stage:
         "batch_key",
         "dependents",
         "executor",
+        "feeds",
         "input_bytes",
         "kind",
         "model",
         "model_gb",
         "name",
+        "near",
         "ops",
+        "readied",
         "remaining",
         "spec",
+        "started",
+        "unstarted_inputs",
     )
 
     def __init__(self, spec: StageSpec, model: str | None) -> None:
@@ -551,6 +560,15 @@ class Stage:
         self.remaining = 0
         self.after_left = len(spec.after)
         self.dependents: list[Stage] = []
+        # the simulator's forecast of work soon ready: the stages this one's start brings
+        # near (those it is the input or an `after` of), how many of its own inputs have
+        # not started, whether one of its operators has been ready, whether its work not
+        # ready yet counts as soon ready, and how many of its operators have been ready
+        self.feeds: list[Stage] = []
+        self.unstarted_inputs = 0
+        self.started = False
+        self.near = False
+        self.readied = 0
 
 
 class Op:
@@ -613,6 +631,9 @@ def expand(wl: Workload, inst: WorkflowInstance) -> WorkflowRun:
         run.stages.append(stage)
         for a in spec.after:
             by_name[a].dependents.append(stage)
+        for up in sorted({spec.input, *spec.after} & by_name.keys() - {spec.name}):
+            by_name[up].feeds.append(stage)
+            stage.unstarted_inputs += 1
         after_id = (
             digest("after", *(op.content for a in spec.after for op in by_name[a].ops))
             if spec.after
