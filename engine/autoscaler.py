@@ -18,7 +18,8 @@ add (its backlog in seconds on the fastest class, at `target_backlog_s` per work
 new one is up), the class of each from the scheduling policy's utility over one cold
 candidate per class (the batch a new worker would run first, scored on throughput, $,
 energy and locality as the scheduler scores it), and, with `release: forecast`, which
-idle workers the pool's remaining work still needs within a cold start. Never below
+idle workers the pool's remaining work (its backlog and the work soon ready, below)
+still needs within a cold start. Never below
 `min_workers` (with `forecast`, only while it can be needed within a cold start: while
 running workflows have work for the class's pools, or while workflows arrive at least
 once per cold start; elastic.warm_minimum, as simulated), never above `max_workers`.
@@ -42,7 +43,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -153,9 +154,9 @@ class Snapshot:
     # submitted per second lately
     work_pools: frozenset[str] = frozenset()
     arrivals_per_s: float = 0.0
-    # read only for a forecast release with a CPU class: operator kind -> operators the
-    # running workflows will make ready soon (of nodes whose input nodes have all
-    # started, those not created yet), what the CPU classes are pre-warmed for
+    # read only for a forecast release: operator kind -> operators the running workflows
+    # will make ready soon (of nodes whose input nodes have all started, those not
+    # created yet): idle workers are kept for them, CPU classes pre-warmed
     soon: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -399,6 +400,19 @@ def plan(
     return steps
 
 
+def soon_seconds(
+    soon: Mapping[str, int], fast: Mapping[str, LatencyModel], pools: Iterable[str]
+) -> float:
+    """The operators soon ready (kind -> how many) of `pools`, in seconds on each kind's
+    fastest class (full batches; a model's size is not known before its operators are)."""
+    wanted = set(pools)
+    return sum(
+        elastic.backlog_seconds(fast[kind], n, 1.0)
+        for kind, n in soon.items()
+        if n > 0 and kind in fast and pool_of_kind(kind) in wanted
+    )
+
+
 def _prewarm(
     snap: Snapshot, config: AutoscalerConfig, fleet: Fleet, fast: Mapping[str, LatencyModel]
 ) -> dict[str, int]:
@@ -406,12 +420,7 @@ def _prewarm(
     classes in config order, each up to its max_workers), as the simulator's flowmesh
     policy: a CPU stage after GPU work has its workers up when its operators are ready,
     not a cold start later with the GPUs held idle behind it."""
-    secs = sum(
-        elastic.backlog_seconds(fast[kind], n, 1.0)
-        for kind, n in snap.soon.items()
-        if n > 0 and kind in fast and pool_of_kind(kind) == "cpu"
-    )
-    left = elastic.prewarm(secs, config.startup_s)
+    left = elastic.prewarm(soon_seconds(snap.soon, fast, {"cpu"}), config.startup_s)
     out: dict[str, int] = {}
     for c in config.classes:
         if left <= 0:
@@ -441,9 +450,9 @@ def _to_retire(
             and not any(snap.backlog.get(p, 0) for p in w.pools)
         ]
         return [w.worker for w in sorted(go, key=lambda w: -w.idle_for)]
-    # forecast: keep only as many idle ones as the waiting work of the class's pools
-    # needs within a cold start; never past idle_grace_s
-    pending = 0.0
+    # forecast: keep only as many idle ones as the waiting work of the class's pools, and
+    # the work soon ready for them, needs within a cold start; never past idle_grace_s
+    pending = soon_seconds(snap.soon, fast, c.pools)
     for pool in c.pools:
         items = snap.ready.get(pool, ())
         waiting = snap.backlog.get(pool, 0)
@@ -574,12 +583,10 @@ class Autoscaler:
         }
         replicas = {c.name: await self.provider.replicas(c.name) for c in self.config.classes}
         running, pools, rate, soon = 0, frozenset[str](), 0.0, Counter[str]()
-        # a forecast release's warm minimum and CPU pre-warm read the workflows
-        warm = self.config.release == "forecast" and any(
-            c.min_workers or self.policy.fleet.classes[c.name].kind == "cpu"
-            for c in self.config.classes
-        )
-        if warm or (not workers and not any(replicas.values())):
+        # a forecast release (its warm minimum, what it keeps idle, its CPU pre-warm)
+        # reads the workflows
+        forecast = self.config.release == "forecast"
+        if forecast or (not workers and not any(replicas.values())):
             running, pools, rate, soon = await self._workflows()
         return Snapshot(backlog, tuple(workers), replicas, running, items, pools, rate, soon)
 

@@ -237,6 +237,27 @@ def test_a_forecast_release_prewarms_cpu_workers_for_work_soon_ready() -> None:
     assert live[0].added == {"cheap": 3} and live[2].added == {}
 
 
+def test_a_forecast_release_keeps_idle_workers_for_work_soon_ready() -> None:
+    """Between two GPU stages of a workflow nothing waits, but the next stage's operators
+    are soon ready: the idle workers that work needs within a cold start are kept, as
+    the simulator's forecast release keeps them for its remaining work."""
+    gpu = replace(CHEAP, max_workers=4, pools=frozenset({"gpu"}))
+    config = AutoscalerConfig(
+        classes=(gpu,), release="forecast", startup_s=10.0, idle_grace_s=300.0
+    )
+    pol = policy_for(config)
+    idle = tuple(worker(f"g{i}", "cheap", idle_for=float(i + 1)) for i in range(3))
+    between = Snapshot({}, idle, {"cheap": 3})
+    # nothing soon: all three go; 15 s of generate soon ready: the two most recently
+    # busy (g0, g1) stay for its two 10 s cold starts, and no GPU is started ahead of it
+    assert [s.retire for s in plan(between, config, pol)] == [("g2", "g1", "g0")]
+    soon = replace(between, soon={"generate": 15})
+    assert [(s.target, s.retire) for s in plan(soon, config, pol)] == [(2, ("g2",))]
+    rounds = [(0.0, between, [], 0), (1.0, soon, [], 0)]
+    live = [live_decisions(plan(r[1], config, pol, r[0])) for r in rounds]
+    assert replay(rounds, [], config, fleet_for(config.classes, None), PolicyConfig()) == live
+
+
 def test_work_soon_ready_is_counted_from_the_workflows_status() -> None:
     """Of each node not complete whose input nodes have all started, the operators not
     created yet: a per-record node as many as its largest input, any other node one."""
@@ -390,6 +411,13 @@ async def test_kubernetes_provider_scales_the_deployment(scale_api: str) -> None
 # --- local processes on a real fabric -------------------------------------------------
 
 
+def bootstrap(snap: Snapshot) -> bool:
+    """A round of the live side's bootstrap rule: workflows run, nothing is keyed and no
+    worker is up or starting (the simulator keys operators without workers)."""
+    idle_fabric = not snap.workers and not any(snap.replicas.values())
+    return bool(snap.running_workflows) and idle_fabric and not any(snap.backlog.values())
+
+
 def burst(name: str, n: int, delay: float) -> WorkflowSpec:
     rows = [{"id": i, "text": f"{name} {i}"} for i in range(n)]
     return map_then_count(name, rows, "test.slow_upper", count=None, delay=delay)
@@ -492,7 +520,7 @@ async def test_a_live_runs_scaling_decisions_are_the_simulators(make_fabric: Mak
         Path(os.environ["FLOWMESH_RECORD_TRACE"]).write_text(json.dumps(trace, indent=1))
     # a running workflow with nothing keyed and no worker: the bootstrap rule, live only
     # (the simulator keys operators without workers)
-    rounds = [r for r in scaler.rounds if any(r[1].backlog.values()) or not r[1].running_workflows]
+    rounds = [r for r in scaler.rounds if not bootstrap(r[1])]
     sim = replay(rounds, scaler.observed, config, scaler.policy.fleet, scaler.policy_config)
     live = [live_decisions(r[2]) for r in rounds]
     for r, a, b in zip(rounds, sim, live, strict=True):
@@ -520,7 +548,7 @@ def test_a_recorded_live_run_replays_to_the_same_decisions() -> None:
     config = REPLAY_CONFIG
     fleet = fleet_for(config.classes, None)
     # the bootstrap rounds (nothing keyed, no worker) are the live side's only
-    rounds = [r for r in rounds if any(r[1].backlog.values()) or not r[1].running_workflows]
+    rounds = [r for r in rounds if not bootstrap(r[1])]
     sim = replay(rounds, observed, config, fleet, PolicyConfig())
     recorded = [live_decisions(r[2]) for r in rounds]
     assert sim == recorded

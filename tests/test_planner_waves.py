@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nats.js.errors import NoKeysError
 
 from flowmesh.engine.client import FlowMesh
 from flowmesh.engine.local import LocalFabric
@@ -18,9 +17,10 @@ from flowmesh.engine.planner import Planner
 from flowmesh.engine.spec import parse_spec
 from flowmesh.topics import Bus, codec, streams
 from flowmesh.topics.bus.nats import KVWriteError
-from flowmesh.topics.messages import OP_CANCELLED, OpState, ReadyChunk
+from flowmesh.topics.messages import OP_CANCELLED, ReadyChunk
 from flowmesh.topics.store.cas import open_cas
 from tests.conftest import MakeFabric, NatsServer, connect
+from tests.test_e2e import op_states
 from tests.workflows import map_then_count
 
 pytestmark = pytest.mark.slow
@@ -216,9 +216,7 @@ async def test_ready_operators_carry_what_their_inputs_weigh(
     by_node = {c.spec.executor.split(".", 1)[1]: [it.input_bytes for it in c.items] for c in sent}
     source = [len(codec.canonical(r)) for r in data]
     assert set(by_node["text.upper"]) == {int(sum(source) / len(source))}
-    produced = [
-        st.output_bytes for st in await _op_states(fm) if st.spec.executor.endswith("upper")
-    ]
+    produced = [st.output_bytes for st in await op_states(fm) if st.spec.executor.endswith("upper")]
     assert len(produced) == 12 and min(produced) > 0
     assert set(by_node["text.template"]) == {int(sum(produced) / len(produced))}
     # a group reads every record of its input node: their whole weight
@@ -227,7 +225,7 @@ async def test_ready_operators_carry_what_their_inputs_weigh(
     wf = await fm.submit(map_then_count("weighed-group", grouped, "text.upper"))
     assert (await fm.wait(wf, timeout=60)).state == "completed"
     (group,) = [c for c in sent if c.spec.kind == "group"]
-    upper = {st.key: st.output_bytes for st in await _op_states(fm)}
+    upper = {st.key: st.output_bytes for st in await op_states(fm)}
     mapped = [upper[k] for c in sent if c.spec.kind == "map" for k in (it.key for it in c.items)]
     assert len(mapped) == 8 and [it.input_bytes for it in group.items] == [sum(mapped)]
 
@@ -238,19 +236,6 @@ def _submitted(tenant: str) -> float:
 
     got = REGISTRY.get_sample_value("flowmesh_workflows_submitted_total", {"tenant": tenant})
     return got or 0.0
-
-
-async def _op_states(fm: FlowMesh) -> list[OpState]:
-    kv = await fm.bus.kv(streams.KV_OPS)
-    out = []
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
-    for key in keys:
-        entry = await kv.get(key)
-        out.append(codec.decode(entry.value, OpState))
-    return out
 
 
 async def test_cancel_detaches_one_workflow_from_operators_it_shares(
@@ -267,7 +252,7 @@ async def test_cancel_detaches_one_workflow_from_operators_it_shares(
         a = await fm.submit(map_then_count("a", a_rows, "test.slow_upper", count=None, delay=0.25))
         # B joins A's operators while they are queued or running
         for _ in range(200):
-            states = await _op_states(fm)
+            states = await op_states(fm)
             if len(states) == 16:
                 break
             await asyncio.sleep(0.05)
@@ -284,7 +269,7 @@ async def test_cancel_detaches_one_workflow_from_operators_it_shares(
         b_status = await fm.status(b)
         assert b_status is not None and b_status.nodes["up"].ops is not None
         b_keys = set(await fm.cas.get_manifest(b_status.nodes["up"].ops))
-        states = {s.key: s for s in await _op_states(fm)}
+        states = {s.key: s for s in await op_states(fm)}
         assert all(states[k].state == "done" for k in b_keys)
         stopped = {k for k, s in states.items() if s.state == "failed"}
         assert stopped, "no operator of the cancelled workflow was stopped"

@@ -7,8 +7,9 @@ as simulator state (a SimWorker per replica, the ready operators in the shared q
 the estimator fed the same batches) and asks the simulator's flowmesh policy what it
 would do: `FlowMeshPolicy.grow` (how many workers, of which class) and `keep_idle`
 (which idle workers go). What the live side cannot see, the simulator is not told
-either: its remaining work (`pending_s`) is the ready backlog, as the live autoscaler
-has no view of operators not yet ready. Classes are taken to serve one pool each (the
+either: its remaining work (`pending_s`) is the ready backlog and the work soon ready
+the live autoscaler counts from the workflows' status (`Snapshot.soon`), not every
+operator the workflows will have. Classes are taken to serve one pool each (the
 pool of their device kind), as in the simulator.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from flowmesh.engine.autoscaler import AutoscalerConfig, Snapshot, Step, WorkerObs
+from flowmesh.engine.autoscaler import AutoscalerConfig, Snapshot, Step, WorkerObs, soon_seconds
 from flowmesh.engine.scheduler import elastic
 from flowmesh.engine.scheduler.fleet import Fleet
 from flowmesh.engine.scheduler.policy import PolicyConfig, ReadyItem
@@ -128,12 +129,11 @@ def _round(
                 if it.kind in sim.fastest
             )
             sim.pending_s[pool] = sim.pending_s.get(pool, 0.0) + secs * waiting / len(items)
-    # and of the work soon ready, what the live side counts (engine.autoscaler.soon_ready)
-    sim.soon_s["cpu"] = sum(
-        elastic.backlog_seconds(sim.fastest[kind], n, 1.0)
-        for kind, n in snap.soon.items()
-        if n > 0 and kind in sim.fastest and sim.kind_pool[kind] == "cpu"
-    )
+    # and the work soon ready, as the live side counts it (engine.autoscaler.soon_ready)
+    for pool in ("gpu", "cpu"):
+        secs = soon_seconds(snap.soon, sim.fastest, {pool})
+        sim.pending_s[pool] = sim.pending_s.get(pool, 0.0) + secs
+        sim.soon_s[pool] = secs
     # release checks see the round's state before it grows (a RELEASE event and a
     # scheduling round at one instant: the event is handled first)
     released = frozenset(w.id for w in idle if _released(policy, sim, w, now))
