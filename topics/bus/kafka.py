@@ -54,6 +54,7 @@ from typing import Any, Literal
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from flowmesh.topics import streams, subjects
 from flowmesh.topics.bus.transport import ConsumerStat, Handler, Record, Stop, StreamStat
@@ -68,6 +69,10 @@ PEEK_TIMEOUT_S = 5.0  # reading a partition's last batch or oldest records
 # a committed-offset read or commit, an end-offset or topic list: the broker answers in
 # milliseconds; aiokafka alone would retry some of them for ever
 OFFSET_TIMEOUT_S = 10.0
+# a produce not stored within this fails and is sent again (as a JetStream publish's
+# own timeout); RESEND_PAUSE_S between tries
+PUBLISH_TIMEOUT_S = 10.0
+RESEND_PAUSE_S = 0.5
 # How long the broker may hold a fetch that found nothing new. A fetch is answered when
 # data arrives on Apache Kafka, but tansu 0.6 holds it for the whole wait: with
 # aiokafka's 500 ms default every hop (ready -> scheduler -> assignment -> worker ->
@@ -220,8 +225,14 @@ class KafkaStreams:
     def __init__(self, bootstrap: str, name: str) -> None:
         self.bootstrap = bootstrap
         self.client_id = name
+        # a produce the broker does not take within PUBLISH_TIMEOUT_S fails (aiokafka's
+        # default waits 40 s), so publish_many can send it again within its retry_s
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, client_id=name, acks="all", linger_ms=1
+            bootstrap_servers=bootstrap,
+            client_id=name,
+            acks="all",
+            linger_ms=1,
+            request_timeout_ms=int(PUBLISH_TIMEOUT_S * 1000),
         )
         self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=name)
         # reads end offsets and topic lists; belongs to no group
@@ -291,16 +302,30 @@ class KafkaStreams:
     async def publish_many(
         self, items: list[tuple[str, bytes, str | None]], retry_s: float = 0.0
     ) -> None:
-        """Send all, then wait until the broker stored each (the producer batches them)."""
+        """Send all, then wait until the broker stored each (the producer batches them).
+        A retriable broker error (tansu answered NotLeaderForPartition to every produce of
+        a worker's results for 40 s in some test runs, then took them again) sends them
+        all again, for up to `retry_s`: the caller would otherwise drop results it
+        computed and run its batch again. Records stored before the error are then stored
+        twice, with their msg ids: the same duplicate a redelivered batch makes."""
         for subject in {s for s, _, _ in items}:
             await self.ensure_topic(subject)
-        futures = [
-            await self._producer.send(subject, data, partition=PARTITION, headers=_headers(mid))
-            for subject, data, mid in items
-        ]
-        if futures:
-            for (subject, _, _), md in zip(items, await asyncio.gather(*futures), strict=True):
-                self._produced(subject, md.offset)
+        deadline = time.monotonic() + retry_s
+        while True:
+            futures = [
+                await self._producer.send(subject, data, partition=PARTITION, headers=_headers(mid))
+                for subject, data, mid in items
+            ]
+            try:
+                stored = await asyncio.gather(*futures)
+                break
+            except KafkaError as exc:
+                if not exc.retriable or time.monotonic() >= deadline:
+                    raise
+                log.warning("kafka publish failed; sending again", error=repr(exc))
+                await asyncio.sleep(RESEND_PAUSE_S)
+        for (subject, _, _), md in zip(items, stored, strict=True):
+            self._produced(subject, md.offset)
 
     def _produced(self, topic: str, offset: int) -> None:
         if offset + 1 > self._produced_end.get(topic, 0):
