@@ -420,15 +420,13 @@ def _prewarm(
     classes in config order, each up to its max_workers), as the simulator's flowmesh
     policy: a CPU stage after GPU work has its workers up when its operators are ready,
     not a cold start later with the GPUs held idle behind it."""
-    left = elastic.prewarm(soon_seconds(snap.soon, fast, {"cpu"}), config.startup_s)
-    out: dict[str, int] = {}
-    for c in config.classes:
-        if left <= 0:
-            break
-        if "cpu" in c.pools and fleet.classes[c.name].kind == "cpu":
-            out[c.name] = take = min(c.max_workers, left)
-            left -= take
-    return out
+    n = elastic.prewarm(soon_seconds(snap.soon, fast, {"cpu"}), config.startup_s)
+    cpu = (
+        (c.name, c.max_workers)
+        for c in config.classes
+        if "cpu" in c.pools and fleet.classes[c.name].kind == "cpu"
+    )
+    return elastic.in_order(n, cpu)
 
 
 def _to_retire(

@@ -217,3 +217,16 @@ def prewarm(forecast_s: float, horizon_s: float) -> int:
     if forecast_s <= 0:
         return 0
     return math.ceil(forecast_s / max(horizon_s, 1e-9) - 1e-9)
+
+
+def in_order(n: int, caps: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """`n` workers shared out over classes (name, cap) in the order given, each taking
+    up to its cap: how a pool's pre-warm is split over its CPU classes, live and
+    simulated."""
+    out: dict[str, int] = {}
+    for name, cap in caps:
+        if n <= 0:
+            break
+        out[name] = take = min(cap, n)
+        n -= take
+    return out

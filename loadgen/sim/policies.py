@@ -230,15 +230,9 @@ class FlowMeshPolicy(SimPolicy):
         soon = sim.soon_s["cpu"]
         if soon <= PENDING_EPS_S:
             return 0
-        left = elastic.prewarm(soon, sim.settings.cold_start_s)
-        for c, cap in sim.pool_classes.items():
-            if sim.fleet.classes[c].kind != "cpu":
-                continue
-            take = min(cap, left)
-            if c == cls:
-                return take
-            left -= take
-        return 0
+        classes = sim.fleet.classes
+        cpu = ((c, cap) for c, cap in sim.pool_classes.items() if classes[c].kind == "cpu")
+        return elastic.in_order(elastic.prewarm(soon, sim.settings.cold_start_s), cpu).get(cls, 0)
 
     def release_check_s(self, sim: Simulation) -> float:
         if self.config.release == "forecast":
