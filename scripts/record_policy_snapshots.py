@@ -17,6 +17,7 @@ import gzip
 import json
 import random
 import sys
+from pathlib import Path
 from typing import Any
 
 from flowmesh.configs import path as config_path
@@ -74,7 +75,8 @@ def config_row(cfg: PolicyConfig) -> dict[str, Any]:
 
 
 def main(dest: str) -> None:
-    fleet = load_fleet(config_path("fleet/default.yaml"))
+    # the profile the test replays them on (a copy of the default when recorded)
+    fleet = load_fleet(Path(__file__).resolve().parents[1] / "tests/data/fleet_recorded.yaml")
     base = load_policy_config(config_path("scheduler/default.yaml"))
     snaps: list[dict[str, Any]] = []
     original = Policy.decide

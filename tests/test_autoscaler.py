@@ -119,8 +119,13 @@ def test_the_class_is_the_schedulers_choice_not_the_cheapest_per_operator() -> N
     classes = tuple(class_from_fleet(fleet, c, 0, 4) for c in ("h100", "a100", "rtx4090"))
     config = AutoscalerConfig(classes=classes, target_backlog_s=30.0)
     pol = policy_for(config, fleet)
-    cheapest = min(classes, key=lambda c: c.price_per_hour / c.ops_per_s)
-    assert cheapest.name == "rtx4090"
+
+    def usd_per_generate(c: ClassPolicy) -> float:
+        m = fleet.classes[c.name].latency["generate"]
+        return c.price_per_hour * m.seconds(m.max_batch) / m.max_batch
+
+    # the old rule's pick for this backlog (decoding is cheapest per operator on the 4090)
+    assert min(classes, key=usd_per_generate).name == "rtx4090"
     replicas = {c.name: 0 for c in classes}
     big = plan(at(waiting("gpu", "generate", 64, "m40", 40.0), replicas), config, pol)
     assert big and all(s.device_class != "rtx4090" for s in big), big

@@ -291,6 +291,43 @@ def test_default_fleet_profile_loads() -> None:
     assert not fleet["h100"].runs("map") and fleet["cpu-amx"].runs("map")
 
 
+def test_speed_by_kind_scales_each_kind_and_places_work_by_it() -> None:
+    """A class fast at decoding (bandwidth) but slow at training (tensor throughput),
+    and one the other way round, at the same price: generate goes to the first, train
+    to the second; one speed per class could not tell them apart."""
+    ref = {
+        "generate": {"fixed_s": 0.4, "per_item_s": 0.05, "max_batch": 32},
+        "train": {"fixed_s": 1.5, "per_item_s": 0.05, "max_batch": 32},
+    }
+    base = {"kind": "gpu", "watts_busy": 300, "memory_gb": 40, "load_gbps": 5}
+    fleet = parse_fleet(
+        {
+            "reference": ref,
+            "ref_model_gb": {"generate": 10, "train": 10},
+            "classes": {
+                "wide": {**base, "price_per_hour": 1.0, "speed": 0.6,
+                         "speed_by_kind": {"train": 0.2}},
+                "dense": {**base, "price_per_hour": 1.0, "speed": 0.2,
+                          "speed_by_kind": {"train": 0.6}},
+            },
+        }
+    )  # fmt: skip
+    assert fleet["wide"].latency["generate"].per_item_s == pytest.approx(0.05 / 0.6)
+    assert fleet["wide"].latency["train"].fixed_s == pytest.approx(1.5 / 0.2)
+    assert fleet["dense"].latency["train"].per_item_s == pytest.approx(0.05 / 0.6)
+    policy = Policy(fleet, PolicyConfig(linger_s=0.0))
+    for kind, where in (("generate", "wide"), ("train", "dense")):
+        items = [item(i, kind=kind) for i in range(8)]
+        workers = [WorkerState("w-wide", "wide", 1), WorkerState("w-dense", "dense", 1)]
+        (first, *_) = policy.decide(items, workers, now=0.0)
+        assert first.device_class == where, (kind, first.device_class)
+    for bad, match in (({"train": 0}, "must be > 0"), ({"score": 1.0}, "no reference")):
+        doc = {"reference": ref, "classes": {"x": {**base, "price_per_hour": 1.0,
+                                                   "speed_by_kind": bad}}}  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            parse_fleet(doc)
+
+
 def test_cpu_takes_small_models_when_that_is_cheaper() -> None:
     fleet = load_fleet(REPO / "configs" / "fleet" / "default.yaml")
 
@@ -536,16 +573,16 @@ def test_same_decisions_as_recorded_rounds() -> None:
     smoke, rlhf-mix with hold_s and agentic, plus bench-scheduler inputs; made by
     scripts/record_policy_snapshots.py, fairness weight 0): the same batches go to the
     same workers with the same model loads and evictions, whether the round is handed a
-    flat list or ready groups."""
+    flat list or ready groups. The fleet is the profile they were recorded with
+    (tests/data/fleet_recorded.yaml, the default one before its per-kind speeds)."""
     import dataclasses
     import gzip
     import json
 
-    from flowmesh.configs import path as config_path
     from flowmesh.engine.scheduler.fleet import LatencyModel
     from flowmesh.engine.scheduler.groups import group_ready
 
-    fleet = load_fleet(config_path("fleet/default.yaml"))
+    fleet = load_fleet(SNAPSHOTS.parent / "fleet_recorded.yaml")
     fields = [f.name for f in dataclasses.fields(ReadyItem)]
     snaps = json.loads(gzip.decompress(SNAPSHOTS.read_bytes()))
     assert len(snaps) > 100

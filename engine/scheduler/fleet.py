@@ -94,8 +94,13 @@ def parse_fleet(data: Mapping[str, Any]) -> Fleet:
     reference: {<kind>: {fixed_s, per_item_s, max_batch}}   # on a speed-1.0 device
     classes:
       <name>: {kind, price_per_hour, watts_busy, watts_idle, memory_gb, speed,
+               speed_by_kind: {<kind>: speed},  # where one number cannot be right
                load_gbps, net_gbps, runs: [kinds] (default: all), batch_scale,
                latency: {<kind>: {...}}  # an override of the scaled reference}
+
+    `speed` scales the reference for every kind the class runs, `speed_by_kind` for the
+    kinds it names: decoding follows memory bandwidth, a forward or training pass dense
+    tensor throughput, and the two rank GPUs differently (configs/fleet/SOURCES.md).
     """
     ref = {
         k: LatencyModel(float(v["fixed_s"]), float(v["per_item_s"]), int(v["max_batch"]))
@@ -106,6 +111,15 @@ def parse_fleet(data: Mapping[str, Any]) -> Fleet:
         speed = float(c.get("speed", 1.0))
         if speed <= 0:
             raise ValueError(f"fleet class {name}: speed must be > 0")
+        by_kind = {k: float(v) for k, v in (c.get("speed_by_kind") or {}).items()}
+        for kind, v in by_kind.items():
+            if v <= 0:
+                raise ValueError(f"fleet class {name}: speed of {kind!r} must be > 0")
+            if kind not in ref:
+                raise ValueError(
+                    f"fleet class {name}: speed_by_kind names {kind!r}, which has no "
+                    "reference latency model to scale"
+                )
         batch_scale = float(c.get("batch_scale", 1.0))
         runs = c.get("runs") or list(ref)
         latency: dict[str, LatencyModel] = {}
@@ -113,10 +127,10 @@ def parse_fleet(data: Mapping[str, Any]) -> Fleet:
             if kind not in ref and kind not in (c.get("latency") or {}):
                 raise ValueError(f"fleet class {name}: no latency model for {kind!r}")
             if kind in ref:
-                r = ref[kind]
+                r, kind_speed = ref[kind], by_kind.get(kind, speed)
                 latency[kind] = LatencyModel(
-                    r.fixed_s / speed,
-                    r.per_item_s / speed,
+                    r.fixed_s / kind_speed,
+                    r.per_item_s / kind_speed,
                     max(1, int(r.max_batch * batch_scale)),
                 )
         for kind, v in (c.get("latency") or {}).items():
