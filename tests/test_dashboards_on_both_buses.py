@@ -79,7 +79,13 @@ async def run_and_read(fabric: LocalFabric, console_port: int, no_nats: bool) ->
         assert (await fm.wait(first, timeout=180)).state == "completed"
         second = await fm.submit(spec("globex"))
         assert (await fm.wait(second, timeout=180)).state == "completed"
-        top_snap = (await snapshot(fm.bus)).to_dict()
+        # read once both workers' heartbeats are in the registry: one delayed past the
+        # liveness window (a slow broker) gets its worker reclaimed until it beats again,
+        # and the figures compared here are the workload's, not that moment's
+        deadline = time.monotonic() + 30
+        while len((top_snap := (await snapshot(fm.bus)).to_dict())["workers"]) < 2:
+            assert time.monotonic() < deadline, top_snap["workers"]
+            await asyncio.sleep(0.5)
     top = figures(top_snap)
 
     base = f"http://127.0.0.1:{console_port}"

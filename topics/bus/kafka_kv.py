@@ -247,8 +247,7 @@ class KafkaKV:
                 )
             try:
                 async with asyncio.timeout(timeout):
-                    await asyncio.gather(*sends)
-                    return list(await asyncio.gather(*futures))
+                    return list(await asyncio.gather(*map(_answer, sends, futures)))
             except TimeoutError:
                 answered = sum(f.done() for f in futures)
                 log.warning("kv request timed out", bucket=bucket, answered=answered, n=len(ops))
@@ -406,6 +405,27 @@ class ChangelogWatcher:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self._consumer.stop()
+
+
+async def _answer(sent: asyncio.Future[object], reply: asyncio.Future[Reply]) -> Reply:
+    """A request's reply, as soon as it comes: the owner read the request from its topic,
+    so it was stored, whatever the produce's own acknowledgement is still doing (tansu
+    0.6 sometimes holds that for the producer's whole request timeout, 10 s, after the
+    record is stored: a worker's heartbeat then missed its liveness window). A send that
+    fails before any reply fails the request at once."""
+    await asyncio.wait((sent, reply), return_when=asyncio.FIRST_COMPLETED)
+    if not reply.done():
+        sent.result()  # raises the send's error
+        return await reply
+    if not sent.done():
+        # finished later or failed: either way nobody waits for it
+        sent.add_done_callback(_retrieved)
+    return reply.result()
+
+
+def _retrieved(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 @dataclass
