@@ -69,6 +69,7 @@ from flowmesh.engine.scheduler.policy import (
     ReadyItem,
     WorkerState,
 )
+from flowmesh.engine.workflow_book import Summary, WorkflowBook
 from flowmesh.topics import Bus, codec, streams, subjects
 from flowmesh.topics.messages import ReadyChunk, WorkerInfo, WorkflowStatus
 from flowmesh.topics.operators import KINDS
@@ -235,6 +236,17 @@ def soon_ready(st: WorkflowStatus) -> Counter[str]:
         if expected > ns.total:
             out[ns.spec.op] += expected - ns.total
     return out
+
+
+def summarize(st: WorkflowStatus) -> Summary:
+    """What a round uses of one workflow's status."""
+    running = st.state == "running"
+    pools = frozenset(
+        pool_of_kind(ns.spec.op)
+        for ns in st.nodes.values()
+        if running and ns.spec is not None and not ns.complete
+    )
+    return Summary(st.submitted_at, running, pools, soon_ready(st) if running else Counter())
 
 
 def pool_of_kind(kind: str) -> str:
@@ -507,6 +519,7 @@ class Autoscaler:
     fleet: Fleet | None = None
     policy_config: PolicyConfig = field(default_factory=PolicyConfig)
     _idle_since: dict[str, float] = field(default_factory=dict)
+    _book: WorkflowBook | None = None  # the workflows' statuses, read as they change
     _batches: dict[str, int] = field(default_factory=dict)
     # workers this loop asked the provider to stop: they heartbeat until their batch is
     # done and their `stopping` beat lands, but they are no longer replicas, so a round
@@ -589,31 +602,15 @@ class Autoscaler:
         return Snapshot(backlog, tuple(workers), replicas, running, items, pools, rate, soon)
 
     async def _workflows(self) -> tuple[int, frozenset[str], float, Counter[str]]:
-        """From the workflows' status entries: how many run, the pools their nodes not
-        yet complete run in, workflows submitted per second lately, and per operator
-        kind the operators soon ready (`soon_ready`)."""
-        n = 0
-        pools: set[str] = set()
-        submitted: list[float] = []
-        soon: Counter[str] = Counter()
-        for _key, value, _rev in await self.bus.kv_items(streams.KV_WF):
-            try:
-                st = codec.decode(value, WorkflowStatus)
-            except codec.DecodeError:
-                continue
-            submitted.append(st.submitted_at)
-            if st.state != "running":
-                continue
-            n += 1
-            pools.update(
-                pool_of_kind(ns.spec.op)
-                for ns in st.nodes.values()
-                if ns.spec is not None and not ns.complete
-            )
-            soon.update(soon_ready(st))
-        submitted.sort()
+        """From the workflows' status entries (kept by a watcher, `WorkflowBook`): how
+        many run, the pools their nodes not yet complete run in, workflows submitted per
+        second lately, and per operator kind the operators soon ready (`soon_ready`)."""
+        if self._book is None:
+            self._book = WorkflowBook(self.bus, summarize)
+        await self._book.refresh()
+        n, pools, submitted, soon = self._book.totals()
         rate = elastic.arrival_rate(submitted, time.time(), self.config.startup_s)
-        return n, frozenset(pools), rate, soon
+        return n, pools, rate, soon
 
     def _learn(self, info: WorkerInfo) -> None:
         """A batch a worker finished since the last round refines its class's latency
@@ -666,13 +663,21 @@ class Autoscaler:
     async def run(self, stop: asyncio.Event) -> None:
         """Rounds every tick_s until `stop` is set; a failing round (nats restarting,
         the provider's API down) is logged and retried, never fatal."""
-        while not stop.is_set():
-            try:
-                await self.step()
-            except Exception as exc:
-                log.warning("autoscaler round failed", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.config.tick_s)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.step()
+                except Exception as exc:
+                    log.warning("autoscaler round failed", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.config.tick_s)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop watching the workflows' statuses."""
+        if self._book is not None:
+            await self._book.close()
 
 
 def parse_classes(

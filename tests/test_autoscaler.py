@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +27,7 @@ from flowmesh.engine.autoscaler import (
     parse_classes,
     plan,
     soon_ready,
+    summarize,
 )
 from flowmesh.engine.providers.kubernetes import KubernetesProvider
 from flowmesh.engine.providers.local import LocalProcessProvider
@@ -33,8 +35,9 @@ from flowmesh.engine.scheduler import elastic
 from flowmesh.engine.scheduler.fleet import Fleet, LatencyEstimator, load_fleet
 from flowmesh.engine.scheduler.groups import group_ready
 from flowmesh.engine.scheduler.policy import Policy, PolicyConfig, ReadyItem, WorkerState
+from flowmesh.engine.workflow_book import WorkflowBook
 from flowmesh.loadgen.sim.replay import dump_trace, live_decisions, load_trace, replay
-from flowmesh.topics import Bus
+from flowmesh.topics import Bus, codec, streams
 from flowmesh.topics.messages import NodeSpec, NodeStatus, WorkflowSpec, WorkflowStatus
 from tests.conftest import MakeFabric
 from tests.workflows import map_then_count
@@ -285,6 +288,78 @@ def test_work_soon_ready_is_counted_from_the_workflows_status() -> None:
         },
     )
     assert soon_ready(st) == {"map": 8, "group": 1}
+
+
+def status_of(wf: str, state: str, done: int, at: float) -> WorkflowStatus:
+    """A generate -> map workflow: while it runs, its 10 map operators soon ready."""
+    nodes = {
+        "gen": NodeStatus(
+            spec=NodeSpec(name="gen", op="generate", inputs=["prompts"], model="m"),
+            total=10,
+            done=done,
+        ),
+        "clean": NodeStatus(spec=NodeSpec(name="clean", op="map", inputs=["gen"], fn="f")),
+    }
+    return WorkflowStatus(wf, "w", "t", state, at, at, nodes)  # type: ignore[arg-type]
+
+
+async def scanned(bus: Bus) -> tuple[int, frozenset[str], list[float], Counter[str]]:
+    """The book's totals computed from the whole bucket read now (the old per-round
+    read)."""
+    book = [
+        summarize(codec.decode(value, WorkflowStatus))
+        for _, value, _ in await bus.kv_items(streams.KV_WF)
+    ]
+    run = [s for s in book if s.running]
+    return (
+        len(run),
+        frozenset(p for s in run for p in s.pools),
+        sorted(s.submitted_at for s in book),
+        sum((s.soon for s in run), Counter[str]()),
+    )
+
+
+async def test_the_workflow_book_follows_the_bucket_through_changes_and_a_nats_restart(
+    nats_server: Any,
+) -> None:
+    """The autoscaler's workflows are read whole once, then as they change (creates,
+    updates, deletes), and read whole again after the server restarts: each round's
+    totals are the bucket's."""
+    bus = await Bus.connect(nats_server.url, name="test-book")
+    book = WorkflowBook(bus, summarize)
+
+    async def converges() -> None:
+        want = await scanned(bus)
+        for _ in range(100):
+            await book.refresh()
+            if book.totals() == want:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError((book.totals(), want))
+
+    try:
+        kv = await bus.kv(streams.KV_WF)
+        for i in range(3):
+            await kv.put(f"wf{i}", codec.encode(status_of(f"wf{i}", "running", i, float(i))))
+        await kv.put("old", codec.encode(status_of("old", "completed", 10, 0.5)))
+        await converges()
+        assert book.totals()[0] == 3 and book.totals()[3] == Counter({"map": 30})
+        await kv.put("wf0", codec.encode(status_of("wf0", "running", 4, 0.0)))  # progress
+        await kv.put("wf1", codec.encode(status_of("wf1", "completed", 10, 1.0)))
+        await kv.delete("old")
+        await converges()
+        assert book.totals()[0] == 2 and book.totals()[3] == Counter({"map": 20})
+        nats_server.restart()  # the watcher's consumer dies with it
+        for _ in range(100):
+            if bus.connected and bus.reconnects:
+                break
+            await asyncio.sleep(0.1)
+        await kv.put("wf3", codec.encode(status_of("wf3", "running", 0, 3.0)))
+        await converges()
+        assert book.totals()[0] == 3 and len(book.totals()[2]) == 4
+    finally:
+        await book.close()
+        await bus.close()
 
 
 def test_waiting_work_keeps_idle_workers_of_its_pool() -> None:
