@@ -67,6 +67,9 @@ class WorkflowBook:
                 entry = await self._watcher.updates(timeout=DRAIN_WAIT_S)
             except TimeoutError:
                 break
+            except Exception:
+                await self.close()  # the next round reads the bucket whole again
+                raise
             if entry is None:
                 continue  # the end of the watcher's first values
             deleted = entry.operation in ("DEL", "PURGE") or not entry.value
